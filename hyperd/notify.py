@@ -1,0 +1,112 @@
+"""systemd integration without libsystemd: sd_notify, the watchdog and socket activation.
+
+- :func:`notify` sends ``KEY=VALUE`` lines to ``$NOTIFY_SOCKET`` (a path or an abstract ``@name``)
+  as one datagram; a no-op when the variable is unset. :func:`ready`, :func:`stopping`,
+  :func:`status` and :func:`watchdog` are the messages hyperd sends.
+- :func:`watchdog_interval` is half of ``$WATCHDOG_USEC`` (when ``$WATCHDOG_PID`` is unset or
+  ours): pinging twice per period keeps a healthy daemon alive while a stuck event loop, which
+  cannot ping, gets restarted.
+- :func:`listen_fds` takes the sockets systemd passed (``$LISTEN_FDS`` from fd 3, when
+  ``$LISTEN_PID`` is ours) and unsets the variables so children do not inherit them. Call it
+  before the event loop starts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+
+import anyio
+
+SD_LISTEN_FDS_START = 3  # systemd passes activated sockets from this fd on
+
+
+def _address(value: str) -> str:
+    # an abstract socket is written "@name" and addressed with a leading NUL
+    return "\0" + value[1:] if value.startswith("@") else value
+
+
+def notify(**fields: str | int) -> bool:
+    """Send ``fields`` to the service manager; True when a manager was told."""
+    target = os.environ.get("NOTIFY_SOCKET")
+    if not target:
+        return False
+    message = "\n".join(f"{k.upper()}={v}" for k, v in fields.items()).encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.sendto(message, _address(target))
+        except OSError:
+            return False
+    return True
+
+
+def ready(status_text: str | None = None) -> bool:
+    """READY=1 (and STATUS= when given): sent once the daemon serves."""
+    if status_text is None:
+        return notify(ready=1)
+    return notify(ready=1, status=status_text)
+
+
+def stopping() -> bool:
+    """STOPPING=1: sent when shutdown begins."""
+    return notify(stopping=1)
+
+
+def status(text: str) -> bool:
+    """STATUS=<text>: a one-line summary ``systemctl status`` shows."""
+    return notify(status=text)
+
+
+def watchdog() -> bool:
+    """WATCHDOG=1: the keep-alive ping."""
+    return notify(watchdog=1)
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between pings (half the configured period), or None when no watchdog is set."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    if not usec:
+        return None
+    pid = os.environ.get("WATCHDOG_PID")
+    if pid and pid != str(os.getpid()):
+        return None
+    try:
+        value = int(usec)
+    except ValueError:
+        return None
+    if value <= 0:
+        return None
+    return value / 1_000_000 / 2
+
+
+async def watchdog_task(
+    interval: float | None = None, *, ping: Callable[[], object] = watchdog
+) -> None:
+    """Ping the watchdog from the event loop forever (returns at once when there is none)."""
+    period = interval if interval is not None else watchdog_interval()
+    if period is None:
+        return
+    while True:
+        ping()
+        await anyio.sleep(period)
+
+
+def listen_fds(*, unset_environment: bool = True) -> list[socket.socket]:
+    """The sockets passed by systemd socket activation (empty when not activated)."""
+    pid = os.environ.get("LISTEN_PID")
+    count = os.environ.get("LISTEN_FDS")
+    if unset_environment:
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(name, None)
+    if not pid or not count or pid != str(os.getpid()):
+        return []
+    try:
+        n = int(count)
+    except ValueError:
+        return []
+    sockets = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + n):
+        os.set_inheritable(fd, False)
+        sockets.append(socket.socket(fileno=fd))
+    return sockets
