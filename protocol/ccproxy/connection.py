@@ -226,9 +226,7 @@ class ClientConnection(_Receiver):
     def _response(self, frame: Frame) -> Response | ErrorReply:
         expected = self._expected
         if not expected:
-            self._fail(
-                f"unexpected {_COMMANDS[frame.opcode].name} response: no command is pending"
-            )
+            self._fail(f"unexpected {_COMMANDS[frame.opcode].name} response: no command is pending")
         command = expected[0]
         if frame.opcode != command:
             self._fail(

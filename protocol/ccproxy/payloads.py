@@ -4,7 +4,8 @@ Every Struct has the exact wire keys as attribute names (``URL`` is upper-case o
 Go's ``omitempty`` is reproduced with ``omit_defaults`` on the Structs whose optional fields are
 all ``omitempty``; fields without ``omitempty`` are always emitted (``tokens`` as ``null`` when
 there are none). :func:`encode_payload` also escapes ``<``, ``>``, ``&``, U+2028 and U+2029 as Go
-does, so payloads re-encode byte-for-byte.
+does (except inside ``Hyper.data``, which is raw JSON passed through verbatim, as the proxy
+forwards it), so payloads re-encode byte-for-byte.
 
 :func:`decode_payload` decodes as Go does: keys match case-insensitively (an exact match wins),
 unknown keys are ignored, a missing key or a ``null`` for a string or number leaves the zero
@@ -142,9 +143,15 @@ def encode_payload(obj: msgspec.Struct) -> bytes:
         out = _ENCODER.encode(obj)
     except (msgspec.MsgspecError, TypeError, ValueError, OverflowError) as exc:
         raise LocalProtocolError(f"cannot encode {type(obj).__name__}: {exc}") from None
-    if _GO_ESCAPE_RE.search(out) is not None:
-        out = _GO_ESCAPE_RE.sub(_go_escape, out)
-    return out
+    if _GO_ESCAPE_RE.search(out) is None:
+        return out
+    if isinstance(obj, Hyper) and obj.data is not msgspec.UNSET:
+        # data, the last key, is forwarded verbatim: escape only what precedes it
+        head = _ENCODER.encode(msgspec.structs.replace(obj, data=msgspec.UNSET))
+        return b"".join(
+            (_GO_ESCAPE_RE.sub(_go_escape, head[:-1]), b',"data":', bytes(obj.data), b"}")
+        )
+    return _GO_ESCAPE_RE.sub(_go_escape, out)
 
 
 @dataclass(frozen=True, slots=True)
