@@ -123,7 +123,7 @@ PAYLOAD_TYPES: Final[tuple[type[msgspec.Struct], ...]] = (
 
 _ENCODER: Final = msgspec.json.Encoder()
 
-_GO_ESCAPE_RE: Final = re.compile("[<>&\u2028\u2029]".encode())
+_GO_ESCAPE_RE: Final = re.compile(rb"[<>&]|\xe2\x80[\xa8\xa9]")  # U+2028, U+2029 in UTF-8
 """Characters Go's encoder escapes although JSON allows them raw. None of them can occur outside
 a JSON string, so substituting over the whole text (Raw values included) is exact."""
 
