@@ -1,0 +1,585 @@
+"""The simulated guest agent: what each ctl command does, and the life of its processes.
+
+:class:`Agent` is transport-free: :meth:`Agent.handle` turns one ctl command into a
+:class:`Answer`, :meth:`Agent.stdin` takes one tty frame from the host, and process output, EOFs,
+exit statuses and exit events leave through the :class:`Channels` it was given.
+
+Two dialects (spec §0):
+
+- **cc** behaves as cc-agent: ERROR payloads are UTF-8 messages, the exit status follows the EOF
+  as a 1-byte tty frame, PSCONTAINER is code 23, WINSIZE is ``{"seq","row","column"}``,
+  GETVERSION is not implemented.
+- **hyper** behaves as hyperhq/hyperstart v1.1.0 as recorded in the conformance transcripts:
+  empty ERROR payloads (NUL-terminated strings for KILLCONTAINER), GETVERSION answers 4244,
+  strict keys, PROCESSASYNCEVENT (23) after the EOF instead of a status frame, containers freed
+  when their init exits, terminal input ended by ^D only. Where the real agent crashes or hangs
+  (an unknown key inside ``process``, EXECCMD while an id-less process runs) the simulator
+  answers ERROR with a message instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, Protocol, TypeVar
+
+import anyio
+import msgspec
+from anyio.abc import TaskGroup
+
+from hyperd.sim import ps
+from hyperd.sim.containers import ContainerRecord, ProcessRecord, Registry
+from hyperd.sim.process import LaunchSpec, exit_status, spawn
+from hyperd.sim.rootfs import (
+    IdentityError,
+    RootfsError,
+    check_fsmap_source,
+    container_root,
+    resolve_identity,
+)
+from protocol import ProtocolError
+from protocol.hyperstart import (
+    Code,
+    Container,
+    CtlFrame,
+    Dialect,
+    ExecCommand,
+    FileCommand,
+    KillCommand,
+    NetworkIface,
+    Pod,
+    Process,
+    ProcessAsyncEvent,
+    PsCommand,
+    RemoveCommand,
+    RouteList,
+    SignalCommand,
+    TtyFrame,
+    WindowSize,
+    WindowSizeMessage,
+    decode_message,
+    encode_tty,
+)
+
+__all__ = ["HYPER_API_VERSION", "Agent", "Answer", "Channels"]
+
+log = logging.getLogger(__name__)
+
+HYPER_API_VERSION = 4244  # hyperhq/hyperstart v1.0.0+ GETVERSION answer
+DESTROY_TIMEOUT = 10.0  # seconds DESTROYPOD waits for processes before SIGKILL
+KILL_WAIT = 5.0  # seconds to wait for processes after SIGKILL
+EXIT_STATUS_MASK = 0xFF  # the CC status frame carries one byte
+EXEC_FAILED_STATUS = {errno.ENOENT: 127, errno.EACCES: 126}  # hyperstart's exec failure codes
+SETUP_FAILED_STATUS = 125  # hyperstart: any other process setup failure
+SIGTERM_IGNORED = 1 << (signal.SIGTERM - 1)  # bit of SIGTERM in /proc/<pid>/status SigIgn
+HYPER_DEPRECATED = frozenset(
+    {Code.GETPOD, Code.STOPPOD, Code.RESTARTCONTAINER, Code.CMDFINISHED, Code.PODFINISHED}
+)
+# The keys hyperhq's process parser knows; any other one derails it (conformance note 3).
+HYPER_PROCESS_KEYS = frozenset(
+    {"id", "user", "group", "additionalGroups", "terminal", "stdio", "stderr", "args", "envs",
+     "workdir"}
+)
+TERMINAL_EOT = b"\x04"  # ^D: what ends input on a pty (an empty frame does not)
+
+M = TypeVar("M", bound=msgspec.Struct)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The answer to one command: ACK (``ok``) or ERROR, with its payload."""
+
+    ok: bool
+    payload: bytes = b""
+
+
+class Channels(Protocol):
+    """Where the agent's unsolicited output goes; a channel with no host drops it."""
+
+    async def send_tty(self, data: bytes) -> None: ...
+
+    async def send_event(self, event: ProcessAsyncEvent) -> None: ...
+
+
+class Refused(Exception):
+    """A command is answered with ERROR and ``payload``; ``message`` is for the log."""
+
+    def __init__(self, message: str, payload: bytes) -> None:
+        super().__init__(message)
+        self.payload = payload
+
+
+Handler = Callable[[bytes], Awaitable[bytes]]
+
+
+class Agent:
+    """The state of one simulated guest: the pod, its containers and their processes."""
+
+    def __init__(
+        self,
+        *,
+        dialect: Dialect,
+        share: Path,
+        channels: Channels,
+        task_group: TaskGroup,
+        chroot: bool,
+        netns_fd: int | None = None,
+    ) -> None:
+        self.dialect = dialect
+        self.share = share
+        self.chroot = chroot
+        self.netns_fd = netns_fd
+        self.pod: Pod | None = None
+        self.registry = Registry()
+        self._channels = channels
+        self._tg = task_group
+        self._hyper = dialect.name == "hyper"
+        common: dict[int, Handler] = {
+            Code.STARTPOD: self._startpod,
+            Code.DESTROYPOD: self._destroypod,
+            Code.EXECCMD: self._execcmd,
+            Code.READY: self._ack,
+            Code.WINSIZE: self._winsize,
+            Code.PING: self._ack,
+            Code.NEWCONTAINER: self._newcontainer,
+            Code.KILLCONTAINER: self._killcontainer,
+            Code.REMOVECONTAINER: self._removecontainer,
+        }
+        if self._hyper:
+            common.update(
+                {
+                    Code.VERSION: self._version,
+                    Code.ONLINECPUMEM: self._ack,
+                    Code.SETUPINTERFACE: self._setupinterface,
+                    Code.SETUPROUTE: self._setuproute,
+                    Code.WRITEFILE: self._writefile,
+                    Code.READFILE: self._readfile,
+                }
+            )
+            if dialect.signal_process is not None:
+                common[dialect.signal_process] = self._signalprocess
+            if dialect.delete_interface is not None:
+                common[dialect.delete_interface] = self._setupinterface
+        elif dialect.ps_container is not None:
+            common[dialect.ps_container] = self._pscontainer
+        self._handlers = common
+
+    # -- entry points --------------------------------------------------------------------------
+
+    async def handle(self, frame: CtlFrame) -> Answer:
+        """Run one ctl command and return its reply. Never raises for bad input."""
+        handler = self._handlers.get(frame.code)
+        try:
+            if handler is None:
+                self._unknown(frame.code)
+            return Answer(True, await handler(frame.payload))
+        except Refused as exc:
+            log.info("%s refused: %s", self.dialect.name_of(frame.code), exc)
+            return Answer(False, exc.payload)
+
+    async def stdin(self, frame: TtyFrame) -> None:
+        """Deliver one host tty frame (stdin data, or EOF when empty) to its process."""
+        rec = self.registry.by_seq(frame.seq)
+        if rec is None or not rec.running or rec.proc is None:
+            if self._hyper:  # hyperstart says goodbye to an unknown or finished seq
+                await self._channels.send_tty(encode_tty(frame.seq, b""))
+            return
+        if frame.data:
+            rec.proc.write_stdin(frame.data)
+        elif not rec.terminal:
+            rec.proc.close_stdin()
+        # an empty frame to a terminal process is ignored (only ^D ends pty input)
+
+    def kill_everything(self) -> None:
+        """SIGKILL every process group the agent started (used on simulator exit)."""
+        for rec in self.registry.all_processes():
+            if rec.proc is not None:
+                rec.proc.kill_group_quietly()
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _refuse(self, message: str, hyper: bytes | None = b"") -> NoReturn:
+        """Answer ERROR: CC sends ``message``; HYPER sends ``hyper`` (None: the message too)."""
+        if self._hyper and hyper is not None:
+            raise Refused(message, hyper)
+        raise Refused(message, message.encode())
+
+    def _unknown(self, code: int) -> NoReturn:
+        if self._hyper and code in HYPER_DEPRECATED:
+            self._refuse(f"get abandoned command {code}")
+        if code == Code.VERSION:
+            self._refuse('No callback found for command "version": cc-agent has no GETVERSION')
+        self._refuse(f"unknown command code {code}")
+
+    def _decode(self, cls: type[M], payload: bytes) -> M:
+        try:
+            return decode_message(cls, payload, self.dialect)
+        except ProtocolError as exc:
+            self._refuse(str(exc))
+
+    def _container(self, cid: str) -> ContainerRecord:
+        c = self.registry.containers.get(cid)
+        if c is None:
+            self._refuse(f"container {cid!r} not found")
+        return c
+
+    async def _ack(self, payload: bytes) -> bytes:
+        return b""
+
+    async def _version(self, payload: bytes) -> bytes:
+        return struct.pack(">I", HYPER_API_VERSION)
+
+    # -- pod -----------------------------------------------------------------------------------
+
+    async def _startpod(self, payload: bytes) -> bytes:
+        pod = self._decode(Pod, payload)
+        if self.pod is not None:
+            if self._hyper:  # hyperstart answers ERROR and SIGTERMs every running container
+                for c in self.registry.containers.values():
+                    self._signal_quietly(c.init, signal.SIGTERM)
+            self._refuse("Pod already started, impossible to start again")
+        self.pod = pod
+        log.info("pod %r started (not applied: %d interfaces, %d routes)", pod.hostname,
+                 len(pod.interfaces), len(pod.routes))
+        if self._hyper:
+            for container in pod.containers:
+                await self._start_container(container)
+        return b""
+
+    async def _destroypod(self, payload: bytes) -> bytes:
+        live = [rec for rec in self.registry.all_processes() if rec.running]
+        if self._hyper:
+            for rec in live:
+                self._signal_quietly(rec, self._hyper_term_signal(rec))
+            with anyio.move_on_after(DESTROY_TIMEOUT):
+                await _wait_all(live)
+        for rec in live:
+            if rec.running and rec.proc is not None:
+                rec.proc.kill_group_quietly()
+        with anyio.move_on_after(KILL_WAIT):
+            await _wait_all(live)
+        self.registry.containers.clear()
+        self.pod = None
+        return b""
+
+    @staticmethod
+    def _hyper_term_signal(rec: ProcessRecord) -> int:
+        """SIGTERM, or SIGKILL for a process that ignores SIGTERM (as hyperstart does)."""
+        try:
+            with open(f"/proc/{rec.pid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"SigIgn:") and int(line.split()[1], 16) & SIGTERM_IGNORED:
+                        return signal.SIGKILL
+        except (OSError, ValueError):
+            pass
+        return signal.SIGTERM
+
+    # -- containers and processes --------------------------------------------------------------
+
+    def _check_hyper_process_keys(self, payload: bytes, *path: str) -> None:
+        """Refuse (with a message) a process key that would derail hyperhq's parser."""
+        try:
+            doc: Any = msgspec.json.decode(payload)
+        except msgspec.DecodeError:
+            return  # decode_message reports it
+        for key in path:
+            doc = doc.get(key) if isinstance(doc, dict) else None
+        if isinstance(doc, dict):
+            unknown = sorted(set(doc) - HYPER_PROCESS_KEYS)
+            if unknown:
+                self._refuse(f"unknown process keys {unknown} (hyperstart would hang)", None)
+
+    async def _newcontainer(self, payload: bytes) -> bytes:
+        if self._hyper:
+            self._check_hyper_process_keys(payload, "process")
+        container = self._decode(Container, payload)
+        if self.pod is None:
+            self._refuse("Pod not started, impossible to run a new container")
+        await self._start_container(container)
+        return b""
+
+    async def _start_container(self, spec: Container) -> None:
+        if not spec.id:
+            self._refuse("container id is empty")
+        if spec.id in self.registry.containers:
+            self._refuse(f"container {spec.id!r} already exists")
+        if spec.process is None:
+            self._refuse(f"container {spec.id!r} has no process")
+        try:
+            root = container_root(self.share, spec.image, spec.rootfs)
+            for m in spec.fsmap:
+                check_fsmap_source(self.share, m.source, m.absolute_path)
+        except RootfsError as exc:
+            self._refuse(f"container {spec.id!r}: {exc}")
+        rec = self._new_record(spec.id, spec.process, in_container=None)
+        container = ContainerRecord(id=spec.id, root=root, init=rec)
+        self._launch(container, rec, spec.process)
+        self.registry.containers[spec.id] = container
+        container.processes[rec.id] = rec
+
+    async def _execcmd(self, payload: bytes) -> bytes:
+        if self._hyper:
+            self._check_hyper_process_keys(payload, "process")
+        cmd = self._decode(ExecCommand, payload)
+        container = self._container(cmd.container)
+        if not container.running:
+            self._refuse(f"container {cmd.container!r} is not running")
+        if self._hyper:
+            live = self.registry.all_processes()
+            idless = [p.id for p in live if p.running and not p.explicit_id]
+            if idless:
+                self._refuse(
+                    f"EXECCMD while process(es) {idless} without an id run "
+                    "(hyperstart would crash)",
+                    None,
+                )
+        rec = self._new_record(cmd.container, cmd.process, in_container=container)
+        self._launch(container, rec, cmd.process)
+        container.processes[rec.id] = rec
+        return b""
+
+    def _new_record(
+        self, cid: str, process: Process, in_container: ContainerRecord | None
+    ) -> ProcessRecord:
+        """Validate a process spec against the live processes; raises Refused."""
+        if not process.args:
+            self._refuse("process has no args")
+        if self._hyper and not process.stdio:
+            self._refuse("process has no stdio seq")
+        if self._hyper and not process.terminal and not process.stderr:
+            self._refuse("non-terminal process has no stderr seq")
+        stderr = 0 if process.terminal and not self._hyper else process.stderr
+        used = self.registry.seq_in_use(process.stdio, stderr)
+        if used is not None:
+            self._refuse(f"Sequence number {used} already registered")
+        pid = process.id or str(process.stdio)
+        if in_container is not None:
+            scope = (
+                [p for c in self.registry.containers.values() for p in c.processes.values()]
+                if self._hyper
+                else list(in_container.processes.values())
+            )
+            if any(p.id == pid and p.running for p in scope):
+                self._refuse(f"process {pid!r} already exists in container {cid!r}")
+        return ProcessRecord(
+            container=cid,
+            id=pid,
+            stdio=process.stdio,
+            stderr=stderr,
+            terminal=process.terminal,
+            explicit_id=bool(process.id),
+        )
+
+    def _launch(self, container: ContainerRecord, rec: ProcessRecord, process: Process) -> None:
+        """Start the process and its supervisor; raises Refused when it cannot start."""
+        try:
+            identity = (
+                resolve_identity(
+                    container.root, process.user, process.group, process.additional_groups
+                )
+                if self.chroot
+                else None
+            )
+        except IdentityError as exc:
+            self._refuse(str(exc))
+        spec = LaunchSpec(
+            args=process.args or [],
+            env={e.env: e.value for e in process.envs},
+            root=container.root,
+            workdir=process.workdir,
+            identity=identity,
+            chroot=self.chroot,
+            terminal=process.terminal,
+            separate_stderr=self._hyper and process.terminal and bool(process.stderr),
+            netns_fd=self.netns_fd,
+        )
+        failure: OSError | None = None
+        try:
+            rec.proc = spawn(spec)
+        except OSError as exc:
+            if not self._hyper:
+                self._refuse(f"cannot start process {rec.id!r}: {exc.strerror or exc}")
+            failure = exc  # hyperstart ACKs, then reports the exec failure like an exit
+        except Exception as exc:  # SubprocessError from the child setup
+            self._refuse(f"cannot start process {rec.id!r}: {exc}")
+        self.registry.register(rec)
+        log.info("started %s/%s pid %s: %s", rec.container, rec.id, rec.pid, spec.args)
+        self._tg.start_soon(self._supervise, container, rec, failure)
+
+    async def _supervise(
+        self, container: ContainerRecord, rec: ProcessRecord, failure: OSError | None
+    ) -> None:
+        """Pump a process until it exits, then send its EOF and status (or exit event)."""
+        if rec.proc is not None:
+            raw = await rec.proc.run(self._send_output, rec.stdio, rec.stderr)
+            status = exit_status(raw, signal_status_zero=self._hyper)
+        else:
+            reason = os.strerror(failure.errno) if failure and failure.errno else str(failure)
+            message = f"exec failed: {reason}\n".encode()
+            await self._send_output(rec.stderr or rec.stdio, message)
+            code = failure.errno if failure is not None else None
+            status = EXEC_FAILED_STATUS.get(code or 0, SETUP_FAILED_STATUS)
+        await self._finish(container, rec, status)
+
+    async def _send_output(self, seq: int, data: bytes) -> None:
+        await self._channels.send_tty(encode_tty(seq, data))
+
+    async def _finish(self, container: ContainerRecord, rec: ProcessRecord, status: int) -> None:
+        rec.status = status
+        self.registry.unregister(rec)
+        log.info("%s/%s exited with status %d", rec.container, rec.id, status)
+        if rec is container.init:
+            # a container dies with its init: like a pid namespace losing its pid 1
+            for other in container.live():
+                if other.proc is not None:
+                    other.proc.kill_group_quietly()
+            if self._hyper and self.registry.containers.get(container.id) is container:
+                del self.registry.containers[container.id]
+        await self._channels.send_tty(encode_tty(rec.stdio, b""))
+        if self._hyper:
+            await self._channels.send_event(
+                ProcessAsyncEvent(
+                    container=rec.container, process=rec.id, event="finished", status=status
+                )
+            )
+        else:
+            await self._channels.send_tty(encode_tty(rec.stdio, bytes([status & EXIT_STATUS_MASK])))
+        rec.finished.set()
+
+    # -- signals, winsize, ps, remove ----------------------------------------------------------
+
+    @staticmethod
+    def _signal_quietly(rec: ProcessRecord, signum: int) -> None:
+        if rec.proc is not None and rec.running:
+            try:
+                rec.proc.signal(signum)
+            except OSError:
+                pass
+
+    async def _killcontainer(self, payload: bytes) -> bytes:
+        cmd = self._decode(KillCommand, payload)  # lenient in both dialects (parson in C)
+        container = self.registry.containers.get(cmd.container)
+        if container is None:
+            self._refuse(f"container {cmd.container!r} not found", b"no such container\0")
+        if cmd.signal not in signal.valid_signals() or cmd.signal == 0:
+            self._refuse(f"invalid signal {cmd.signal}", b"invalid signal\0")
+        if not container.running:
+            if self._hyper:
+                self._refuse("no such process", b"no such process\0")
+            return b""  # cc-agent: killing a stopped container is a no-op
+        targets = container.live() if cmd.all_processes and not self._hyper else [container.init]
+        for rec in targets:
+            if rec.proc is None:
+                continue
+            try:
+                if cmd.all_processes and not self._hyper:
+                    rec.proc.signal_group(cmd.signal)
+                else:
+                    rec.proc.signal(cmd.signal)
+            except ProcessLookupError:
+                if self._hyper:
+                    self._refuse("no such process", b"no such process\0")
+            except PermissionError:
+                self._refuse("no permission", b"no permission\0")
+            except OSError as exc:
+                self._refuse(f"kill failed: {exc}", b"kill failed\0")
+        return b""
+
+    async def _signalprocess(self, payload: bytes) -> bytes:
+        cmd = self._decode(SignalCommand, payload)
+        rec = self.registry.find_process(cmd.container, cmd.process)
+        if rec is None or not rec.running or rec.proc is None:
+            self._refuse(f"process {cmd.container}/{cmd.process} not found")
+        try:
+            rec.proc.signal_group(cmd.signal)
+        except (OSError, ValueError) as exc:
+            self._refuse(f"signal {cmd.signal} to {cmd.container}/{cmd.process}: {exc}")
+        return b""
+
+    async def _winsize(self, payload: bytes) -> bytes:
+        if self._hyper:
+            msg = self._decode(WindowSizeMessage, payload)
+            rec = self.registry.find_process(msg.container, msg.process)
+            if rec is None or not rec.running:
+                self._refuse(f"process {msg.container}/{msg.process} not found")
+            rows, columns = msg.row, msg.column
+        else:
+            size = self._decode(WindowSize, payload)
+            found = self.registry.by_seq(size.seq)
+            if found is None or not found.running:
+                return b""  # cc-agent: unknown seq or stopped process -> silent ACK
+            rec, rows, columns = found, size.row, size.column
+        if not rec.terminal or rec.proc is None:
+            self._refuse(f"process {rec.container}/{rec.id} has no terminal")
+        try:
+            rec.proc.resize(rows, columns)
+        except OSError as exc:
+            self._refuse(f"cannot resize the terminal of {rec.container}/{rec.id}: {exc}")
+        return b""
+
+    async def _pscontainer(self, payload: bytes) -> bytes:
+        cmd = self._decode(PsCommand, payload)
+        container = self._container(cmd.container)
+        if not container.running:
+            self._refuse(f"container {cmd.container!r} is not running")
+        if cmd.format not in ("", "table", "json"):
+            self._refuse("invalid format option")
+        roots = [rec.pid for rec in container.live() if rec.pid is not None]
+        procs = await anyio.to_thread.run_sync(ps.container_pids, roots)
+        return ps.format_json(procs) if cmd.format == "json" else ps.format_table(procs)
+
+    async def _removecontainer(self, payload: bytes) -> bytes:
+        cmd = self._decode(RemoveCommand, payload)
+        container = self._container(cmd.container)
+        if container.running:
+            self._refuse(f"container {cmd.container!r} is running, stop it first")
+        del self.registry.containers[cmd.container]
+        return b""
+
+    # -- hyperstart-only extras ----------------------------------------------------------------
+
+    async def _setupinterface(self, payload: bytes) -> bytes:
+        iface = self._decode(NetworkIface, payload)
+        log.info("interface %s recorded (not applied)", iface.new_device_name or iface.device)
+        return b""
+
+    async def _setuproute(self, payload: bytes) -> bytes:
+        self._decode(RouteList, payload)
+        return b""
+
+    def _container_file(self, payload: bytes) -> tuple[Path, bytes]:
+        end = payload.find(b"}")  # hyperstart: the JSON ends at the first '}', data follows
+        if end < 0:
+            self._refuse("file command without a JSON header")
+        cmd = self._decode(FileCommand, payload[: end + 1])
+        container = self._container(cmd.container)
+        path = (container.root / cmd.file.lstrip("/")).resolve()
+        if not path.is_relative_to(container.root.resolve()):
+            self._refuse(f"file {cmd.file!r} is outside the container")
+        return path, payload[end + 1 :]
+
+    async def _writefile(self, payload: bytes) -> bytes:
+        path, data = self._container_file(payload)
+        try:
+            path.write_bytes(data)
+        except OSError as exc:
+            self._refuse(f"cannot write {path.name}: {exc}")
+        return b""
+
+    async def _readfile(self, payload: bytes) -> bytes:
+        path, _ = self._container_file(payload)
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            self._refuse(f"cannot read {path.name}: {exc}")
+
+
+async def _wait_all(records: list[ProcessRecord]) -> None:
+    for rec in records:
+        await rec.finished.wait()

@@ -1,0 +1,88 @@
+"""The simulated agent's bookkeeping: containers, their processes, and the stdio seqs in use."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+
+from hyperd.sim.process import SimProcess
+
+__all__ = ["ContainerRecord", "ProcessRecord", "Registry"]
+
+
+@dataclass(eq=False)
+class ProcessRecord:
+    """One process of a container, as the host named it (id, seqs)."""
+
+    container: str
+    id: str
+    stdio: int
+    stderr: int
+    terminal: bool
+    explicit_id: bool  # the host sent process.id (hyperhq crashes on EXECCMD otherwise)
+    proc: SimProcess | None = None  # None: the exec failed (hyper reports it like a process)
+    status: int | None = None  # set once finished (EOF and status sent)
+    finished: anyio.Event = field(default_factory=anyio.Event)
+
+    @property
+    def running(self) -> bool:
+        return self.status is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+
+@dataclass(eq=False)
+class ContainerRecord:
+    """A container: its root on the host, its init and every process started in it."""
+
+    id: str
+    root: Path
+    init: ProcessRecord
+    processes: dict[str, ProcessRecord] = field(default_factory=dict)
+
+    @property
+    def running(self) -> bool:
+        return self.init.running
+
+    def live(self) -> list[ProcessRecord]:
+        """Processes that have not finished, init first."""
+        return [p for p in self.processes.values() if p.running]
+
+
+class Registry:
+    """Containers by id and live processes by stdio seq (seqs are unique among live processes)."""
+
+    def __init__(self) -> None:
+        self.containers: dict[str, ContainerRecord] = {}
+        self._by_seq: dict[int, ProcessRecord] = {}
+
+    def seq_in_use(self, *seqs: int) -> int | None:
+        """The first of ``seqs`` (non-zero) a live process already uses, or None."""
+        used = {p.stdio for p in self._by_seq.values()} | {p.stderr for p in self._by_seq.values()}
+        for seq in seqs:
+            if seq and seq in used:
+                return seq
+        return None
+
+    def register(self, rec: ProcessRecord) -> None:
+        self._by_seq[rec.stdio] = rec
+
+    def unregister(self, rec: ProcessRecord) -> None:
+        if self._by_seq.get(rec.stdio) is rec:
+            del self._by_seq[rec.stdio]
+
+    def by_seq(self, seq: int) -> ProcessRecord | None:
+        return self._by_seq.get(seq)
+
+    def all_processes(self) -> Iterator[ProcessRecord]:
+        """Every process still registered (running or finishing)."""
+        yield from list(self._by_seq.values())
+
+    def find_process(self, container: str, process: str) -> ProcessRecord | None:
+        c = self.containers.get(container)
+        return c.processes.get(process) if c is not None else None

@@ -1,0 +1,308 @@
+"""Real host processes standing in for a simulated container's processes.
+
+:func:`spawn` starts one process in its own session (so it leads a process group the simulator can
+kill as a whole), chrooted into the container root when running as root, with its identity,
+environment, working directory and optionally a network namespace. Its stdio is a pipe set or a
+pty. :meth:`SimProcess.run` pumps its output to a callback, feeds it queued stdin and returns the
+exit status once the process has exited and its output is drained.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import math
+import os
+import signal
+import struct
+import subprocess
+import termios
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from hyperd.sim.rootfs import Identity
+
+__all__ = ["LaunchSpec", "OutputSink", "SimProcess", "spawn"]
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 4096  # bytes per output read; one tty frame each
+DRAIN_GRACE = 1.0  # seconds to wait for output EOF after exit (a grandchild may hold the pipe)
+CLONE_NEWNET = 0x40000000  # <sched.h>; os.CLONE_NEWNET only exists from Python 3.12
+SIGNAL_EXIT_BASE = 128  # shell convention: killed by signal N -> 128 + N
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+OutputSink = Callable[[int, bytes], Awaitable[None]]
+"""Called with (seq, data) for each chunk of process output."""
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchSpec:
+    """Everything needed to start one process. ``root`` is the container root on the host."""
+
+    args: Sequence[str]
+    env: dict[str, str]
+    root: Path
+    workdir: str
+    identity: Identity | None  # None: keep the simulator's own identity (not root)
+    chroot: bool
+    terminal: bool
+    separate_stderr: bool  # terminal only: stderr on its own pipe instead of the pty
+    netns_fd: int | None = None
+
+
+def _child_setup(spec: LaunchSpec) -> Callable[[], None]:
+    """The pre-exec hook: runs in the forked child after stdio is in place, before exec."""
+    root = os.fsencode(spec.root)
+    workdir = spec.workdir or "/"
+
+    def setup() -> None:
+        if spec.netns_fd is not None and _libc.setns(spec.netns_fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns: {os.strerror(err)}")
+        if spec.terminal:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        if spec.chroot:
+            os.chroot(root)
+            os.chdir(workdir)
+        else:
+            os.chdir(os.path.join(root, os.fsencode(workdir.lstrip("/"))))
+        if spec.identity is not None:
+            os.setgroups(list(spec.identity.groups))
+            os.setgid(spec.identity.gid)
+            os.setuid(spec.identity.uid)
+
+    return setup
+
+
+def _check_workdir(spec: LaunchSpec) -> None:
+    path = spec.root / (spec.workdir or "/").lstrip("/")
+    if not path.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "working directory does not exist", spec.workdir)
+
+
+@dataclass(eq=False)
+class SimProcess:
+    """One running process and the host ends of its stdio."""
+
+    popen: subprocess.Popen[bytes]
+    terminal: bool
+    stdin_fd: int | None  # pipe write end or pty master; None once closed
+    stdout_fd: int  # pipe read end or pty master
+    stderr_fd: int | None
+    pidfd: int
+    _stdin_send: MemoryObjectSendStream[bytes | None] = field(init=False)
+    _stdin_recv: MemoryObjectReceiveStream[bytes | None] = field(init=False)
+    returncode: int | None = None
+    _stdin_open: bool = True
+
+    def __post_init__(self) -> None:
+        self._stdin_send, self._stdin_recv = anyio.create_memory_object_stream[bytes | None](
+            math.inf
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def write_stdin(self, data: bytes) -> None:
+        """Queue bytes for the process's stdin; dropped once stdin is closed or it exited."""
+        if self.returncode is None and self._stdin_open:
+            self._stdin_send.send_nowait(data)
+
+    def close_stdin(self) -> None:
+        """Close stdin after the queued bytes are written (non-terminal processes)."""
+        if self.returncode is None and self._stdin_open:
+            self._stdin_open = False
+            self._stdin_send.send_nowait(None)
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the process; raises ProcessLookupError when it is gone."""
+        if self.returncode is not None:
+            raise ProcessLookupError(errno.ESRCH, "process has exited")
+        os.kill(self.pid, signum)
+
+    def signal_group(self, signum: int) -> None:
+        """Send ``signum`` to the process's whole process group (its session)."""
+        if self.returncode is not None:
+            raise ProcessLookupError(errno.ESRCH, "process has exited")
+        os.killpg(self.pid, signum)
+
+    def kill_group_quietly(self) -> None:
+        """SIGKILL the process group, ignoring a group that is already gone."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+    def resize(self, rows: int, columns: int) -> None:
+        """Set the pty window size (TIOCSWINSZ); the process gets SIGWINCH."""
+        if not self.terminal or self.stdin_fd is None:
+            raise OSError(errno.ENOTTY, "not a terminal process")
+        fcntl.ioctl(self.stdin_fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+
+    async def run(self, sink: OutputSink, stdio_seq: int, stderr_seq: int) -> int:
+        """Pump output to ``sink`` and stdin from the queue until exit; return the raw status.
+
+        The status is ``Popen.returncode``: the exit code, or ``-N`` when killed by signal N.
+        Output still in the pipes at exit is drained (up to DRAIN_GRACE seconds).
+        """
+        done_out = anyio.Event()
+        done_err = anyio.Event()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._pump, self.stdout_fd, stdio_seq, sink, done_out)
+                if self.stderr_fd is not None:
+                    tg.start_soon(self._pump, self.stderr_fd, stderr_seq, sink, done_err)
+                else:
+                    done_err.set()
+                tg.start_soon(self._feed_stdin)
+                await anyio.wait_readable(self.pidfd)
+                self.popen.poll()
+                with anyio.move_on_after(DRAIN_GRACE):
+                    await done_out.wait()
+                    await done_err.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            self._close_fds()
+            if self.popen.poll() is None:  # cancelled before exit: make sure it dies
+                self.kill_group_quietly()
+                self.popen.wait()
+            self.returncode = self.popen.returncode
+        return self.popen.returncode
+
+    async def _pump(self, fd: int, seq: int, sink: OutputSink, done: anyio.Event) -> None:
+        try:
+            while True:
+                await anyio.wait_readable(fd)
+                try:
+                    data = os.read(fd, READ_CHUNK)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:  # EIO: the pty's last slave end closed
+                    if exc.errno != errno.EIO:
+                        log.warning("reading output of pid %d: %s", self.pid, exc)
+                    return
+                if not data:
+                    return
+                await sink(seq, data)
+        finally:
+            done.set()
+
+    async def _feed_stdin(self) -> None:
+        async for data in self._stdin_recv:
+            fd = self.stdin_fd
+            if fd is None:
+                return
+            if data is None:
+                if not self.terminal:
+                    os.close(fd)
+                    self.stdin_fd = None
+                return
+            view = memoryview(data)
+            while view:
+                try:
+                    n = os.write(fd, view)
+                except BlockingIOError:
+                    await anyio.wait_writable(fd)
+                    continue
+                except OSError as exc:  # EPIPE: the reader is gone; discard the rest
+                    log.debug("stdin of pid %d: %s", self.pid, exc)
+                    return
+                view = view[n:]
+
+    def _close_fds(self) -> None:
+        self._stdin_open = False
+        self._stdin_send.close()
+        self._stdin_recv.close()
+        fds = {self.stdout_fd, self.pidfd}
+        if self.stdin_fd is not None:
+            fds.add(self.stdin_fd)
+        if self.stderr_fd is not None:
+            fds.add(self.stderr_fd)
+        self.stdin_fd = None
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def spawn(spec: LaunchSpec) -> SimProcess:
+    """Start the process described by ``spec``.
+
+    Raises OSError (FileNotFoundError for a missing executable or working directory,
+    PermissionError, ...) or subprocess.SubprocessError when the child setup failed.
+    """
+    _check_workdir(spec)
+    parent_fds: list[int] = []
+    child_fds: list[int] = []
+    try:
+        stderr_r: int | None = None
+        if spec.terminal:
+            master, slave = os.openpty()
+            parent_fds.append(master)
+            child_fds.append(slave)
+            stdin_child = stdout_child = stderr_child = slave
+            stdin_fd = stdout_fd = master
+            if spec.separate_stderr:
+                stderr_r, stderr_child = os.pipe()
+                parent_fds.append(stderr_r)
+                child_fds.append(stderr_child)
+        else:
+            stdin_child, stdin_fd = os.pipe()
+            stdout_fd, stdout_child = os.pipe()
+            stderr_r, stderr_child = os.pipe()
+            parent_fds += [stdin_fd, stdout_fd, stderr_r]
+            child_fds += [stdin_child, stdout_child, stderr_child]
+        popen = subprocess.Popen(
+            list(spec.args),
+            stdin=stdin_child,
+            stdout=stdout_child,
+            stderr=stderr_child,
+            env=spec.env,
+            start_new_session=True,
+            preexec_fn=_child_setup(spec),  # chroot, setns and setuid need a hook in the child
+        )
+    except BaseException:
+        for fd in parent_fds:
+            os.close(fd)
+        raise
+    finally:
+        for fd in set(child_fds):
+            os.close(fd)
+    try:
+        pidfd = os.pidfd_open(popen.pid)
+    except OSError:
+        popen.kill()
+        popen.wait()
+        for fd in parent_fds:
+            os.close(fd)
+        raise
+    for fd in set(parent_fds):
+        os.set_blocking(fd, False)
+    return SimProcess(
+        popen=popen,
+        terminal=spec.terminal,
+        stdin_fd=stdin_fd,
+        stdout_fd=stdout_fd,
+        stderr_fd=stderr_r,
+        pidfd=pidfd,
+    )
+
+
+def exit_status(returncode: int, *, signal_status_zero: bool) -> int:
+    """The status an agent reports for ``Popen.returncode``.
+
+    cc-agent reports 128+N for a death by signal N; hyperhq/hyperstart reports 0.
+    """
+    if returncode >= 0:
+        return returncode
+    return 0 if signal_status_zero else SIGNAL_EXIT_BASE - returncode
