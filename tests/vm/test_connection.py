@@ -1,0 +1,190 @@
+"""VMConnection against a real peer on a unix socket: pipelining, FIFO matching, deadlines."""
+
+from __future__ import annotations
+
+import random
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+from hyperd.errors import AgentError, ConnectionLost, ProxyError, Timeout, VMUnavailable
+from hyperd.vm import VMConnection
+from protocol.ccproxy import Command, Hyper
+from tests.vm.fakeproxy import AGENT_ERROR
+from tests.vm.helpers import VM, connected, serving
+
+pytestmark = pytest.mark.anyio
+
+
+def echo(value: object) -> Hyper:
+    return Hyper(hyperName="echo", data=msgspec.Raw(msgspec.json.encode(value)))
+
+
+async def test_commands_are_pipelined_before_the_first_reply(
+    anyio_backend: Any, short_tmp: Path
+) -> None:
+    async with serving(short_tmp) as proxy, connected(proxy) as conn:
+        proxy.hold()
+        results: dict[int, bytes] = {}
+
+        async def call(i: int) -> None:
+            results[i] = await conn.command(Command.HYPER, echo(i), timeout=5)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(5):
+                tg.start_soon(call, i)
+            # Every command is on the wire while no reply has been sent: pipelined.
+            await proxy.wait_for(lambda: len(proxy.received) == 5)
+            assert proxy.replies == 0
+            stats = conn.statistics()
+            assert (stats.queued, stats.in_flight, stats.sent) == (0, 5, 5)
+            proxy.release()
+        assert results == {i: str(i).encode() for i in range(5)}
+
+
+async def test_frames_queued_together_go_out_in_one_write(
+    anyio_backend: Any, short_tmp: Path
+) -> None:
+    async with serving(short_tmp) as proxy, connected(proxy) as conn:
+        sock = conn._sock
+        writes: list[int] = []
+
+        class CountingSocket:
+            def send(self, data: bytes) -> int:
+                writes.append(len(data))
+                return sock.send(data)
+
+        conn._sock = CountingSocket()  # type: ignore[assignment]
+        async with anyio.create_task_group() as tg:
+            for i in range(50):
+                tg.start_soon(partial(conn.command, Command.HYPER, echo(i), timeout=5))
+        assert len(writes) == 1
+        assert proxy.replies == 50
+
+
+async def test_fifo_matching_under_200_concurrent_callers(
+    anyio_backend: Any, short_tmp: Path
+) -> None:
+    async with serving(short_tmp) as proxy, connected(proxy) as conn:
+        got: dict[int, object] = {}
+
+        async def call(i: int) -> None:
+            await anyio.sleep(random.random() * 0.01)  # arrivals spread over several iterations
+            reply = await conn.command(Command.HYPER, echo({"caller": i}), timeout=10)
+            got[i] = msgspec.json.decode(reply)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(200):
+                tg.start_soon(call, i)
+        assert got == {i: {"caller": i} for i in range(200)}
+        stats = conn.statistics()
+        assert (stats.sent, stats.failed, stats.timed_out, stats.in_flight) == (200, 0, 0, 0)
+        assert stats.last_rtt is not None and stats.last_rtt > 0
+
+
+async def test_timed_out_caller_keeps_its_slot_and_late_reply_is_discarded(
+    anyio_backend: Any, short_tmp: Path
+) -> None:
+    async with serving(short_tmp) as proxy, connected(proxy) as conn:
+        proxy.delays["slow"] = 0.3
+        proxy.delays["echo"] = 0.0
+        results: dict[str, object] = {}
+
+        async def slow() -> None:
+            try:
+                await conn.command(
+                    Command.HYPER, Hyper(hyperName="slow"), timeout=0.05, label="slow"
+                )
+            except Timeout as exc:
+                results["slow"] = exc
+
+        async def follower() -> None:
+            await proxy.wait_for(lambda: len(proxy.received) == 1)
+            results["next"] = await conn.command(Command.HYPER, echo("mine"), timeout=5)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(slow)
+            tg.start_soon(follower)
+        assert isinstance(results["slow"], Timeout)
+        assert "vm-test" in str(results["slow"]) and "slow" in str(results["slow"])
+        assert results["next"] == b'"mine"'
+        stats = conn.statistics()
+        assert (stats.timed_out, stats.discarded, stats.in_flight) == (1, 1, 0)
+
+
+async def test_cancelled_caller_reply_is_discarded(anyio_backend: Any, short_tmp: Path) -> None:
+    async with serving(short_tmp) as proxy, connected(proxy) as conn:
+        proxy.hold()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(conn.command, Command.HYPER, echo("cancelled"), timeout=5))
+            await proxy.wait_for(lambda: len(proxy.received) == 1)
+            tg.cancel_scope.cancel()
+        proxy.release()
+        assert await conn.command(Command.HYPER, echo("second"), timeout=5) == b'"second"'
+        assert conn.statistics().discarded == 1
+
+
+async def test_error_replies_map_to_agent_and_proxy_errors(
+    anyio_backend: Any, short_tmp: Path
+) -> None:
+    async with serving(short_tmp) as proxy, connected(proxy) as conn:
+        with pytest.raises(AgentError) as agent:
+            await conn.command(Command.HYPER, Hyper(hyperName="agentfail"), timeout=5, label="x1")
+        assert agent.value.data["proxy_message"] == AGENT_ERROR
+        assert "vm-test" in str(agent.value) and "x1" in str(agent.value)
+        with pytest.raises(ProxyError) as proxy_err:
+            await conn.command(Command.HYPER, Hyper(hyperName="nope"), timeout=5, label="nope")
+        assert not isinstance(proxy_err.value, AgentError)
+        assert "unknown command 'nope'" in str(proxy_err.value)
+        # the connection is still in step after errors
+        assert await conn.command(Command.HYPER, echo(1), timeout=5) == b"1"
+        assert conn.statistics().failed == 2
+
+
+async def test_connection_loss_fails_in_flight_callers(anyio_backend: Any, short_tmp: Path) -> None:
+    async with serving(short_tmp) as proxy, connected(proxy) as conn:
+        proxy.hold()
+        errors: list[Exception] = []
+
+        async def call(i: int) -> None:
+            try:
+                await conn.command(Command.HYPER, echo(i), timeout=5, label=f"cmd{i}")
+            except VMUnavailable as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(3):
+                tg.start_soon(call, i)
+            await proxy.wait_for(lambda: len(proxy.received) == 3)
+            await proxy.drop_connections()
+        assert len(errors) == 3
+        assert all(isinstance(e, ConnectionLost) for e in errors)
+        assert all("connection to proxy lost" in str(e) and "unknown" in str(e) for e in errors)
+        assert conn.closed
+        with pytest.raises(VMUnavailable, match="not sent"):
+            await conn.command(Command.HYPER, echo(9), timeout=5)
+
+
+async def test_close_fails_queued_and_in_flight(anyio_backend: Any, short_tmp: Path) -> None:
+    async with serving(short_tmp) as proxy:
+        conn = await VMConnection.connect(proxy.path, vm_id=VM)
+        proxy.hold()
+        errors: list[Exception] = []
+
+        async def call() -> None:
+            try:
+                await conn.command(Command.HYPER, echo(0), timeout=5)
+            except VMUnavailable as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(conn.run)
+            tg.start_soon(call)
+            await proxy.wait_for(lambda: len(proxy.received) == 1)
+            conn.close("closed by the test")
+        assert len(errors) == 1 and isinstance(errors[0], ConnectionLost)
+        assert "closed by the test" in str(errors[0])
