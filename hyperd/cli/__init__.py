@@ -1,0 +1,1 @@
+"""Command-line programs: ``hyperd`` (the daemon) and ``hyperctl`` (its client)."""

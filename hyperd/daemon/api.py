@@ -1,0 +1,246 @@
+"""The RPC API v1: params Structs and the method table that maps each method to the daemon.
+
+Method names and parameter names are the public contract (see the README's RPC reference).
+Nested process/rootfs/mount/device/resources objects are decoded with :func:`hyperd.spec.parse`
+inside the handler, so that every problem in them becomes an ``invalid_params`` error naming
+the field.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+import anyio
+import anyio.abc
+import msgspec
+
+from hyperd.daemon import containers as ops
+from hyperd.daemon.model import ProxySpec, VMSpec
+from hyperd.daemon.service import Daemon
+from hyperd.rpc.methods import CallContext, MethodTable
+from hyperd.spec import DeviceSpec, MountSpec, ProcessSpec, ResourcesSpec, RootfsSpec, parse
+
+JSONObject = dict[str, Any]
+
+
+class _Params(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class PodCreate(_Params):
+    id: str
+    hostname: str | None = None
+    vm: VMSpec | None = None
+    proxy: ProxySpec | None = None
+    netns: str | None = None
+    share_dir: str | None = None
+    share_tag: str | None = None
+    agent_dialect: Literal["cc", "hyper"] | None = None
+
+
+class PodRef(_Params):
+    id: str
+
+
+class PodOnly(_Params):
+    pod: str
+
+
+class ContainerCreate(_Params):
+    pod: str
+    id: str
+    rootfs: JSONObject
+    process: JSONObject
+    mounts: list[JSONObject] = []
+    devices: list[JSONObject] = []
+    resources: JSONObject | None = None
+    bind_mount_dev: bool = False
+    shim_pid: int | None = None
+
+
+class ContainerRef(_Params):
+    pod: str
+    id: str
+
+
+class ContainerKill(_Params):
+    pod: str
+    id: str
+    signal: int | str
+    all: bool = False
+
+
+class ContainerPs(_Params):
+    pod: str
+    id: str
+    format: str = ""
+    args: list[str] = []
+
+
+class ExecCreate(_Params):
+    pod: str
+    container: str
+    process: JSONObject
+    exec_id: str | None = None
+
+
+class ExecRef(_Params):
+    pod: str
+    exec_id: str
+
+
+class Empty(_Params):
+    pass
+
+
+def _decode_list(cls: type[Any], items: list[JSONObject], field: str) -> list[Any]:
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(parse(cls, item))
+        except Exception as exc:
+            from hyperd.errors import InvalidParams
+
+            if isinstance(exc, InvalidParams):
+                raise InvalidParams(f"{field}[{i}]: {exc.message}", **exc.data) from None
+            raise
+    return out
+
+
+Handler = Callable[[Any, CallContext], Awaitable[Any]]
+
+
+def build_methods(d: Daemon) -> MethodTable:
+    """The method table of API v1 bound to ``d``."""
+    table = MethodTable()
+
+    def add(name: str, params: type[msgspec.Struct]) -> Callable[[Handler], Handler]:
+        def decorate(fn: Handler) -> Handler:
+            table.register(name, fn, params)
+            return fn
+
+        return decorate
+
+    @add("hyperd.version", Empty)
+    async def version(p: Empty, ctx: CallContext) -> Any:
+        return d.version()
+
+    @add("hyperd.health", Empty)
+    async def health(p: Empty, ctx: CallContext) -> Any:
+        return d.health()
+
+    @add("hyperd.stats", Empty)
+    async def stats(p: Empty, ctx: CallContext) -> Any:
+        return d.stats()
+
+    @add("pod.create", PodCreate)
+    async def pod_create(p: PodCreate, ctx: CallContext) -> Any:
+        return await d.pod_create(
+            p.id,
+            hostname=p.hostname,
+            vm=p.vm,
+            proxy=p.proxy,
+            netns=p.netns,
+            share_dir=p.share_dir,
+            share_tag=p.share_tag,
+            agent_dialect=p.agent_dialect,
+        )
+
+    @add("pod.start", PodRef)
+    async def pod_start(p: PodRef, ctx: CallContext) -> Any:
+        return await d.pod_start(p.id)
+
+    @add("pod.stop", PodRef)
+    async def pod_stop(p: PodRef, ctx: CallContext) -> Any:
+        return await d.pod_stop(p.id)
+
+    @add("pod.delete", PodRef)
+    async def pod_delete(p: PodRef, ctx: CallContext) -> Any:
+        return await d.pod_delete(p.id)
+
+    @add("pod.list", Empty)
+    async def pod_list(p: Empty, ctx: CallContext) -> Any:
+        return d.pod_list()
+
+    @add("pod.inspect", PodRef)
+    async def pod_inspect(p: PodRef, ctx: CallContext) -> Any:
+        return d.pod_inspect(p.id)
+
+    @add("container.create", ContainerCreate)
+    async def container_create(p: ContainerCreate, ctx: CallContext) -> Any:
+        return await ops.container_create(
+            d,
+            p.pod,
+            p.id,
+            rootfs=parse(RootfsSpec, p.rootfs),
+            process=parse(ProcessSpec, p.process),
+            mounts=_decode_list(MountSpec, p.mounts, "mounts"),
+            devices=_decode_list(DeviceSpec, p.devices, "devices"),
+            resources=parse(ResourcesSpec, p.resources) if p.resources is not None else None,
+            bind_mount_dev=p.bind_mount_dev,
+            shim_pid=p.shim_pid,
+        )
+
+    @add("container.start", ContainerRef)
+    async def container_start(p: ContainerRef, ctx: CallContext) -> Any:
+        return await ops.container_start(d, p.pod, p.id)
+
+    @add("container.stop", ContainerRef)
+    async def container_stop(p: ContainerRef, ctx: CallContext) -> Any:
+        return await ops.container_stop(d, p.pod, p.id)
+
+    @add("container.kill", ContainerKill)
+    async def container_kill(p: ContainerKill, ctx: CallContext) -> Any:
+        return await ops.container_kill(d, p.pod, p.id, p.signal, p.all)
+
+    @add("container.ps", ContainerPs)
+    async def container_ps(p: ContainerPs, ctx: CallContext) -> Any:
+        return await ops.container_ps(d, p.pod, p.id, p.format, p.args)
+
+    @add("container.list", PodOnly)
+    async def container_list(p: PodOnly, ctx: CallContext) -> Any:
+        return ops.container_list(d, p.pod)
+
+    @add("container.inspect", ContainerRef)
+    async def container_inspect(p: ContainerRef, ctx: CallContext) -> Any:
+        return ops.container_inspect(d, p.pod, p.id)
+
+    @add("exec.create", ExecCreate)
+    async def exec_create(p: ExecCreate, ctx: CallContext) -> Any:
+        process = parse(ProcessSpec, p.process)
+        return await ops.exec_create(d, p.pod, p.container, process, p.exec_id)
+
+    @add("exec.start", ExecRef)
+    async def exec_start(p: ExecRef, ctx: CallContext) -> Any:
+        return await ops.exec_start(d, p.pod, p.exec_id)
+
+    @add("exec.inspect", ExecRef)
+    async def exec_inspect(p: ExecRef, ctx: CallContext) -> Any:
+        return ops.exec_inspect(d, p.pod, p.exec_id)
+
+    @add("events.subscribe", Empty)
+    async def events_subscribe(p: Empty, ctx: CallContext) -> Any:
+        await d.tg.start(functools.partial(_forward_events, d, ctx))
+        return {"subscribed": True}
+
+    return table
+
+
+async def _forward_events(
+    d: Daemon, ctx: CallContext, *, task_status: anyio.abc.TaskStatus[None]
+) -> None:
+    """Push every event to the subscriber as an ``event`` notification until it goes away."""
+    async with d.bus.subscribe() as events, anyio.create_task_group() as tg:
+        task_status.started()
+
+        async def until_closed() -> None:
+            await ctx.wait_closed()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(until_closed)
+        async for event in events:
+            if not ctx.notify("event", event):
+                break
+        tg.cancel_scope.cancel()

@@ -1,0 +1,301 @@
+"""Container and exec operations of the RPC API (``container.*``, ``exec.*``).
+
+Two phases, as in containerd: ``create`` hands out an I/O token and the proxy URL (the shim
+claims the token with ConnectShim) and sends nothing to the agent; ``start`` makes the mounts and
+sends ``newcontainer`` / ``execcmd`` carrying that token. The proxy holds that command until the
+shim has connected, so a caller must claim the token before (or while) it calls ``start``.
+
+Every function takes the :class:`~hyperd.daemon.service.Daemon` and validated parameters, and
+raises :class:`hyperd.errors.HyperdError` subclasses whose message names the object.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal as signal_module
+from typing import Any
+
+import anyio
+
+from hyperd.daemon import bridge
+from hyperd.daemon.model import (
+    ContainerRecord,
+    ContainerState,
+    ExecRecord,
+    ExecState,
+    PodRecord,
+    check_container_transition,
+    check_pod_transition,
+    container_view,
+)
+from hyperd.daemon.service import Daemon
+from hyperd.errors import AlreadyExists, InvalidParams, InvalidState, NotFound
+from hyperd.spec import DeviceSpec, MountSpec, ProcessSpec, ResourcesSpec, RootfsSpec, validate_id
+
+log = logging.getLogger(__name__)
+
+EXEC_ID_BYTES = 6  # random hex bytes in a generated exec id
+MAX_SIGNAL = 64  # signals 1..64 (SIGRTMAX) exist on Linux
+
+
+def get_container(pod: PodRecord, cid: object) -> ContainerRecord:
+    """The container ``cid`` of ``pod``; ``InvalidParams`` for a bad id, ``NotFound`` if absent."""
+    cid = validate_id("container", cid)
+    c = pod.containers.get(cid)
+    if c is None:
+        raise NotFound(f"container {cid!r} not found in pod {pod.id!r}", pod=pod.id, container=cid)
+    return c
+
+
+def parse_signal(value: int | str) -> int:
+    """A signal number from ``9``, ``"9"``, ``"KILL"`` or ``"SIGKILL"``; ``InvalidParams``."""
+    if isinstance(value, str):
+        name = value.strip().upper()
+        if name.isdigit():
+            value = int(name)
+        else:
+            if not name.startswith("SIG"):
+                name = "SIG" + name
+            try:
+                return int(signal_module.Signals[name])
+            except KeyError:
+                raise InvalidParams(f"invalid signal {value!r}", field="signal") from None
+    if not 1 <= value <= MAX_SIGNAL:
+        raise InvalidParams(f"invalid signal {value!r}: must be 1..{MAX_SIGNAL}", field="signal")
+    return value
+
+
+def _check_rootfs(rootfs: RootfsSpec) -> None:
+    if rootfs.path is not None and not os.path.isdir(rootfs.path):
+        raise InvalidParams(
+            f"invalid rootfs.path {rootfs.path!r}: not a directory", field="rootfs.path"
+        )
+
+
+async def container_create(
+    d: Daemon,
+    pod_id: object,
+    cid: object,
+    *,
+    rootfs: RootfsSpec,
+    process: ProcessSpec,
+    mounts: list[MountSpec],
+    devices: list[DeviceSpec],
+    resources: ResourcesSpec | None,
+    bind_mount_dev: bool,
+    shim_pid: int | None,
+) -> dict[str, Any]:
+    """Record a container and hand out its I/O token; the agent is not told yet."""
+    pod = d.get_pod(pod_id)
+    cid = validate_id("container", cid)
+    check_pod_transition(pod, "use")
+    if cid in pod.containers:
+        raise AlreadyExists(f"container {cid!r} already exists in pod {pod.id!r}",
+                            pod=pod.id, container=cid)
+    _check_rootfs(rootfs)
+    if shim_pid is not None and shim_pid <= 0:
+        raise InvalidParams(f"invalid shim_pid {shim_pid!r}", field="shim_pid")
+    link = d.link_of(pod)
+    token = (await bridge.tokens(pod, link, 1))[0]
+    if cid in pod.containers:  # created concurrently while we waited for the token
+        raise AlreadyExists(f"container {cid!r} already exists in pod {pod.id!r}",
+                            pod=pod.id, container=cid)
+    c = ContainerRecord(
+        id=cid,
+        rootfs=rootfs,
+        process=process,
+        token=token,
+        mounts=list(mounts),
+        devices=list(devices),
+        resources=resources,
+        bind_mount_dev=bind_mount_dev,
+        shim_pid=shim_pid,
+    )
+    pod.containers[cid] = c
+    await d.save(pod)
+    d.publish("container", pod, str(c.state), container=cid)
+    return {"id": cid, "token": token, "proxy_url": pod.proxy_url, "state": str(c.state)}
+
+
+async def container_start(d: Daemon, pod_id: object, cid: object) -> dict[str, Any]:
+    """Bind-mount the rootfs and volumes, then ``newcontainer`` with the container's token.
+
+    On any failure every mount made for the container is undone.
+    """
+    pod = d.get_pod(pod_id)
+    c = get_container(pod, cid)
+    async with d.rt(pod).container_lock(c.id):
+        check_pod_transition(pod, "use")
+        check_container_transition(pod, c, "start")
+        link = d.link_of(pod)
+        made, layout = await bridge.mount_container(pod, c)
+        c.mounts_made = made
+        await d.save(pod)  # a crash from here on leaves a record of what to unmount
+        try:
+            message = bridge.container_message(pod, c, layout)
+            await bridge.call(pod, link, "newcontainer", message, tokens=[c.token])
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await bridge.unmount_container(pod, c)
+                c.mounts_made = []
+                await d.save(pod)
+            raise
+        c.state = ContainerState.RUNNING
+        await d.save(pod)
+    d.publish("container", pod, str(c.state), container=c.id)
+    return container_view(pod, c)
+
+
+async def container_stop(d: Daemon, pod_id: object, cid: object) -> dict[str, Any]:
+    """``removecontainer`` (unless the agent freed it already), then undo its mounts."""
+    pod = d.get_pod(pod_id)
+    c = get_container(pod, cid)
+    async with d.rt(pod).container_lock(c.id):
+        check_pod_transition(pod, "use")
+        check_container_transition(pod, c, "stop")
+        if c.state == ContainerState.RUNNING:
+            link = d.link_of(pod)
+            await bridge.call(pod, link, "removecontainer", bridge.remove_message(c))
+        with anyio.CancelScope(shield=True):
+            await bridge.unmount_container(pod, c)
+            c.mounts_made = []
+            c.state = ContainerState.STOPPED
+            for e in pod.execs.values():
+                if e.container == c.id:
+                    e.state = ExecState.EXITED
+            await d.save(pod)
+    d.publish("container", pod, str(c.state), container=c.id)
+    return container_view(pod, c)
+
+
+async def container_kill(
+    d: Daemon, pod_id: object, cid: object, signal: int | str, all_processes: bool
+) -> dict[str, Any]:
+    """Signal the container: ``killcontainer`` once started, the shim's pid before that."""
+    pod = d.get_pod(pod_id)
+    c = get_container(pod, cid)
+    signum = parse_signal(signal)
+    check_pod_transition(pod, "use")
+    check_container_transition(pod, c, "kill")
+    if c.state == ContainerState.CREATED:
+        if c.shim_pid is None:
+            raise InvalidState(
+                f"container {c.id!r} of pod {pod.id!r} is not started and has no shim_pid to "
+                "signal",
+                pod=pod.id,
+                container=c.id,
+                state=str(c.state),
+            )
+        try:
+            os.kill(c.shim_pid, signum)
+        except ProcessLookupError:
+            raise NotFound(
+                f"shim pid {c.shim_pid} of container {c.id!r} does not exist",
+                pod=pod.id, container=c.id,
+            ) from None
+        return {"id": c.id, "signal": signum, "target": "shim"}
+    link = d.link_of(pod)
+    await bridge.call(pod, link, "killcontainer", bridge.kill_message(c, signum, all_processes))
+    return {"id": c.id, "signal": signum, "target": "agent"}
+
+
+async def container_ps(
+    d: Daemon, pod_id: object, cid: object, fmt: str, args: list[str]
+) -> dict[str, Any]:
+    """``pscontainer``: the agent's process listing as text."""
+    pod = d.get_pod(pod_id)
+    c = get_container(pod, cid)
+    check_pod_transition(pod, "use")
+    check_container_transition(pod, c, "ps")
+    link = d.link_of(pod)
+    reply = await bridge.call(pod, link, "pscontainer", bridge.ps_message(pod, c, fmt, args))
+    return {"output": bridge.decode_ps(reply)}
+
+
+def container_list(d: Daemon, pod_id: object) -> dict[str, Any]:
+    pod = d.get_pod(pod_id)
+    return {"containers": [container_view(pod, c) for c in pod.containers.values()]}
+
+
+def container_inspect(d: Daemon, pod_id: object, cid: object) -> dict[str, Any]:
+    pod = d.get_pod(pod_id)
+    return container_view(pod, get_container(pod, cid))
+
+
+async def exec_create(
+    d: Daemon, pod_id: object, cid: object, process: ProcessSpec, exec_id: str | None
+) -> dict[str, Any]:
+    """Record an exec process in a running container and hand out its token."""
+    pod = d.get_pod(pod_id)
+    c = get_container(pod, cid)
+    check_pod_transition(pod, "use")
+    check_container_transition(pod, c, "exec")
+    eid = validate_id("exec_id", exec_id) if exec_id is not None else _new_exec_id(pod)
+    if eid in pod.execs:
+        raise AlreadyExists(f"exec {eid!r} already exists in pod {pod.id!r}",
+                            pod=pod.id, exec_id=eid)
+    link = d.link_of(pod)
+    token = (await bridge.tokens(pod, link, 1))[0]
+    if eid in pod.execs:
+        raise AlreadyExists(f"exec {eid!r} already exists in pod {pod.id!r}",
+                            pod=pod.id, exec_id=eid)
+    e = ExecRecord(id=eid, container=c.id, process=process, token=token)
+    pod.execs[eid] = e
+    await d.save(pod)
+    d.publish("exec", pod, str(e.state), container=c.id, exec_id=eid)
+    return {"exec_id": eid, "token": token, "proxy_url": pod.proxy_url, "state": str(e.state)}
+
+
+def _new_exec_id(pod: PodRecord) -> str:
+    while True:
+        eid = "exec-" + secrets.token_hex(EXEC_ID_BYTES)
+        if eid not in pod.execs:
+            return eid
+
+
+def get_exec(pod: PodRecord, exec_id: object) -> ExecRecord:
+    eid = validate_id("exec_id", exec_id)
+    e = pod.execs.get(eid)
+    if e is None:
+        raise NotFound(f"exec {eid!r} not found in pod {pod.id!r}", pod=pod.id, exec_id=eid)
+    return e
+
+
+async def exec_start(d: Daemon, pod_id: object, exec_id: object) -> dict[str, Any]:
+    """``execcmd`` with the exec's token."""
+    pod = d.get_pod(pod_id)
+    e = get_exec(pod, exec_id)
+    c = get_container(pod, e.container)
+    check_pod_transition(pod, "use")
+    check_container_transition(pod, c, "exec")
+    if e.state != ExecState.CREATED:
+        raise InvalidState(
+            f"exec {e.id!r} of pod {pod.id!r} is {e.state}: cannot start it (needs created)",
+            pod=pod.id, exec_id=e.id, state=str(e.state),
+        )
+    e.state = ExecState.RUNNING  # claimed before the await: a second start is refused
+    try:
+        link = d.link_of(pod)
+        await bridge.call(pod, link, "execcmd", bridge.exec_message(pod, c, e), tokens=[e.token])
+    except BaseException:
+        e.state = ExecState.CREATED
+        raise
+    await d.save(pod)
+    d.publish("exec", pod, str(e.state), container=c.id, exec_id=e.id)
+    return {"exec_id": e.id, "container": c.id, "state": str(e.state)}
+
+
+def exec_inspect(d: Daemon, pod_id: object, exec_id: object) -> dict[str, Any]:
+    pod = d.get_pod(pod_id)
+    e = get_exec(pod, exec_id)
+    return {
+        "exec_id": e.id,
+        "container": e.container,
+        "state": str(e.state),
+        "args": list(e.process.args),
+        "exit_status": e.exit_status,
+        "token": e.token,
+        "proxy_url": pod.proxy_url,
+    }

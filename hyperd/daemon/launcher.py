@@ -1,0 +1,144 @@
+"""Starting, watching and stopping the helper processes of a pod (simulated VM, per-pod proxy).
+
+Processes are started in their own session (so a terminal's ^C or a daemon restart does not
+reach them) with the write end of a pipe passed as ``--ready-fd``; :func:`launch` returns once
+the program wrote ``ready\\n`` on it, or raises :class:`hyperd.errors.Timeout` /
+:class:`hyperd.errors.VMUnavailable` (the program exited first) after killing it.
+
+A started process is known by a :class:`~hyperd.daemon.model.ProcessRef` (pid + start time), so
+it can be re-adopted after a daemon restart and a reused pid is never signalled by mistake.
+:func:`wait_exit` waits on a pidfd, which works for adopted processes that are not our children.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import anyio
+
+from hyperd import procs
+from hyperd.daemon.model import ProcessRef
+from hyperd.errors import Timeout, VMUnavailable
+
+log = logging.getLogger(__name__)
+
+READY_LINE = b"ready\n"
+STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL when stopping a helper process
+
+
+def is_alive(ref: ProcessRef) -> bool:
+    """Whether the process ``ref`` names still runs (same pid *and* same start time)."""
+    return procs.is_same_process(procs.ProcessIdentity(ref.pid, ref.start_time))
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def python_module_argv(module: str) -> list[str]:
+    """``[sys.executable, "-m", module]``: runs our own programs without an install."""
+    return [sys.executable, "-m", module]
+
+
+async def launch(argv: Sequence[str], *, what: str, deadline: float) -> ProcessRef:
+    """Start ``argv + ["--ready-fd", N]`` and wait until it reports ready.
+
+    Raises ``Timeout`` if it is not ready within ``deadline`` seconds, ``VMUnavailable`` if it
+    exits (or closes the pipe) before that; in both cases the process is killed first.
+    """
+    read_fd, write_fd = os.pipe()
+    full = [*argv, "--ready-fd", str(write_fd)]
+    try:
+        # a plain Popen, not anyio's process: the helper must outlive this event loop (it is
+        # re-adopted by pid after a daemon restart); the fork itself does not block
+        proc = subprocess.Popen(  # noqa: ASYNC220
+            full,
+            pass_fds=(write_fd,),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        os.close(read_fd)
+        os.close(write_fd)
+        raise VMUnavailable(f"cannot start {what}: {exc}") from None
+    os.close(write_fd)
+    ref = ProcessRef(pid=proc.pid, start_time=procs.start_time(proc.pid) or 0, argv=full)
+    try:
+        line = b""
+        with anyio.fail_after(deadline):
+            while not line.endswith(b"\n"):
+                await anyio.wait_readable(read_fd)
+                chunk = os.read(read_fd, 64)
+                if not chunk:
+                    break
+                line += chunk
+    except TimeoutError:
+        await terminate(ref)
+        raise Timeout(f"{what} was not ready within {deadline:g} s") from None
+    except BaseException:
+        await terminate(ref)
+        raise
+    finally:
+        os.close(read_fd)
+    if line != READY_LINE:
+        await terminate(ref)
+        status = proc.poll()
+        raise VMUnavailable(
+            f"{what} exited before it was ready"
+            + (f" (status {status})" if status is not None else f" (wrote {line!r})")
+        )
+    log.info("started %s pid %d", what, proc.pid)
+    return ref
+
+
+async def wait_exit(ref: ProcessRef) -> None:
+    """Return when the process ``ref`` names has exited (at once if it is gone already)."""
+    if not is_alive(ref):
+        _reap(ref.pid)
+        return
+    try:
+        pidfd = os.pidfd_open(ref.pid)
+    except OSError:
+        _reap(ref.pid)
+        return
+    try:
+        if procs.start_time(ref.pid) == ref.start_time:
+            await anyio.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+        _reap(ref.pid)
+
+
+def signal_process(ref: ProcessRef, signum: int) -> bool:
+    """Send ``signum`` to ``ref`` if it is still the same process; returns whether it was sent."""
+    if not is_alive(ref):
+        return False
+    try:
+        os.kill(ref.pid, signum)
+    except OSError as exc:
+        if exc.errno != errno.ESRCH:
+            raise
+        return False
+    return True
+
+
+async def terminate(ref: ProcessRef, grace: float = STOP_GRACE) -> None:
+    """SIGTERM ``ref``, SIGKILL it after ``grace`` seconds, and wait until it is gone."""
+    if not signal_process(ref, signal.SIGTERM):
+        _reap(ref.pid)
+        return
+    with anyio.move_on_after(grace, shield=True):
+        await wait_exit(ref)
+        return
+    log.warning("pid %d ignored SIGTERM for %g s; killing it", ref.pid, grace)
+    signal_process(ref, signal.SIGKILL)
+    with anyio.move_on_after(grace, shield=True):
+        await wait_exit(ref)

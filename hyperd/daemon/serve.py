@@ -1,0 +1,115 @@
+"""The service lifecycle: load state, re-adopt pods, serve the RPC socket, shut down cleanly.
+
+:func:`serve` runs in one root task group. Start-up: create the directories, load the persisted
+pods and re-attach to the running ones, listen (a socket passed by systemd, or a fresh one),
+then ``READY=1``. Shutdown (SIGTERM/SIGINT, or the injectable ``shutdown`` event for tests):
+``STOPPING=1``, stop accepting and drain the RPC server, then either leave every pod running
+(default: VMs and proxies survive a daemon restart) or stop them (``stop_pods_on_exit``).
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+import anyio
+import anyio.abc
+
+from hyperd import notify
+from hyperd.config import Config
+from hyperd.daemon.api import build_methods
+from hyperd.daemon.service import Daemon
+from hyperd.rpc.access import AccessPolicy
+from hyperd.rpc.listeners import create_unix_listener, listener_from_socket
+from hyperd.rpc.server import RPCServer
+from hyperd.store import StateStore
+
+log = logging.getLogger(__name__)
+
+DIR_MODE = 0o755  # base, run and shared dirs: traversable; sockets and state guard themselves
+STATE_DIR_MODE = 0o700
+
+
+def group_id(group: str | int | None) -> int | None:
+    """The gid of the configured RPC group (a name or a number)."""
+    if group is None or group == "":
+        return None
+    if isinstance(group, int):
+        return group
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"rpc.group: no group named {group!r}") from None
+
+
+def make_dirs(config: Config) -> None:
+    for path in (config.base_dir, config.run_dir, config.shared_root):
+        Path(path).mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    Path(config.state_dir).mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
+
+
+async def _wait_for_signal(shutdown: anyio.Event) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s: shutting down", signal.Signals(signum).name)
+            shutdown.set()
+            return
+
+
+async def _report_status(daemon: Daemon) -> None:
+    async with daemon.bus.subscribe() as events:
+        async for _ in events:
+            notify.status(daemon.status_line())
+
+
+async def serve(
+    config: Config,
+    *,
+    stop_pods_on_exit: bool | None = None,
+    activated: list[socket.socket] | None = None,
+    shutdown: anyio.Event | None = None,
+    task_status: anyio.abc.TaskStatus[Daemon] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the daemon until SIGTERM/SIGINT or ``shutdown`` is set.
+
+    ``activated``: sockets passed by systemd (read with :func:`hyperd.notify.listen_fds` before
+    the event loop started); the first one is served instead of ``config.rpc.socket``.
+    """
+    stop_pods = config.stop_pods_on_exit if stop_pods_on_exit is None else stop_pods_on_exit
+    shutdown = shutdown or anyio.Event()
+    make_dirs(config)
+    store = StateStore(config.state_dir)
+    async with anyio.create_task_group() as tg:
+        daemon = Daemon(config, store, tg)
+        problems = await daemon.load()
+        for problem in problems:
+            log.error("state: %s", problem)
+        gid = group_id(config.rpc.group)
+        server = RPCServer(build_methods(daemon), access=AccessPolicy(group_gid=gid))
+        if activated:
+            listener = await listener_from_socket(activated[0])
+            where = "socket-activated fd"
+        else:
+            listener = await create_unix_listener(
+                config.rpc.socket, mode=config.rpc.file_mode(), gid=gid
+            )
+            where = config.rpc.socket
+        await tg.start(server.serve, listener)
+        tg.start_soon(_wait_for_signal, shutdown)
+        tg.start_soon(notify.watchdog_task)
+        tg.start_soon(_report_status, daemon)
+        log.info("serving on %s (pid %d): %s", where, os.getpid(), daemon.status_line())
+        notify.ready(daemon.status_line())
+        task_status.started(daemon)
+        await shutdown.wait()
+        notify.stopping()
+        await server.shutdown()
+        await daemon.shutdown(stop_pods=stop_pods)
+        log.info("stopped (%s)", "pods stopped" if stop_pods else "pods left running")
+        tg.cancel_scope.cancel()

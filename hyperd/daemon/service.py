@@ -1,0 +1,639 @@
+"""The daemon's core: the pod registry, the pod lifecycle and each pod's VM link.
+
+:class:`Daemon` owns every :class:`~hyperd.daemon.model.PodRecord` (persisted through
+:class:`hyperd.store.StateStore` after every change), the helper processes it started for each pod
+(simulated VM, per-pod proxy), and one long-lived *link task* per running pod that keeps the VM's
+proxy connection open, watches the helper processes, and turns what the VM reports on its own
+(VM lost, process exited) into state changes and events.
+
+Concurrency: lifecycle operations on a pod (start, stop, delete) hold the pod's lock; operations
+on one container hold that container's lock; everything else (ps, kill, exec, list) runs
+concurrently, and the VM's command queue orders the agent commands.
+
+Container and exec operations live in :mod:`hyperd.daemon.containers`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import msgspec
+
+from hyperd import __version__ as HYPERD_VERSION
+from hyperd.config import Config
+from hyperd.daemon import bridge, launcher
+from hyperd.daemon.events import EventBus
+from hyperd.daemon.model import (
+    ContainerState,
+    ExecState,
+    PodRecord,
+    PodState,
+    ProcessRef,
+    ProxySpec,
+    VMSpec,
+    check_pod_transition,
+    pod_summary,
+    pod_view,
+)
+from hyperd.daemon.vmlink import AgentLink, LinkControl, LinkEvent, detect_dialect, open_link
+from hyperd.errors import (
+    AlreadyExists,
+    HyperdError,
+    InvalidParams,
+    NotFound,
+    VMUnavailable,
+)
+from hyperd.spec import validate_id
+from hyperd.store import StateStore
+
+log = logging.getLogger(__name__)
+
+STORE_KIND = "pods"
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes including the NUL
+DEFAULT_SHARE_TAG = "hyperShared"  # the VM's 9p mount tag, as in the seed
+MAX_HOSTNAME = 64  # hyperstart truncates longer hostnames; the seed cuts them first
+TEST_RECORD_ENV = "HYPERD_TEST_SIM_RECORD_DIR"  # test hook: sims record ctl commands there
+
+
+@dataclass
+class PodRuntime:
+    """What hyperd holds for a pod beyond its record: locks, the VM link and its task."""
+
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+    container_locks: dict[str, anyio.Lock] = field(default_factory=dict)
+    link: AgentLink | None = None
+    control: LinkControl | None = None
+    stop_link: anyio.Event = field(default_factory=anyio.Event)
+    link_done: anyio.Event | None = None
+    stopping: bool = False
+
+    def container_lock(self, cid: str) -> anyio.Lock:
+        return self.container_locks.setdefault(cid, anyio.Lock())
+
+
+class Daemon:
+    """Pods, containers and exec processes, and the operations of the RPC API on them."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: StateStore,
+        task_group: anyio.abc.TaskGroup,
+        bus: EventBus | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.tg = task_group
+        self.bus = bus or EventBus()
+        self.pods: dict[str, PodRecord] = {}
+        self.runtime: dict[str, PodRuntime] = {}
+        self._save_locks: dict[str, anyio.Lock] = {}
+        self._encoder = msgspec.json.Encoder()
+        self._decoder = msgspec.json.Decoder(PodRecord)
+
+    # ---- registry and persistence -------------------------------------------------------
+
+    def get_pod(self, pod_id: object) -> PodRecord:
+        """The pod ``pod_id``; raises ``InvalidParams`` for a bad id, ``NotFound`` if unknown."""
+        pid = validate_id("pod", pod_id)
+        pod = self.pods.get(pid)
+        if pod is None:
+            raise NotFound(f"pod {pid!r} not found", pod=pid)
+        return pod
+
+    def rt(self, pod: PodRecord) -> PodRuntime:
+        return self.runtime.setdefault(pod.id, PodRuntime())
+
+    async def save(self, pod: PodRecord) -> None:
+        """Persist ``pod`` as it is now (atomic; saves of one pod never reorder)."""
+        lock = self._save_locks.setdefault(pod.id, anyio.Lock())
+        async with lock:
+            if pod.id not in self.pods:
+                return
+            snapshot = self._decoder.decode(self._encoder.encode(pod))
+            await anyio.to_thread.run_sync(self.store.save, STORE_KIND, pod.id, snapshot)
+
+    async def forget(self, pod: PodRecord) -> None:
+        lock = self._save_locks.setdefault(pod.id, anyio.Lock())
+        async with lock:
+            self.pods.pop(pod.id, None)
+            self.runtime.pop(pod.id, None)
+            await anyio.to_thread.run_sync(self.store.delete, STORE_KIND, pod.id)
+        self._save_locks.pop(pod.id, None)
+
+    def publish(self, kind: str, pod: PodRecord, state: str, **fields: Any) -> None:
+        self.bus.publish(kind, pod.id, state, **fields)
+
+    def status_line(self) -> str:
+        """A one-line summary (sd_notify STATUS=)."""
+        running = sum(1 for p in self.pods.values() if p.state == PodState.RUNNING)
+        containers = sum(
+            1
+            for p in self.pods.values()
+            for c in p.containers.values()
+            if c.state == ContainerState.RUNNING
+        )
+        return f"{len(self.pods)} pods ({running} running), {containers} running containers"
+
+    # ---- hyperd.* -------------------------------------------------------------------------
+
+    def version(self) -> dict[str, Any]:
+        return {"version": HYPERD_VERSION, "api": 1, "dialects": ["cc", "hyper"]}
+
+    def health(self) -> dict[str, Any]:
+        states: dict[str, int] = {}
+        for p in self.pods.values():
+            states[str(p.state)] = states.get(str(p.state), 0) + 1
+        unreachable = sorted(p.id for p in self.pods.values() if p.state == PodState.UNREACHABLE)
+        return {
+            "status": "degraded" if unreachable else "ok",
+            "pods": states,
+            "unreachable": unreachable,
+            "subscribers": self.bus.subscribers,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        vms: dict[str, Any] = {}
+        for pid, rt in self.runtime.items():
+            if rt.link is not None:
+                vms[pid] = rt.link.statistics()
+        return {"vms": vms}
+
+    # ---- pod.create / list / inspect / delete -----------------------------------------------
+
+    def _pod_paths(self, pod_id: str) -> str:
+        run = os.path.join(self.config.run_dir, pod_id)
+        if len(os.path.join(run, "proxy.sock")) > MAX_SOCKET_PATH:
+            raise InvalidParams(
+                f"pod {pod_id!r}: socket paths under {self.config.run_dir} would exceed "
+                f"{MAX_SOCKET_PATH} bytes; use a shorter id or run_dir",
+                field="id",
+            )
+        return run
+
+    def _share_dir(self, pod_id: str, requested: str | None) -> str:
+        root = os.path.realpath(self.config.shared_root)
+        if requested is None:
+            return os.path.join(root, pod_id)
+        if not os.path.isabs(requested) or "\x00" in requested:
+            raise InvalidParams(
+                f"invalid share_dir {requested!r}: must be an absolute path", field="share_dir"
+            )
+        real = os.path.realpath(requested)
+        if os.path.commonpath([root, real]) != root or real == root:
+            raise InvalidParams(
+                f"invalid share_dir {requested!r}: must be inside the shared root {root}",
+                field="share_dir",
+            )
+        validate_id("share_dir", os.path.basename(real))
+        return real
+
+    async def pod_create(
+        self,
+        pod_id: str,
+        *,
+        hostname: str | None,
+        vm: VMSpec | None,
+        proxy: ProxySpec | None,
+        netns: str | None,
+        share_dir: str | None,
+        share_tag: str | None,
+        agent_dialect: str | None,
+    ) -> dict[str, Any]:
+        """Record a new pod (state ``created``); nothing is started yet."""
+        pid = validate_id("pod", pod_id)
+        if pid in self.pods:
+            raise AlreadyExists(f"pod {pid!r} already exists", pod=pid)
+        vm = vm or VMSpec(backend=self.config.vm.backend)
+        if vm.backend == "external" and not (vm.ctl and vm.tty):
+            raise InvalidParams(
+                f"pod {pid!r}: an external VM needs vm.ctl and vm.tty socket paths", field="vm"
+            )
+        if vm.backend == "sim" and (vm.ctl or vm.tty or vm.console):
+            raise InvalidParams(
+                f"pod {pid!r}: vm.ctl/tty/console are for external VMs only", field="vm"
+            )
+        for name in ("ctl", "tty", "console"):
+            path = getattr(vm, name)
+            if path is not None and (not path.startswith("/") or "\x00" in path):
+                raise InvalidParams(f"invalid vm.{name} {path!r}: must be an absolute path")
+        proxy = proxy or ProxySpec(mode=self.config.proxy.mode, url=self.config.proxy.url or None)
+        if proxy.mode == "system":
+            url = proxy.url or self.config.proxy.url
+            if not url or not url.startswith("unix://"):
+                raise InvalidParams(
+                    f"pod {pid!r}: system proxy mode needs a unix:// url, got {url!r}",
+                    field="proxy.url",
+                )
+            proxy = ProxySpec(mode="system", url=url)
+        if netns is not None and (not netns.startswith("/") or "\x00" in netns):
+            raise InvalidParams(f"invalid netns {netns!r}: must be an absolute path")
+        tag = share_tag or DEFAULT_SHARE_TAG
+        if not tag.isprintable() or len(tag) > MAX_HOSTNAME:
+            raise InvalidParams(f"invalid share_tag {tag!r}", field="share_tag")
+        run = self._pod_paths(pid)
+        pod = PodRecord(
+            id=pid,
+            hostname=(hostname if hostname is not None else pid)[:MAX_HOSTNAME],
+            vm=vm,
+            proxy=proxy,
+            netns=netns,
+            share_dir=self._share_dir(pid, share_dir),
+            share_tag=tag,
+            agent_dialect=agent_dialect,
+            run_dir=run,
+            ctl_path=vm.ctl or os.path.join(run, "ctl.sock"),
+            tty_path=vm.tty or os.path.join(run, "tty.sock"),
+            proxy_url=proxy.url if proxy.mode == "system" and proxy.url else "",
+        )
+        self.pods[pid] = pod
+        self.runtime[pid] = PodRuntime()
+        await self.save(pod)
+        self.publish("pod", pod, str(pod.state))
+        log.info("pod created", extra={"pod": pid})
+        return pod_view(pod)
+
+    def pod_list(self) -> dict[str, Any]:
+        return {"pods": [pod_summary(p) for p in sorted(self.pods.values(), key=lambda p: p.id)]}
+
+    def pod_inspect(self, pod_id: object) -> dict[str, Any]:
+        return pod_view(self.get_pod(pod_id))
+
+    async def pod_delete(self, pod_id: object) -> dict[str, Any]:
+        """Forget a pod that is not running; removes its share and run directories."""
+        pod = self.get_pod(pod_id)
+        async with self.rt(pod).lock:
+            check_pod_transition(pod, "delete")
+            await bridge.cleanup_pod(pod)
+            await anyio.to_thread.run_sync(_remove_dirs, pod)
+            await self.forget(pod)
+        self.bus.publish("pod", pod.id, "deleted")
+        log.info("pod deleted", extra={"pod": pod.id})
+        return {"id": pod.id, "state": "deleted"}
+
+    # ---- pod.start --------------------------------------------------------------------------
+
+    async def pod_start(self, pod_id: object) -> dict[str, Any]:
+        """Start the pod's VM and proxy (when hyperd runs them), connect, and send STARTPOD."""
+        pod = self.get_pod(pod_id)
+        rt = self.rt(pod)
+        async with rt.lock:
+            check_pod_transition(pod, "start")
+            try:
+                await self._start_locked(pod, rt)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._teardown(pod, rt, unregister=True)
+                    pod.state = PodState.STOPPED if pod.dialect else PodState.CREATED
+                    await self.save(pod)
+                raise
+        self.publish("pod", pod, str(pod.state))
+        log.info("pod started", extra={"pod": pod.id})
+        return pod_view(pod)
+
+    async def _start_locked(self, pod: PodRecord, rt: PodRuntime) -> None:
+        network = await bridge.discover_network(pod.netns) if pod.netns else None
+        await anyio.to_thread.run_sync(_make_dirs, pod)
+        deadline = self.config.timeouts.ready
+        if pod.vm.backend == "sim":
+            argv = [*self._sim_command(), "--ctl", pod.ctl_path, "--tty", pod.tty_path]
+            argv += ["--share", pod.share_dir]
+            if pod.vm.dialect:
+                argv += ["--dialect", pod.vm.dialect]
+            if pod.netns:
+                argv += ["--netns", pod.netns]
+            record_dir = os.environ.get(TEST_RECORD_ENV)
+            if record_dir:
+                argv += ["--record", os.path.join(record_dir, f"{pod.id}.jsonl")]
+            pod.vm_process = await launcher.launch(
+                argv, what=f"simulated VM of pod {pod.id!r}", deadline=deadline
+            )
+            await self.save(pod)
+        if pod.proxy.mode == "pod":
+            sock = os.path.join(pod.run_dir, "proxy.sock")
+            pod.proxy_url = f"unix://{sock}"
+            argv = [*self._proxy_command(), "--uri", pod.proxy_url]
+            if pod.agent_dialect:
+                argv += ["--agent-dialect", pod.agent_dialect]
+            pod.proxy_process = await launcher.launch(
+                argv, what=f"proxy of pod {pod.id!r}", deadline=deadline
+            )
+            await self.save(pod)
+        link = await self._open_link(pod, rt, attach=False)
+        pod.proxy_url = link.proxy_url
+        await self.save(pod)
+        pod.dialect = pod.agent_dialect or await detect_dialect(link)
+        message = bridge.pod_message(pod, network)
+        await bridge.call(pod, link, "startpod", message)
+        pod.state = PodState.RUNNING
+        pod.reason = ""
+        await self.save(pod)
+
+    def _sim_command(self) -> list[str]:
+        return list(self.config.vm.sim_command) or launcher.python_module_argv("hyperd.sim")
+
+    def _proxy_command(self) -> list[str]:
+        return list(self.config.proxy.command) or launcher.python_module_argv("hyperd.proxy")
+
+    # ---- the link task ----------------------------------------------------------------------
+
+    async def _open_link(self, pod: PodRecord, rt: PodRuntime, *, attach: bool) -> AgentLink:
+        rt.stop_link = anyio.Event()
+        rt.link_done = anyio.Event()
+        rt.stopping = False
+        try:
+            link: AgentLink = await self.tg.start(
+                functools.partial(self._link_task, pod, rt, attach)
+            )
+        except BaseException:
+            rt.link_done.set()
+            raise
+        return link
+
+    async def _link_task(
+        self,
+        pod: PodRecord,
+        rt: PodRuntime,
+        attach: bool,
+        *,
+        task_status: anyio.abc.TaskStatus[AgentLink],
+    ) -> None:
+        started = False
+        done = rt.link_done
+        try:
+            on_event = functools.partial(self._on_link_event, pod)
+            async with open_link(pod, self.config, attach=attach, on_event=on_event) as (
+                link,
+                control,
+            ):
+                rt.link, rt.control = link, control
+                task_status.started(link)
+                started = True
+                async with anyio.create_task_group() as watchers:
+                    for ref, what in ((pod.vm_process, "VM"), (pod.proxy_process, "proxy")):
+                        if ref is not None:
+                            watchers.start_soon(self._watch_process, pod, rt, ref, what)
+                    await rt.stop_link.wait()
+                    watchers.cancel_scope.cancel()
+        except Exception as exc:
+            if not started:
+                raise
+            log.error("VM link of pod %s failed: %s", pod.id, exc, extra={"pod": pod.id})
+            self._mark_unreachable(pod, f"VM link failed: {exc}")
+        finally:
+            rt.link = None
+            rt.control = None
+            if done is not None:
+                done.set()
+
+    async def _watch_process(
+        self, pod: PodRecord, rt: PodRuntime, ref: ProcessRef, what: str
+    ) -> None:
+        await launcher.wait_exit(ref)
+        if rt.stopping:
+            return
+        reason = f"the {what} process (pid {ref.pid}) of pod {pod.id!r} exited"
+        if rt.link is not None:
+            rt.link.mark_unreachable(reason)
+        self._mark_unreachable(pod, reason)
+
+    def _mark_unreachable(self, pod: PodRecord, reason: str) -> None:
+        if pod.state != PodState.RUNNING or self.pods.get(pod.id) is not pod:
+            return
+        pod.state = PodState.UNREACHABLE
+        pod.reason = reason
+        log.warning("pod unreachable: %s", reason, extra={"pod": pod.id, "reason": reason})
+        self.publish("vm", pod, "unreachable", reason=reason)
+        self.publish("pod", pod, str(pod.state), reason=reason)
+        self.tg.start_soon(self.save, pod)
+
+    def _on_link_event(self, pod: PodRecord, event: LinkEvent) -> None:
+        if event.kind == "unreachable":
+            self._mark_unreachable(pod, event.reason or "the VM stopped answering")
+        elif event.kind == "reachable":
+            self.publish("vm", pod, "reachable")
+            rt = self.runtime.get(pod.id)
+            helpers_alive = all(
+                launcher.is_alive(ref)
+                for ref in (pod.vm_process, pod.proxy_process)
+                if ref is not None
+            )
+            if pod.state == PodState.UNREACHABLE and helpers_alive and rt and not rt.stopping:
+                pod.state = PodState.RUNNING
+                pod.reason = ""
+                self.publish("pod", pod, str(pod.state))
+                self.tg.start_soon(self.save, pod)
+        elif event.kind == "process_exited":
+            self._process_exited(pod, event)
+
+    def _process_exited(self, pod: PodRecord, event: LinkEvent) -> None:
+        c = pod.containers.get(event.container)
+        if c is None:
+            return
+        for e in pod.execs.values():
+            if e.container == c.id and bridge.process_id_of_exec(e) == event.process:
+                e.state = ExecState.EXITED
+                e.exit_status = event.status
+                self.publish("exec", pod, str(e.state), container=c.id, exec_id=e.id,
+                             status=event.status)
+                break
+        else:
+            if event.process == bridge.process_id_of_init(c) and c.state == ContainerState.RUNNING:
+                # the hyperhq agent frees a container when its init exits (conformance #6)
+                c.state = ContainerState.EXITED
+                c.exit_status = event.status
+                self.publish("container", pod, str(c.state), container=c.id, status=event.status)
+        self.tg.start_soon(self.save, pod)
+
+    async def _close_link(self, rt: PodRuntime, *, unregister: bool) -> None:
+        rt.stopping = True
+        if rt.control is not None:
+            rt.control.unregister = unregister
+        rt.stop_link.set()
+        if rt.link_done is not None:
+            await rt.link_done.wait()
+
+    async def _teardown(self, pod: PodRecord, rt: PodRuntime, *, unregister: bool) -> None:
+        """Close the link, stop the helper processes hyperd started, undo every mount."""
+        await self._close_link(rt, unregister=unregister)
+        for attr in ("proxy_process", "vm_process"):
+            ref = getattr(pod, attr)
+            if ref is not None:
+                await launcher.terminate(ref)
+                setattr(pod, attr, None)
+        for c in pod.containers.values():
+            if c.mounts_made:
+                await bridge.unmount_container(pod, c)
+                c.mounts_made = []
+        await bridge.cleanup_pod(pod)
+        if pod.proxy.mode == "pod":
+            pod.proxy_url = ""
+        await anyio.to_thread.run_sync(_remove_sockets, pod)
+
+    # ---- pod.stop ---------------------------------------------------------------------------
+
+    async def pod_stop(self, pod_id: object) -> dict[str, Any]:
+        """DESTROYPOD, UnregisterVM, stop the proxy and VM hyperd started, undo every mount."""
+        pod = self.get_pod(pod_id)
+        rt = self.rt(pod)
+        async with rt.lock:
+            check_pod_transition(pod, "stop")
+            with anyio.CancelScope(shield=True):
+                await self._stop_locked(pod, rt)
+        self.publish("pod", pod, str(pod.state))
+        log.info("pod stopped", extra={"pod": pod.id})
+        return pod_view(pod)
+
+    async def _stop_locked(self, pod: PodRecord, rt: PodRuntime) -> None:
+        reachable = pod.state == PodState.RUNNING and rt.link is not None
+        if reachable and rt.link is not None:
+            try:
+                await bridge.call(pod, rt.link, "destroypod", None)
+            except HyperdError as exc:
+                reachable = not isinstance(exc, VMUnavailable)
+                log.warning("destroypod failed: %s", exc, extra={"pod": pod.id})
+        for c in pod.containers.values():
+            if c.state != ContainerState.STOPPED:
+                c.state = ContainerState.STOPPED
+                self.publish("container", pod, str(c.state), container=c.id)
+        for e in pod.execs.values():
+            e.state = ExecState.EXITED
+        await self._teardown(pod, rt, unregister=reachable)
+        pod.state = PodState.STOPPED
+        await self.save(pod)
+
+    async def shutdown(self, *, stop_pods: bool) -> None:
+        """Stop every pod (``stop_pods``) or just close their links, leaving them running."""
+        for pod in list(self.pods.values()):
+            rt = self.rt(pod)
+            with anyio.CancelScope(shield=True):
+                if stop_pods and pod.state in (PodState.RUNNING, PodState.UNREACHABLE):
+                    try:
+                        await self.pod_stop(pod.id)
+                    except HyperdError as exc:
+                        log.error("stopping pod failed: %s", exc, extra={"pod": pod.id})
+                else:
+                    await self._close_link(rt, unregister=False)
+
+    # ---- restart adoption -------------------------------------------------------------------
+
+    async def load(self) -> list[str]:
+        """Load persisted pods and re-adopt the running ones; returns the load problems."""
+        result = await anyio.to_thread.run_sync(self.store.load_all, STORE_KIND, PodRecord)
+        for pid, pod in sorted(result.records.items()):
+            self.pods[pid] = pod
+            self.runtime[pid] = PodRuntime()
+        for pod in list(self.pods.values()):
+            if pod.state in (PodState.RUNNING, PodState.UNREACHABLE):
+                await self._adopt(pod)
+            elif pod.state in (PodState.CREATED, PodState.STOPPED):
+                await self._reconcile_stopped(pod)
+        return result.problems
+
+    async def _reconcile_stopped(self, pod: PodRecord) -> None:
+        """A pod that was not running (or was caught mid-start by a crash): nothing may be left."""
+        share_left = await anyio.Path(pod.share_dir).exists()
+        if pod.vm_process or pod.proxy_process or share_left:
+            log.info("cleaning up after an interrupted operation", extra={"pod": pod.id})
+            await self._teardown(pod, self.rt(pod), unregister=False)
+            await self.save(pod)
+
+    async def _adopt(self, pod: PodRecord) -> None:
+        rt = self.rt(pod)
+        dead = [
+            ref
+            for ref in (pod.vm_process, pod.proxy_process)
+            if ref is not None and not launcher.is_alive(ref)
+        ]
+        if dead:
+            reason = f"helper process(es) {[r.pid for r in dead]} died while hyperd was down"
+            await self._reconcile_lost(pod, rt, reason)
+            return
+        try:
+            await self._open_link(pod, rt, attach=True)
+        except HyperdError as exc:
+            await self._reconcile_lost(pod, rt, f"cannot re-attach to the VM: {exc}")
+            return
+        for c in pod.containers.values():
+            if c.state == ContainerState.CREATED:
+                # a crash in the middle of container.start may have left its mounts
+                await bridge.unmount_container(pod, c)
+                c.mounts_made = []
+        pod.state = PodState.RUNNING
+        pod.reason = ""
+        await self.save(pod)
+        log.info("pod re-adopted", extra={"pod": pod.id})
+
+    async def _reconcile_lost(self, pod: PodRecord, rt: PodRuntime, reason: str) -> None:
+        log.warning("pod lost: %s", reason, extra={"pod": pod.id, "reason": reason})
+        await self._teardown(pod, rt, unregister=False)
+        for c in pod.containers.values():
+            c.state = ContainerState.STOPPED
+        pod.state = PodState.STOPPED
+        pod.reason = reason
+        await self.save(pod)
+        self.publish("pod", pod, str(pod.state), reason=reason)
+
+    def link_of(self, pod: PodRecord) -> AgentLink:
+        """The pod's VM link; raises ``VMUnavailable`` if the pod has none."""
+        link = self.rt(pod).link
+        if pod.state == PodState.UNREACHABLE:
+            raise VMUnavailable(f"pod {pod.id!r}: VM unreachable: {pod.reason}", pod=pod.id)
+        if link is None:
+            raise VMUnavailable(f"pod {pod.id!r}: no connection to its VM", pod=pod.id)
+        return link
+
+
+def _make_dirs(pod: PodRecord) -> None:
+    Path(pod.run_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    Path(pod.share_dir).mkdir(parents=True, exist_ok=True, mode=0o755)
+
+
+def _remove_sockets(pod: PodRecord) -> None:
+    if pod.vm.backend == "sim":
+        for path in (pod.ctl_path, pod.tty_path):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(pod.run_dir, "proxy.sock"))
+
+
+def _remove_dirs(pod: PodRecord) -> None:
+    _remove_sockets(pod)
+    with contextlib.suppress(OSError):
+        os.rmdir(pod.run_dir)
+    remove_empty_tree(pod.share_dir)
+
+
+def remove_empty_tree(top: str) -> None:
+    """Remove ``top`` if it holds only empty directories and empty files (old mount points).
+
+    Never descends into a mount point and never removes a non-empty file: a mount that could not
+    be undone must not cost the user the data behind it.
+    """
+    if not os.path.isdir(top) or os.path.ismount(top):
+        return
+    dirs: list[str] = []
+    for root, subdirs, files in os.walk(top, topdown=True, followlinks=False):
+        dirs.append(root)
+        subdirs[:] = [d for d in subdirs if not os.path.ismount(os.path.join(root, d))]
+        for name in files:
+            path = os.path.join(root, name)
+            with contextlib.suppress(OSError):
+                if not os.path.ismount(path) and os.lstat(path).st_size == 0:
+                    os.unlink(path)
+    for d in reversed(dirs):
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
+
+
+OnEvent = Callable[[LinkEvent], None]
