@@ -5,6 +5,6 @@ thread with ``anyio.to_thread.run_sync``. :mod:`hyperd.host.model` holds the pla
 discovery returns, so that :mod:`hyperd.agent` can use them without importing pyroute2.
 """
 
-from hyperd.host.model import HostAddress, HostLink, HostNetwork, HostRoute
+from hyperd.host.model import HostAddress, HostLink, HostNetwork, HostRoute, SharedMount
 
-__all__ = ["HostAddress", "HostLink", "HostNetwork", "HostRoute"]
+__all__ = ["HostAddress", "HostLink", "HostNetwork", "HostRoute", "SharedMount"]

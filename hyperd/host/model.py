@@ -66,3 +66,15 @@ class HostNetwork:
             if link.name == name:
                 return link
         raise KeyError(name)
+
+
+@dataclass(frozen=True, slots=True)
+class SharedMount:
+    """A volume bind-mounted into a pod's share: ``source`` is its name relative to the share
+    (what the fsmap entry carries), ``destination`` its path in the container, ``host_path``
+    where it is mounted on the host."""
+
+    source: str
+    destination: str
+    read_only: bool
+    host_path: str

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hyperd.errors import AlreadyExists, InvalidParams
+from hyperd.host.model import SharedMount
 from hyperd.host.mountsys import (
     MNT_DETACH,
     MS_BIND,
@@ -74,18 +75,6 @@ _O_PATH_ANY = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 def is_system_mount(destination: str) -> bool:
     """Whether a mount destination is under /proc, /sys or /dev (which the agent provides)."""
     return any(destination == p or destination.startswith(p + "/") for p in SYSTEM_MOUNT_PREFIXES)
-
-
-@dataclass(frozen=True, slots=True)
-class SharedMount:
-    """A volume bind-mounted into the share: ``source`` is its name relative to the share (what
-    the fsmap entry carries), ``destination`` its path in the container, ``host_path`` where it
-    is mounted on the host."""
-
-    source: str
-    destination: str
-    read_only: bool
-    host_path: str
 
 
 @dataclass(frozen=True, slots=True)
