@@ -48,6 +48,8 @@ class FakeProxy:
     """Per hyperName: seconds to wait before answering (other commands still queue behind)."""
     received: list[Received] = field(default_factory=list)
     registered: set[str] = field(default_factory=set)
+    ping_error: str | None = None
+    """When set, ``ping`` is answered with this proxy error (e.g. the VM is gone)."""
     chunks: int = 0
     """Number of ``receive()`` calls that returned data, over all connections."""
     accepted: int = 0
@@ -85,10 +87,10 @@ class FakeProxy:
         for stream in list(self._streams.values()):
             await stream.aclose()
 
-    async def wait_for(self, predicate: object, timeout: float = 5.0) -> None:
+    async def wait_for(self, predicate: object, within: float = 5.0) -> None:
         """Wait until ``predicate()`` holds (re-checked whenever the proxy's state changes)."""
         assert callable(predicate)
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(within):
             while not predicate():
                 await self._changed.wait()
 
@@ -191,6 +193,8 @@ class FakeProxy:
             if delay:
                 await anyio.sleep(delay)
             if hyper.hyperName == "ping":
+                if self.ping_error is not None:
+                    return conn.send_error(command, self.ping_error)
                 return conn.send_response(command)
             if hyper.hyperName == "echo":
                 data = b"" if isinstance(hyper.data, msgspec.UnsetType) else bytes(hyper.data)

@@ -49,7 +49,7 @@ class EventLog:
     def kinds(self) -> list[str]:
         return [e.kind for e in self.events]
 
-    async def wait(self, kind: str, count: int = 1, timeout: float = 5.0) -> None:
-        with anyio.fail_after(timeout):
+    async def wait(self, kind: str, count: int = 1, within: float = 5.0) -> None:
+        with anyio.fail_after(within):
             while self.kinds().count(kind) < count:
                 await self._changed.wait()
