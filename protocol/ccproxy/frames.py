@@ -34,6 +34,10 @@ _TYPES: Final = tuple(FrameType)
 
 _OPCODE_COUNT: Final = tuple(len(OPCODES[t]) for t in _TYPES)
 
+_COPY_VIA_VIEW: Final = 2048
+"""Payloads at least this long are copied once through a memoryview; shorter ones are sliced
+(two copies, but cheaper than setting up a view)."""
+
 
 class FrameError(RemoteProtocolError):
     """The peer sent a frame the protocol does not allow; the message names the fault.
@@ -146,8 +150,11 @@ class FrameDecoder:
         if end - pos > available:
             self._compact()
             return None
-        with memoryview(buffer) as view:
-            payload = bytes(view[start:end])
+        if size < _COPY_VIA_VIEW:
+            payload = bytes(buffer[start:end])
+        else:
+            with memoryview(buffer) as view:
+                payload = bytes(view[start:end])
         self._pos = end
         if end == len(buffer):
             buffer.clear()

@@ -301,3 +301,17 @@ def test_headers_with_valid_prefix_decode_or_raise(tail: bytes, rest: bytes) -> 
     except FrameError:
         return
     assert decoder.buffered <= MAX_HEADER_SIZE + 256
+
+
+@pytest.mark.parametrize("size", [2047, 2048, 100_000, MAX_PAYLOAD])
+def test_large_payloads_any_split(size: int) -> None:
+    payload = bytes(i % 251 for i in range(size))
+    frame = Frame(FrameType.STREAM, Stream.STDOUT, payload)
+    wire = encode_frame(frame) * 2
+    decoder = FrameDecoder()
+    out: list[Frame] = []
+    for i in range(0, len(wire), 65_536):
+        decoder.feed(wire[i : i + 65_536])
+        out.extend(decode_all(decoder))
+        assert decoder.buffered <= HEADER_SIZE + MAX_PAYLOAD
+    assert out == [frame, frame]
