@@ -75,7 +75,7 @@ class ContainerKill(_Params):
 class ContainerPs(_Params):
     pod: str
     id: str
-    format: str = ""
+    format: str = "table"
     args: list[str] = []
 
 

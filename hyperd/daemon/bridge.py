@@ -16,181 +16,83 @@ from collections.abc import Sequence
 import anyio
 import msgspec
 
+from hyperd import agent
 from hyperd.daemon.model import ContainerRecord, ExecRecord, MountRecord, PodRecord
 from hyperd.daemon.vmlink import AgentLink
 from hyperd.errors import HyperdError, InvalidParams, InvalidState
-from hyperd.host.model import HostNetwork
+from hyperd.host.model import HostNetwork, SharedMount
 from hyperd.host.mounts import SharedDir
 from hyperd.host.netns import discover_network as _discover
 from protocol import LocalProtocolError
 from protocol.hyperstart import (
     DIALECTS,
-    Capabilities,
-    Constraints,
     Container,
-    EnvironmentVar,
+    Dialect,
     ExecCommand,
-    FsmapDescriptor,
-    IPAddress,
     KillCommand,
-    NetworkIface,
     Pod,
-    Process,
     PsCommand,
     RemoveCommand,
-    Route,
-    SystemMountsInfo,
     encode_message,
 )
 
 log = logging.getLogger(__name__)
 
-INIT_PROCESS_ID = "init"  # process id of a container's init (what exit events name)
-ROOTFS_DIR = "rootfs"  # NEWCONTAINER rootfs, relative to image=<cid> in the share (the seed's)
-DEFAULT_ROUTE_DEST = "0.0.0.0/0"
-DEFAULT_ROUTE_LABEL = "default"  # how hyperstart wants the default route written
+# ---- agent messages (built by hyperd.agent, in the pod's dialect) ---------------------------
 
 
-# ---- agent messages -----------------------------------------------------------------------
+def dialect_of(pod: PodRecord) -> Dialect:
+    return DIALECTS[pod.dialect or "cc"]
 
 
 def process_id_of_init(c: ContainerRecord) -> str:
-    return INIT_PROCESS_ID
+    return agent.INIT_PROCESS_ID
 
 
 def process_id_of_exec(e: ExecRecord) -> str:
     return e.id
 
 
-def _process(spec: object, process_id: str) -> Process:
-    from hyperd.spec import ProcessSpec
-
-    assert isinstance(spec, ProcessSpec)
-    caps = spec.capabilities
-    return Process(
-        user=spec.user,
-        group=spec.group,
-        additional_groups=list(spec.additional_groups),
-        terminal=spec.terminal,
-        args=list(spec.args),
-        envs=[EnvironmentVar(env=k, value=v) for k, v in spec.environment()],
-        workdir=spec.cwd,
-        no_new_privileges=spec.no_new_privileges,
-        capabilities=Capabilities(
-            bounding=caps.bounding,
-            effective=caps.effective,
-            inheritable=caps.inheritable,
-            permitted=caps.permitted,
-            ambient=caps.ambient,
-        )
-        if caps is not None
-        else Capabilities(),
-        id=process_id,
-    )
-
-
-def interfaces_and_routes(network: HostNetwork) -> tuple[list[NetworkIface], list[Route]]:
-    """The seed's buildNetworkInterfacesAndRoutes: IPv4 only, loopback and IPv6 skipped."""
-    ifaces: list[NetworkIface] = []
-    routes: list[Route] = []
-    for link in network.links:
-        if link.loopback:
-            continue
-        addrs = [
-            IPAddress(ip_address=a.address, net_mask=str(a.prefix_len))
-            for a in link.addresses
-            if a.is_ipv4
-        ]
-        skipped = [a.address for a in link.addresses if not a.is_ipv4]
-        if skipped:
-            log.warning("skipping IPv6 addresses %s of %s (unsupported by hyperstart)",
-                        skipped, link.name)
-        ifaces.append(
-            NetworkIface(new_device_name=link.name, ip_addresses=addrs or None, mtu=link.mtu,
-                         mac_addr=link.mac)
-        )
-        for r in link.routes:
-            if not r.is_ipv4:
-                log.warning("skipping IPv6 route %s via %s", r.destination, r.gateway)
-                continue
-            dest = r.destination or ""
-            if dest == DEFAULT_ROUTE_DEST:
-                dest = DEFAULT_ROUTE_LABEL
-            routes.append(Route(dest=dest, gateway=r.gateway or "", device=link.name))
-    return ifaces, routes
-
-
 def pod_message(pod: PodRecord, network: HostNetwork | None) -> Pod:
-    ifaces, routes = interfaces_and_routes(network) if network is not None else ([], [])
-    return Pod(
-        hostname=pod.hostname,
-        containers=[],
-        interfaces=ifaces,
-        routes=routes,
-        share_dir=pod.share_tag,
+    dialect = dialect_of(pod)
+    ifaces, routes = (
+        agent.build_interfaces_and_routes(network, dialect) if network is not None else ([], [])
     )
-
-
-def drive_name(index: int) -> str:
-    """virtio-blk drive name of drive ``index``: 0 → vda, 25 → vdz, 26 → vdaa (bijective)."""
-    if index < 0:
-        raise InvalidParams(f"invalid drive index {index}", field="rootfs.block.index")
-    letters = ""
-    n = index + 1
-    while n > 0:
-        n, rem = divmod(n - 1, 26)
-        letters = chr(ord("a") + rem) + letters
-    return "vd" + letters
-
-
-def scsi_address(index: int) -> str:
-    if not 0 <= index <= 0xFFFF:
-        raise InvalidParams(f"invalid SCSI drive index {index}", field="rootfs.block.index")
-    return f"{index // 256}:{index % 256}"
+    return agent.build_pod(pod.hostname, ifaces, routes, share_tag=pod.share_tag)
 
 
 def container_message(pod: PodRecord, c: ContainerRecord, layout: list[MountRecord]) -> Container:
-    msg = Container(id=c.id, image=c.id, rootfs=ROOTFS_DIR, process=_process(c.process, "init"))
-    block = c.rootfs.block
-    if block is not None:
-        msg.fstype = block.fstype
-        if block.driver == "virtio-blk":
-            msg.image = drive_name(block.index)
-        else:
-            msg.scsi_addr = scsi_address(block.index)
-    fsmap = [
-        FsmapDescriptor(source=m.source, path=m.destination, read_only=m.read_only)
+    dialect = dialect_of(pod)
+    process = agent.build_process(c.process, dialect, process_id=process_id_of_init(c))
+    volumes = [
+        SharedMount(source=m.source, destination=m.destination, read_only=m.read_only,
+                    host_path=m.target)
         for m in layout
         if m.purpose == "volume"
     ]
-    for d in c.devices:
-        fsmap.append(
-            FsmapDescriptor(source=d.guest_path, path=d.container_path, absolute_path=True,
-                            scsi_addr=d.scsi_addr or "")
-        )
-    msg.fsmap = fsmap
-    r = c.resources
-    if r is not None:
-        constraints = Constraints()
-        if r.cpu_quota and r.cpu_period:
-            constraints.cpu_quota, constraints.cpu_period = r.cpu_quota, r.cpu_period
-        if r.cpu_shares:
-            constraints.cpu_shares = r.cpu_shares
-        msg.constraints = constraints
-    msg.system_mounts_info = SystemMountsInfo(bind_mount_dev=c.bind_mount_dev)
-    return msg
+    return agent.build_container(
+        c.id,
+        c.rootfs.resolve(),
+        process,
+        fsmap=agent.fsmap_from_mounts(volumes),
+        devices=c.devices,
+        resources=c.resources,
+        bind_mount_dev=c.bind_mount_dev,
+        dialect=dialect,
+    )
 
 
 def exec_message(pod: PodRecord, c: ContainerRecord, e: ExecRecord) -> ExecCommand:
-    return ExecCommand(container=c.id, process=_process(e.process, process_id_of_exec(e)))
+    process = agent.build_process(e.process, dialect_of(pod), process_id=process_id_of_exec(e))
+    return agent.build_exec(c.id, process)
 
 
 def kill_message(c: ContainerRecord, signum: int, all_processes: bool) -> KillCommand:
-    return KillCommand(container=c.id, signal=signum, all_processes=all_processes)
+    return agent.build_kill(c.id, signum, all_processes)
 
 
 def remove_message(c: ContainerRecord) -> RemoveCommand:
-    return RemoveCommand(container=c.id)
+    return agent.build_remove(c.id)
 
 
 def ps_message(pod: PodRecord, c: ContainerRecord, fmt: str, args: list[str]) -> PsCommand:
@@ -199,7 +101,7 @@ def ps_message(pod: PodRecord, c: ContainerRecord, fmt: str, args: list[str]) ->
             f"pod {pod.id!r}: the hyperhq agent has no ps command (pscontainer is CC only)",
             pod=pod.id,
         )
-    return PsCommand(container=c.id, format=fmt, psargs=list(args) or None)
+    return agent.build_ps(c.id, fmt or "table", list(args) or None)
 
 
 def decode_ps(reply: bytes) -> str:
@@ -226,7 +128,7 @@ async def call(
 
     Errors keep their kind and get the pod and command in their message.
     """
-    dialect = DIALECTS[pod.dialect or "cc"]
+    dialect = dialect_of(pod)
     if name not in dialect.names:
         raise InvalidState(f"pod {pod.id!r}: the {dialect.name} agent has no {name!r} command")
     try:

@@ -243,7 +243,7 @@ class Daemon:
         run = self._pod_paths(pid)
         pod = PodRecord(
             id=pid,
-            hostname=(hostname if hostname is not None else pid)[:MAX_HOSTNAME],
+            hostname=hostname if hostname is not None else pid,
             vm=vm,
             proxy=proxy,
             netns=netns,
