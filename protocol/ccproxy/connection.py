@@ -233,20 +233,21 @@ class ClientConnection(_Receiver):
                 f"{_COMMANDS[frame.opcode].name} response while the oldest pending command"
                 f" is {command.name}"
             )
+        event: Response | ErrorReply
         if frame.error:
             try:
-                message = _error_message(frame.payload)
+                event = ErrorReply(command, _error_message(frame.payload))
             except ProtocolError as exc:
-                self._error = exc
+                self._error = exc  # sticky, like every other remote error
                 raise
+        else:
+            event = Response(command, frame.payload)
         expected.popleft()
         if command is Command.CONNECT_SHIM:
             self._connecting -= 1
             if not frame.error:
                 self._role = "shim"
-        if frame.error:
-            return ErrorReply(command, message)
-        return Response(command, frame.payload)
+        return event
 
 
 class ServerConnection(_Receiver):
