@@ -1,0 +1,109 @@
+"""A generic JSON-RPC 2.0 server (and client) on unix sockets.
+
+Methods::
+
+    methods = MethodTable()
+
+    class CreateParams(msgspec.Struct, forbid_unknown_fields=True):
+        id: str
+        memory_mib: int = 128
+
+    @methods.method("pod.create", CreateParams)
+    async def pod_create(params: CreateParams, ctx: CallContext) -> PodInfo:   # JSON-able or Struct
+        ...
+
+    methods.register("hyperd.version", version_handler)   # no params_type: handler gets None
+
+Params are by-name (a JSON object; absent means ``{}``), decoded with ``msgspec.convert`` into the
+Struct. A missing, unknown (top-level names are always checked) or ill-typed field is answered
+``-32602`` with ``data.kind == "invalid_params"`` and a message naming the field (msgspec's
+text, e.g. "Expected `int`, got `str` - at `$.memory_mib`"). A handler raising
+:class:`hyperd.errors.HyperdError` is answered ``{code: err.code, message: err.message, data:
+err.to_error_data()}`` (also when it is the only exception of an ExceptionGroup); any other
+exception, or a result msgspec cannot encode, is logged with its traceback and answered
+``-32603``. Unknown method: ``-32601`` with ``data.method``.
+
+Serving::
+
+    listener = await create_unix_listener("/run/hyperd/hyperd.sock", mode=0o660, gid=api_gid)
+    # or, socket activation: listener = await listener_from_socket(fd)
+    server = RPCServer(methods, access=AccessPolicy(group_gid=api_gid))
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.serve, listener)      # started once accepting
+        ...
+        await server.shutdown()                     # graceful; serve() returns
+
+Per connection (:class:`RPCConnection`): lines are framed with ``protocol.jsonrpc.LineFramer``
+(``max_message``, default 1 MiB; an oversized line is answered with a ``-32600`` error, id null,
+and dropped without being buffered); each request, notification or batch runs in its own task,
+so a slow call does not hold up the others and responses come out in completion order; a batch
+is answered as one array (notifications in it get no element; a batch of notifications gets
+nothing); at most ``max_in_flight`` calls run at once, then reading pauses (backpressure); writes
+never interleave. At EOF the calls running are still answered before the connection closes.
+
+Pushing: ``ctx.notify(method, params)`` queues a notification on the caller's connection without
+waiting (``True`` if queued). The queue is bounded (``notify_queue``); a client too slow to take
+it is disconnected with a log line, ``notify`` returns ``False`` and the ``ctx.on_close``
+callbacks run, so keep subscribers as a set of contexts and drop them there::
+
+    async def subscribe(params: None, ctx: CallContext) -> dict[str, bool]:
+        subscribers.add(ctx)
+        ctx.on_close(lambda: subscribers.discard(ctx))
+        return {"subscribed": True}
+
+Access control (:class:`AccessPolicy`): each accepted peer's ``SO_PEERCRED`` (pid, uid, gid)
+plus its supplementary groups from ``/proc/<pid>/status`` (``ctx.peer``). Root and the server's
+own uid are always allowed; others only if ``group_gid`` is set and is their gid or one of their
+groups. A refused peer gets one error response (id null, code ``Unauthorized.code``, message
+naming its uid and the required group, ``data.kind == "unauthorized"``) and is disconnected; the
+refusal is logged.
+
+Shutdown: ``server.shutdown()`` stops accepting and reading, lets running calls finish for up to
+``shutdown_grace`` seconds, then cancels them and closes every connection; cancelling
+``serve()`` instead closes everything at once. ``server.statistics()`` and
+``connection.statistics()`` give snapshots.
+
+Client (:class:`RPCClient`)::
+
+    async with RPCClient.connect(path) as client:
+        result = await client.call("pod.list")          # RemoteError(code, message, data, kind)
+        await client.notify("x")                        # no answer
+        note = await client.receive_notification()      # server pushes
+"""
+
+from hyperd.rpc.access import AccessPolicy, PeerCredentials, peer_credentials
+from hyperd.rpc.client import RemoteError, RPCClient, RPCConnectionClosed
+from hyperd.rpc.connection import (
+    BATCH_CONCURRENCY,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_NOTIFY_QUEUE,
+    ConnectionStatistics,
+    RPCConnection,
+)
+from hyperd.rpc.listeners import DEFAULT_SOCKET_MODE, create_unix_listener, listener_from_socket
+from hyperd.rpc.methods import CallContext, Channel, Method, MethodTable
+from hyperd.rpc.server import DEFAULT_SHUTDOWN_GRACE, RPCServer, ServerStatistics
+
+__all__ = [
+    "BATCH_CONCURRENCY",
+    "DEFAULT_MAX_IN_FLIGHT",
+    "DEFAULT_NOTIFY_QUEUE",
+    "DEFAULT_SHUTDOWN_GRACE",
+    "DEFAULT_SOCKET_MODE",
+    "AccessPolicy",
+    "CallContext",
+    "Channel",
+    "ConnectionStatistics",
+    "Method",
+    "MethodTable",
+    "PeerCredentials",
+    "RPCClient",
+    "RPCConnection",
+    "RPCConnectionClosed",
+    "RPCServer",
+    "RemoteError",
+    "ServerStatistics",
+    "create_unix_listener",
+    "listener_from_socket",
+    "peer_credentials",
+]

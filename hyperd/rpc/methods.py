@@ -1,0 +1,245 @@
+"""The method table: typed params, handler errors mapped to JSON-RPC errors, call contexts."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar, overload
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+from hyperd.errors import HyperdError
+from hyperd.rpc.access import PeerCredentials
+from protocol.jsonrpc import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    METHOD_NOT_FOUND,
+    ErrorObject,
+    Id,
+    Notification,
+    Params,
+    Request,
+    Response,
+    make_error,
+)
+
+log = logging.getLogger(__name__)
+
+P = TypeVar("P", bound=msgspec.Struct)
+H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
+
+
+class Channel(Protocol):
+    """What a client connection offers the handlers of its calls."""
+
+    connection_id: int
+    peer: PeerCredentials
+
+    def notify(self, method: str, params: Any = UNSET) -> bool: ...
+    def on_close(self, callback: Callable[[], object]) -> None: ...
+    @property
+    def closed(self) -> bool: ...
+    async def wait_closed(self) -> None: ...
+
+
+class CallContext:
+    """Passed to every handler: who called, and the connection to push notifications on.
+
+    Contexts compare by identity; a daemon keeps a set of subscriber contexts and removes one in
+    its ``on_close`` callback. ``notify``/``on_close``/``closed``/``wait_closed`` act on the
+    connection the call came in on, so they stay valid after the handler has returned.
+    """
+
+    __slots__ = ("channel", "method", "request_id")
+
+    def __init__(self, channel: Channel, method: str, request_id: Id | UnsetType) -> None:
+        self.channel = channel
+        self.method = method
+        self.request_id = request_id
+        """The request's id; ``UNSET`` for a notification."""
+
+    @property
+    def peer(self) -> PeerCredentials:
+        """The calling process (pid, uid, gid, supplementary groups)."""
+        return self.channel.peer
+
+    @property
+    def connection_id(self) -> int:
+        """Distinguishes the server's connections (for logs and de-duplication)."""
+        return self.channel.connection_id
+
+    def notify(self, method: str, params: Any = UNSET) -> bool:
+        """Queue a server-to-client notification without waiting.
+
+        ``params`` is any JSON-able value or msgspec Struct (an object or array on the wire).
+        Returns False when the connection is closed, or when its bounded queue overflowed: then
+        the connection is closed (the client missed events and must resubscribe) and the
+        ``on_close`` callbacks run. Raises ``protocol.LocalProtocolError`` for unencodable params.
+        """
+        return self.channel.notify(method, params)
+
+    def on_close(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` once the connection has closed (at once if it already has)."""
+        self.channel.on_close(callback)
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection has closed."""
+        return self.channel.closed
+
+    async def wait_closed(self) -> None:
+        """Return once the connection has closed."""
+        await self.channel.wait_closed()
+
+    def __repr__(self) -> str:
+        return f"<CallContext {self.method} conn={self.connection_id} uid={self.peer.uid}>"
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    """One registered method."""
+
+    name: str
+    handler: Callable[[Any, CallContext], Awaitable[Any]]
+    params_type: type[msgspec.Struct] | None
+    fields: frozenset[str]  # wire names of params_type's fields
+
+
+class _BadParams(Exception):
+    pass
+
+
+def _encodable(value: Any) -> msgspec.Raw:
+    """``value`` as JSON, encoded now so a bad value fails here, not in the middle of a batch."""
+    return msgspec.Raw(msgspec.json.encode(value))
+
+
+def _unwrap(exc: Exception) -> Exception:
+    """The single leaf of (nested) one-exception groups, e.g. from a handler's task group."""
+    while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+class MethodTable:
+    """Method name -> async handler with a typed params Struct.
+
+    A handler is ``async def handler(params: ParamsStruct, ctx: CallContext) -> result`` where
+    the result is JSON-able or a msgspec Struct. Params are by-name (a JSON object, or absent
+    meaning ``{}``) decoded with ``msgspec.convert`` into ``params_type``; a method registered
+    without ``params_type`` gets ``None`` and accepts only absent or empty params.
+    """
+
+    def __init__(self) -> None:
+        self._methods: dict[str, Method] = {}
+
+    @overload
+    def register(
+        self,
+        name: str,
+        handler: Callable[[P, CallContext], Awaitable[Any]],
+        params_type: type[P],
+    ) -> None: ...
+    @overload
+    def register(
+        self,
+        name: str,
+        handler: Callable[[None, CallContext], Awaitable[Any]],
+        params_type: None = None,
+    ) -> None: ...
+    def register(
+        self,
+        name: str,
+        handler: Callable[[Any, CallContext], Awaitable[Any]],
+        params_type: type[msgspec.Struct] | None = None,
+    ) -> None:
+        """Add a method. Raises ``ValueError`` if ``name`` is taken."""
+        if name in self._methods:
+            raise ValueError(f"method {name!r} registered twice")
+        fields: frozenset[str] = frozenset()
+        if params_type is not None:
+            fields = frozenset(f.encode_name for f in msgspec.structs.fields(params_type))
+        self._methods[name] = Method(name, handler, params_type, fields)
+
+    def method(
+        self, name: str, params_type: type[msgspec.Struct] | None = None
+    ) -> Callable[[H], H]:
+        """Decorator form of :meth:`register`."""
+
+        def decorate(handler: H) -> H:
+            self.register(name, handler, params_type)
+            return handler
+
+        return decorate
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._methods
+
+    def names(self) -> list[str]:
+        """Registered method names, sorted."""
+        return sorted(self._methods)
+
+    @staticmethod
+    def _decode_params(method: Method, params: Params | UnsetType) -> Any:
+        if method.params_type is None:
+            if params is UNSET or not params:
+                return None
+            raise _BadParams(f"method {method.name!r} takes no params")
+        if params is UNSET:
+            params = {}
+        if not isinstance(params, dict):
+            raise _BadParams("params must be an object (by-name)")
+        unknown = sorted(k for k in params if k not in method.fields)
+        if unknown:
+            raise _BadParams(f"unknown field `{unknown[0]}`")
+        try:
+            return msgspec.convert(params, method.params_type)
+        except msgspec.ValidationError as err:
+            raise _BadParams(str(err)) from None
+
+    async def dispatch(self, msg: Request | Notification, ctx: CallContext) -> Response | None:
+        """Run the call; the response to send for a request, ``None`` for a notification.
+
+        Never raises except cancellation: an unknown method -> ``METHOD_NOT_FOUND``; bad
+        params -> ``INVALID_PARAMS`` (``data.kind`` "invalid_params", message naming the field);
+        a :class:`HyperdError` -> its code, message and ``to_error_data()``; anything else,
+        including an unencodable result -> ``INTERNAL_ERROR``, logged with its traceback.
+        Errors of notifications are logged only.
+        """
+        id: Id = msg.id if isinstance(msg, Request) else None
+        response = await self._call(msg, ctx, id)
+        if isinstance(msg, Notification):
+            if response.error is not UNSET:
+                log.info("notification %s failed: %s", msg.method, response.error)
+            return None
+        return response
+
+    async def _call(self, msg: Request | Notification, ctx: CallContext, id: Id) -> Response:
+        method = self._methods.get(msg.method)
+        if method is None:
+            return make_error(
+                METHOD_NOT_FOUND, f"no method {msg.method!r}", id=id, method=msg.method
+            )
+        try:
+            params = self._decode_params(method, msg.params)
+        except _BadParams as err:
+            return make_error(INVALID_PARAMS, str(err), id=id)
+        try:
+            return Response(id=id, result=_encodable(await method.handler(params, ctx)))
+        except Exception as raised:
+            exc = _unwrap(raised)
+            if isinstance(exc, HyperdError):
+                return self._hyperd_error(exc, id, method.name)
+            log.exception("method %s (uid %d) failed", method.name, ctx.peer.uid)
+            return make_error(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", id=id)
+
+    @staticmethod
+    def _hyperd_error(exc: HyperdError, id: Id, name: str) -> Response:
+        try:
+            data = _encodable(exc.to_error_data())
+        except (TypeError, ValueError, msgspec.EncodeError):
+            log.exception("method %s raised %s with unencodable data", name, type(exc).__name__)
+            data = _encodable({"kind": exc.kind})
+        return Response(id=id, error=ErrorObject(code=exc.code, message=exc.message, data=data))
