@@ -129,7 +129,7 @@ class SharedDir:
         target = self.rootfs_path(pod, cid)
         if self._mounts_at(target):
             raise AlreadyExists(f"rootfs of container {cid!r} in pod {pod!r} is mounted already")
-        real = _resolve_source("rootfs.path", source)
+        real = self._resolve_source("rootfs.path", source)
         self._bind(real, [pod, cid, ROOTFS_DIR], readonly)
         return str(target)
 
@@ -145,7 +145,7 @@ class SharedDir:
             for m in mounts:
                 if m.type != "bind" or is_system_mount(m.destination):
                     continue
-                real = _resolve_source("source", m.source)
+                real = self._resolve_source("source", m.source)
                 token = secrets.token_hex(VOLUME_TOKEN_BYTES)
                 name = f"{cid}-{token}-{_volume_base(m.destination)}"
                 self._bind(real, [pod, name], m.read_only)
@@ -216,6 +216,19 @@ class SharedDir:
         return [m.mount_point for m in read_mountinfo() if _is_within(Path(m.mount_point), pod_dir)]
 
     # internals ---------------------------------------------------------------------------
+
+    def _resolve_source(self, field: str, source: str) -> str:
+        """The real path of a mount source: it must exist and must not be inside the shared
+        root (one pod's share must not reach into another's)."""
+        check_absolute_path(field, source)
+        real = os.path.realpath(source)
+        if not os.path.exists(real):
+            raise InvalidParams(f"invalid {field} {source!r}: does not exist", field=field)
+        if _is_within(Path(real), self.root):
+            raise InvalidParams(
+                f"invalid {field} {source!r}: must not be inside the shared root", field=field
+            )
+        return real
 
     def _mounts_at(self, path: Path) -> bool:
         return any(Path(m.mount_point) == path for m in read_mountinfo())
@@ -324,14 +337,6 @@ def _detach(point: str) -> None:
             umount(point, UMOUNT_NOFOLLOW | MNT_DETACH)
         elif exc.errno != errno.EINVAL:  # EINVAL: not a mount point (any more)
             raise
-
-
-def _resolve_source(field: str, source: str) -> str:
-    check_absolute_path(field, source)
-    real = os.path.realpath(source)
-    if not os.path.exists(real):
-        raise InvalidParams(f"invalid {field} {source!r}: does not exist", field=field)
-    return real
 
 
 def _volume_base(destination: str) -> str:

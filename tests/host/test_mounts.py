@@ -263,3 +263,35 @@ def test_planted_symlink_in_the_share_is_not_followed(
 )
 def test_is_system_mount(dest: str, system: bool) -> None:
     assert is_system_mount(dest) is system
+
+
+def test_sources_inside_the_shared_root_are_refused(
+    shared: SharedDir, busybox_rootfs: Path
+) -> None:
+    target = shared.mount_rootfs("p1", "c1", str(busybox_rootfs))
+    with pytest.raises(InvalidParams, match="inside the shared root"):
+        shared.mount_rootfs("p2", "c1", target)
+    with pytest.raises(InvalidParams, match="inside the shared root"):
+        shared.mount_volumes("p2", "c1", [MountSpec(source=target, destination="/x")])
+    assert mounts_under(shared.root) == [target]
+
+
+def test_no_file_descriptor_leaks(shared: SharedDir, busybox_rootfs: Path, tmp_path: Path) -> None:
+    conf = tmp_path / "conf"
+    conf.write_text("x")
+    vols = [MountSpec(source=str(conf), destination="/etc/conf", options=["ro"])]
+    shared.create_pod("p0")
+    before = sorted(os.listdir("/proc/self/fd"))
+    for i in range(3):
+        shared.mount_container(
+            "p1", f"c{i}", DirRootfs(path=str(busybox_rootfs), readonly=True), vols
+        )
+    (shared.root / "p1" / "evil").symlink_to(tmp_path)
+    with pytest.raises(InvalidParams):
+        shared.mount_rootfs("p1", "evil", str(busybox_rootfs))
+    with pytest.raises(InvalidParams):
+        shared.mount_volumes("p1", "c9", [MountSpec(source="/nonexistent", destination="/x")])
+    shared.unmount_container("p1", "c0")
+    shared.cleanup_pod("p1")
+    assert sorted(os.listdir("/proc/self/fd")) == before
+    assert mounts_under(shared.root) == []

@@ -12,9 +12,11 @@ from pathlib import Path
 import anyio.to_thread
 import pytest
 
+from hyperd.agent import build_interfaces_and_routes, build_pod
 from hyperd.errors import InvalidParams
 from hyperd.host.model import HostAddress, HostRoute
 from hyperd.host.netns import discover_network, read_network
+from protocol.hyperstart import IPAddress, NetworkIface, Route, encode_message
 
 pytestmark = [
     pytest.mark.root,
@@ -110,3 +112,23 @@ async def test_discover_network_in_a_thread(netns: str, anyio_backend: object) -
         read_network(netns)  # blocking call on the event loop thread is refused
     with pytest.raises(InvalidParams):
         await discover_network(netns + "-gone")
+
+
+def test_discovered_network_gives_exactly_the_ipv4_data(netns: str) -> None:
+    ifaces, routes = build_interfaces_and_routes(read_network(netns))
+    v0 = [i for i in ifaces if i.new_device_name == "v0"]
+    assert v0 == [
+        NetworkIface(
+            new_device_name="v0",
+            ip_addresses=[IPAddress(ip_address="10.9.0.2", net_mask="24")],
+            mtu=1400,
+            mac_addr=MAC,
+        )
+    ]
+    assert sorted(i.new_device_name for i in ifaces) == ["v0", "v1"]  # lo skipped
+    assert sorted(routes, key=lambda r: r.dest) == [
+        Route(dest="10.9.0.0/24", gateway="", device="v0"),
+        Route(dest="192.168.7.0/24", gateway="10.9.0.3", device="v0"),
+        Route(dest="default", gateway="10.9.0.1", device="v0"),
+    ]
+    assert b"fd00" not in encode_message(build_pod("p", ifaces, routes))
