@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 4096  # bytes per output read; one tty frame each
 DRAIN_GRACE = 1.0  # seconds to wait for output EOF after exit (a grandchild may hold the pipe)
 CLONE_NEWNET = 0x40000000  # <sched.h>; os.CLONE_NEWNET only exists from Python 3.12
+CLONE_NEWNS = 0x00020000  # <sched.h>: a new mount namespace
+MS_BIND = 0x1000  # <sys/mount.h>
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
 SIGNAL_EXIT_BASE = 128  # shell convention: killed by signal N -> 128 + N
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -58,18 +62,39 @@ class LaunchSpec:
     netns_fd: int | None = None
 
 
+def _libc_check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount_api_filesystems(root: bytes) -> None:
+    """In a private mount namespace of the child, give the container its /dev and /proc.
+
+    The mounts live in the child's own mount namespace, so they vanish with it: nothing to clean
+    up, nothing visible on the host. Skipped for a root without those directories.
+    """
+    _libc_check(_libc.unshare(CLONE_NEWNS), "unshare")
+    _libc_check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount private")
+    dev, proc = os.path.join(root, b"dev"), os.path.join(root, b"proc")
+    if os.path.isdir(dev):
+        _libc_check(_libc.mount(b"/dev", dev, None, MS_BIND | MS_REC, None), "bind /dev")
+    if os.path.isdir(proc):
+        _libc_check(_libc.mount(b"proc", proc, b"proc", 0, None), "mount /proc")
+
+
 def _child_setup(spec: LaunchSpec) -> Callable[[], None]:
     """The pre-exec hook: runs in the forked child after stdio is in place, before exec."""
     root = os.fsencode(spec.root)
     workdir = spec.workdir or "/"
 
     def setup() -> None:
-        if spec.netns_fd is not None and _libc.setns(spec.netns_fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns: {os.strerror(err)}")
+        if spec.netns_fd is not None:
+            _libc_check(_libc.setns(spec.netns_fd, CLONE_NEWNET), "setns")
         if spec.terminal:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         if spec.chroot:
+            _mount_api_filesystems(root)
             os.chroot(root)
             os.chdir(workdir)
         else:

@@ -26,16 +26,22 @@ from protocol import NEED_DATA
 from protocol.hyperstart import (
     CC,
     AsyncEvent,
+    Code,
+    Container,
     Dialect,
+    EnvironmentVar,
     HostCtlConnection,
     HostTtyConnection,
     NextAck,
+    Pod,
+    Process,
     Ready,
     Reply,
     TtyData,
     TtyEof,
     TtyExitStatus,
     UnexpectedReply,
+    encode_message,
 )
 
 READY_TIMEOUT = 10.0  # seconds for the simulator to start listening
@@ -141,6 +147,7 @@ class HostClient:
         self.tty_eofs: list[int] = []
         self.ctl_closed = False
         self.tty_closed = False
+        self.ctl_raw = bytearray()  # every byte read on ctl, for byte-exact checks
 
     def close(self) -> None:
         self.ctl_sock.close()
@@ -169,6 +176,7 @@ class HostClient:
             if sock is self.ctl_sock:
                 self.ctl_closed = not data
                 if data:
+                    self.ctl_raw += data
                     self.ctl.receive_data(data)
                 self._drain_ctl()
             else:
@@ -200,7 +208,9 @@ class HostClient:
             elif isinstance(ev, TtyExitStatus):
                 self.output(ev.seq).status = ev.status
 
-    def wait_for(self, cond: Callable[[], bool], timeout: float = WAIT_TIMEOUT, what: str = "") -> None:
+    def wait_for(
+        self, cond: Callable[[], bool], timeout: float = WAIT_TIMEOUT, what: str = ""
+    ) -> None:
         deadline = time.monotonic() + timeout
         while not cond():
             left = deadline - time.monotonic()
@@ -223,8 +233,6 @@ class HostClient:
 
     def send(self, code: int, payload: bytes | msgspec.Struct = b"") -> None:
         """Send one command (a Struct is encoded in the client's dialect)."""
-        from protocol.hyperstart import encode_message
-
         body = payload if isinstance(payload, bytes) else encode_message(payload, self.dialect)
         self.ctl_sock.sendall(self.ctl.send_command(code, body))
 
@@ -259,3 +267,29 @@ class HostClient:
 
         self.wait_for(found, timeout, f"exit event of {process}")
         return next(e for e in self.events if e.process == process)
+
+
+def process(
+    args: list[str], stdio: int, stderr: int = 0, *, pid: str = "", terminal: bool = False,
+    **kw: object,
+) -> Process:
+    """A process spec with PATH=/bin and workdir /."""
+    return Process(
+        id=pid,
+        terminal=terminal,
+        stdio=stdio,
+        stderr=stderr,
+        args=args,
+        envs=[EnvironmentVar(env="PATH", value="/bin")],
+        workdir="/",
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def container(cid: str, proc: Process) -> Container:
+    return Container(id=cid, rootfs="rootfs", image=cid, process=proc)
+
+
+def start_pod(c: HostClient, hostname: str = "pod1") -> None:
+    c.wait_ready()
+    c.ok(Code.STARTPOD, Pod(hostname=hostname, share_dir="hyperShared"))
