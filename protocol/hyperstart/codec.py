@@ -1,8 +1,10 @@
 """Encoding and decoding of the JSON bodies in :mod:`protocol.hyperstart.messages`.
 
 CC dialect: the Go encoding of the CC-VC structs -- struct key order, omitempty as documented in
-``messages``, map keys sorted, and ``<`` ``>`` ``&`` U+2028 U+2029 escaped as ``\\u003c``...
-like Go's encoder. Decoding is lenient like Go: unknown keys are ignored.
+``messages``, map keys sorted, ``<`` ``>`` ``&`` U+2028 U+2029 escaped as ``\\u003c``... and
+backspace/form feed as ``\\u0008``/``\\u000c``, like the Go encoder of cc-proxy's era. The HYPER
+dialect uses the same string escaping (runv is Go; hyperstart decodes ``\\u`` escapes).
+Decoding is lenient like Go: unknown keys are ignored (but key case matters, unlike Go).
 
 HYPER dialect: hyperhq/hyperstart parses most bodies with a strict hand-written parser and fails
 (or worse, mis-parses) on keys it does not know. ``encode_message(msg, HYPER)`` therefore emits
@@ -25,6 +27,7 @@ keys.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from typing import Any, Final, TypeVar
 
@@ -81,10 +84,22 @@ _CC_ENCODER: Final = msgspec.json.Encoder(order="deterministic")  # Go sorts map
 _HYPER_ENCODER: Final = msgspec.json.Encoder()  # shapers build dicts in key order already
 
 
+# Go before 1.22 (cc-proxy's era) writes \b and \f as \u0008 and \u000c; msgspec uses the short
+# forms. Escapes are rewritten pairwise so that an escaped backslash before a "b" is left alone.
+_SHORT_ESCAPE: Final = re.compile(rb"\\(.)")
+_GO_SHORT_ESCAPES: Final = {b"b": b"\\u0008", b"f": b"\\u000c"}
+
+
+def _go_short_escape(match: re.Match[bytes]) -> bytes:
+    return _GO_SHORT_ESCAPES.get(match.group(1), match.group(0))
+
+
 def _go_escape(data: bytes) -> bytes:
     for raw, escaped in _GO_ESCAPES:
         if raw in data:
             data = data.replace(raw, escaped)
+    if b"\\b" in data or b"\\f" in data:
+        data = _SHORT_ESCAPE.sub(_go_short_escape, data)
     return data
 
 

@@ -135,7 +135,9 @@ class HostCtlConnection(_CtlEndpoint):
     - the dialect's PROCESSASYNCEVENT code -> :class:`AsyncEvent` (bad JSON -> MessageError);
     - anything else -> :class:`UnexpectedReply`.
 
-    Raises RemoteProtocolError for bad framing (sticky) and for EOF in the middle of a frame.
+    Raises RemoteProtocolError for bad framing (sticky: the stream cannot be resynchronised) and
+    for EOF in the middle of a frame. A bad NEXT or event payload raises too, but its frame is
+    consumed: the next call goes on with the following frame.
     """
 
     __slots__ = ("_pending", "_ready_seen")

@@ -407,3 +407,14 @@ def test_send_stdin_refuses_room_less_max_and_sends_eof() -> None:
     with pytest.raises(LocalProtocolError, match="no room"):
         HostTtyConnection.send_stdin(1, b"x", max_frame=12)
     assert HostTtyConnection().send_eof(3) == bytes.fromhex("00000000000000030000000c")
+
+
+def test_a_bad_event_or_next_is_consumed_and_the_stream_goes_on() -> None:
+    conn = HostCtlConnection(HYPER)
+    conn.send_command(Code.PING)
+    conn.receive_data(encode_ctl(23, b"{oops") + encode_ctl(Code.NEXT, b"") + ACK)
+    with pytest.raises(MessageError):
+        conn.next_event()
+    with pytest.raises(RemoteProtocolError, match="NEXT payload"):
+        conn.next_event()
+    assert events(conn) == [Reply(Code.PING, True, b"")]

@@ -453,3 +453,33 @@ def test_null_where_go_allows_nil() -> None:
     assert decode_message(Container, b'{"process":null}').process is None
     assert decode_message(NetworkIface, b'{"ipAddresses":null}').ip_addresses is None
     assert decode_message(PsCommand, b'{"psargs":null}').psargs is None
+
+
+@pytest.mark.parametrize(
+    ("value", "wire"),
+    [
+        ("a\bb\fc", b'"a\\u0008b\\u000cc"'),
+        ("\\b\\f", b'"\\\\b\\\\f"'),  # escaped backslashes before b/f stay as they are
+        ("\\\b", b'"\\\\\\u0008"'),
+        ("\x00\x1f\x7f", b'"\\u0000\\u001f\x7f"'),
+    ],
+)
+def test_control_characters_are_escaped_like_old_go(value: str, wire: bytes) -> None:
+    msg = RemoveCommand(container=value)
+    assert encode_message(msg) == b'{"container":' + wire + b"}"
+    assert decode_message(RemoveCommand, encode_message(msg)) == msg
+
+
+def test_importing_the_package_pulls_in_no_io_or_async_library() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, protocol.hyperstart\n"
+        "bad = {'anyio', 'asyncio', 'socket', 'uvloop', 'trio', 'hyperd', 'selectors'}\n"
+        "print(sorted(bad & {m.split('.')[0] for m in sys.modules}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
