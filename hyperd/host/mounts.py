@@ -185,8 +185,11 @@ class SharedDir:
     def unmount_container(self, pod: str, cid: str) -> None:
         """Unmount the container's rootfs and volumes and remove what was created for them.
 
-        Found from /proc/self/mountinfo, not from records, so it also cleans up after a crash.
-        Idempotent. Raises :class:`MountError` if something stays mounted.
+        Found from /proc/self/mountinfo, not from records, so it also cleans up after a crash:
+        everything below ``<pod>/<cid>`` and the mount points ``<pod>/<cid>-<16 hex>-<name>``.
+        (The seed's volume naming is ambiguous for a container whose id itself looks like
+        ``<cid>-<16 hex>-…``; avoid such ids.) Idempotent. Raises :class:`MountError` if
+        something stays mounted.
         """
         container_dir = self.container_dir(pod, cid)
         pod_dir = self.pod_dir(pod)
