@@ -1,13 +1,11 @@
 """protocol.ccproxy against the byte-exact transcripts of the reference cc-proxy 3.0.23.
 
-The transcripts live in the shared conformance set (``ccproxy/*.json``); set
-``HYPERD_CONFORMANCE`` to its directory if it is not next to the repository.
+The transcripts are kept in the repository under ``tests/data/conformance/ccproxy/``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,10 +43,9 @@ from protocol.ccproxy import (
     encode_frame,
     encode_payload,
 )
+from tests.paths import CCPROXY_TRANSCRIPTS
 
-REPO = Path(__file__).resolve().parents[2]
-CONFORMANCE = Path(os.environ.get("HYPERD_CONFORMANCE", REPO.parent / "shared" / "conformance"))
-TRANSCRIPTS = sorted((CONFORMANCE / "ccproxy").glob("*.json"))
+TRANSCRIPTS = sorted(CCPROXY_TRANSCRIPTS.glob("*.json"))
 OPCODE_COUNTS = {0: 7, 1: 7, 2: 4, 3: 1}
 
 
