@@ -1,0 +1,546 @@
+"""One client connection (runtime or shim) of the proxy.
+
+Frames are read continuously and queued; the queue is handled strictly in order, one frame at
+a time, so responses go out in request order and a command's side effects happen before the
+next frame's, as with the reference (which reads the next frame only after answering). A slow
+command (READY wait, shim wait, agent round trip) holds up only its own connection.
+
+Commands that finish at once are answered inline; agent round trips complete through a
+callback from the VM's ctl reader (no task per command); only commands that must wait for
+something else (RegisterVM, a shim, a process start) run as a task owned by the connection and
+cancelled when it closes. Every frame goes out with one ``write()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal as _signal
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Final, cast
+
+import msgspec
+
+from hyperd.proxy import texts
+from hyperd.proxy.gojson import GoDecodeError, decode
+from hyperd.proxy.relocate import PROCESS_COMMANDS, relocate
+from hyperd.proxy.sessions import IOSession
+from hyperd.proxy.vm import AgentVM
+from protocol import NEED_DATA, ProtocolError
+from protocol.ccproxy import (
+    AttachVM,
+    Command,
+    CommandReceived,
+    ConnectShim,
+    Hyper,
+    LogEntry,
+    RegisterVM,
+    ServerConnection,
+    Signal,
+    Stream,
+    StreamReceived,
+    UnregisterVM,
+)
+from protocol.hyperstart import (
+    HYPER,
+    Code,
+    KillCommand,
+    Reply,
+    SignalCommand,
+    UnknownCommand,
+    WindowSize,
+    WindowSizeMessage,
+    encode_message,
+)
+
+if TYPE_CHECKING:
+    from hyperd.proxy.server import Proxy
+
+log = logging.getLogger("hyperd.proxy.client")
+
+MAX_QUEUED: Final = 256  # frames read ahead of the one being handled; reading pauses beyond
+RESUME_QUEUED: Final = 64
+MAX_WRITE_BUFFER: Final = 64 << 20  # bytes queued to a client that does not read: drop it
+SIGNAL_LIMIT: Final = 31  # Go's SIGUNUSED on linux/amd64: 0 <= n < 31
+LOG_SOURCES: Final = frozenset(("shim", "runtime"))
+LOG_LEVELS: Final = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+}
+_KILL_SIGNALS: Final = frozenset((int(_signal.SIGKILL), int(_signal.SIGTERM)))
+_SIGWINCH: Final = int(_signal.SIGWINCH)
+_U16: Final = 0xFFFF
+
+_CLOSE: Final = object()  # queued after a protocol violation or EOF: close once reached
+_ASYNC: Final = object()  # a handler will answer later through a callback
+Handler = Callable[["ClientConnection", bytes], Any]
+
+
+def _decode(cls: Any, payload: bytes) -> Any:
+    try:
+        return decode(cls, payload)
+    except GoDecodeError as exc:
+        raise texts.CommandError(str(exc)) from None
+
+
+class ClientConnection(asyncio.Protocol):
+    """A client of the proxy: runtime until a successful ConnectShim, a shim after."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.conn = ServerConnection()
+        self.transport: asyncio.Transport | None = None
+        self.queue: deque[Any] = deque()
+        self.busy = False
+        self.closed = False
+        self.vm: AgentVM | None = None
+        self.session: IOSession | None = None
+        self._pumping = False
+        self._paused = False
+        self._task: asyncio.Task[None] | None = None
+
+    # -- transport -------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its interface
+        self.transport = cast(asyncio.Transport, transport)
+        self.proxy.clients.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        queue = self.queue
+        conn.receive_data(data)
+        try:
+            while True:
+                event = conn.next_event()
+                if event is NEED_DATA:
+                    break
+                queue.append(event)
+        except ProtocolError as exc:
+            log.debug("closing client after a protocol violation: %s", exc)
+            queue.append(_CLOSE)
+            self._pause()
+        else:
+            if len(queue) > MAX_QUEUED:
+                self._pause()
+        if not self.busy:
+            self._pump()
+
+    def eof_received(self) -> bool:
+        # finish what the client sent before closing (it may have half-closed after pipelining)
+        self.queue.append(_CLOSE)
+        if not self.busy:
+            self._pump()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed()
+
+    def _pause(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def write(self, data: bytes) -> None:
+        """Write one frame (one ``write()``); a client that stops reading is dropped."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        transport.write(data)
+        if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            log.warning("dropping a client that does not read its frames")
+            self.close()
+
+    def close(self) -> None:
+        """Close the connection (pending output is flushed first)."""
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self._closed()
+
+    def _closed(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.queue.clear()
+        self.proxy.clients.discard(self)
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        session, self.session = self.session, None
+        if session is not None:
+            session.detach_shim(self)
+
+    # -- shim output (ShimPeer) ------------------------------------------------------------------
+
+    def send_output(self, stream: int, data: bytes) -> None:
+        self.write(self.conn.send_stream(Stream(stream), data))
+
+    def send_exited(self, status: int) -> None:
+        self.write(self.conn.send_process_exited(status))
+
+    # -- in-order handling -----------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            queue = self.queue
+            while queue and not self.busy and not self.closed:
+                event = queue.popleft()
+                if event is _CLOSE:
+                    self.close()
+                    return
+                self.busy = True
+                if type(event) is CommandReceived:
+                    self._command(event.command, event.payload)
+                else:
+                    assert isinstance(event, StreamReceived)
+                    self._stream(event.stream, event.data)
+            if self._paused and len(queue) < RESUME_QUEUED and not self.closed:
+                self._paused = False
+                if self.transport is not None:
+                    self.transport.resume_reading()
+        finally:
+            self._pumping = False
+
+    def _resume(self) -> None:
+        self.busy = False
+        self._task = None
+        if not self._pumping:
+            self._pump()
+
+    def _command(self, command: Command, payload: bytes) -> None:
+        try:
+            result = _HANDLERS[command](self, payload)
+        except texts.CommandError as exc:
+            self.write(self.conn.send_error(command, exc.message))
+            result = None
+        if result is None:
+            self.busy = False
+        elif result is not _ASYNC:
+            self._task = asyncio.get_running_loop().create_task(self._run(command, result))
+
+    async def _run(self, command: Command, work: Coroutine[Any, Any, bytes]) -> None:
+        try:
+            payload = await work
+        except texts.CommandError as exc:
+            if not self.closed:
+                self.write(self.conn.send_error(command, exc.message))
+        except asyncio.CancelledError:
+            return  # the connection closed
+        except Exception as exc:  # a bug: answer rather than wedge the connection
+            log.exception("%s failed", command.name)
+            if not self.closed:
+                self.write(self.conn.send_error(command, str(exc) or type(exc).__name__))
+        else:
+            if not self.closed:
+                self.write(self.conn.send_response(command, payload))
+        self._resume()
+
+    def _answer(self, command: Command) -> Callable[[Reply | None, str | None], None]:
+        """A VM reply callback that answers ``command`` (ACK payload verbatim)."""
+
+        def done(reply: Reply | None, error: str | None) -> None:
+            if not self.closed:
+                if reply is None:
+                    self.write(self.conn.send_error(command, error or texts.NO_CTL_CHANNEL))
+                elif reply.ok:
+                    self.write(self.conn.send_response(command, reply.payload))
+                else:
+                    self.write(self.conn.send_error(command, texts.agent_error(reply.payload)))
+            self._resume()
+
+        return done
+
+    # -- commands --------------------------------------------------------------------------------
+
+    def _register_vm(self, payload: bytes) -> Coroutine[Any, Any, bytes]:
+        req: RegisterVM = _decode(RegisterVM, payload)
+        if not (req.containerId and req.ctlSerial and req.ioSerial):
+            # the reference registers and connects anyway, then answers this error
+            raise texts.CommandError(texts.MALFORMED_REGISTER)
+        vm = self.proxy.add_vm(req.containerId)
+        return self._connect(vm, req)
+
+    async def _connect(self, vm: AgentVM, req: RegisterVM) -> bytes:
+        proxy = self.proxy
+        try:
+            await vm.connect(req.ctlSerial, req.ioSerial, proxy.config.ready_timeout)
+        except BaseException:
+            proxy.drop_vm(vm)
+            raise
+        tokens = proxy.allocate(vm, req.numIOStreams)
+        self.vm = vm
+        return proxy.io_response(tokens)
+
+    def _attach_vm(self, payload: bytes) -> None:
+        req: AttachVM = _decode(AttachVM, payload)
+        proxy = self.proxy
+        vm = proxy.vms.get(req.containerId)
+        if vm is None:
+            raise texts.CommandError(texts.unknown_container(req.containerId))
+        tokens = proxy.allocate(vm, req.numIOStreams)
+        self.vm = vm
+        self.write(self.conn.send_response(Command.ATTACH_VM, proxy.io_response(tokens)))
+
+    def _unregister_vm(self, payload: bytes) -> None:
+        req: UnregisterVM = _decode(UnregisterVM, payload)
+        vm = self.proxy.vms.get(req.containerId)
+        if vm is None:
+            raise texts.CommandError(texts.unknown_container(req.containerId))
+        self.vm = None
+        self.write(self.conn.send_response(Command.UNREGISTER_VM))
+        self.proxy.unregister(vm)
+
+    def _hyper(self, payload: bytes) -> object:
+        req: Hyper = _decode(Hyper, payload)
+        vm = self.vm
+        if vm is None:
+            raise texts.CommandError(texts.NOT_ATTACHED)
+        name = req.hyperName
+        tokens = req.tokens or ()
+        data = b"" if req.data is msgspec.UNSET else bytes(req.data)
+        session: IOSession | None = None
+        if name in PROCESS_COMMANDS:
+            session = self._process_session(vm, tokens)
+            relocated = relocate(name, data, session.io_base, vm.dialect)
+            data = relocated.payload
+        elif tokens:
+            raise texts.CommandError(texts.no_tokens_needed(name, len(tokens)))
+        try:
+            code = vm.dialect.code_for(name)
+        except UnknownCommand:
+            raise texts.CommandError(texts.unknown_command(name)) from None
+        total = vm.frame_too_long(data)
+        if total is not None:
+            raise texts.CommandError(texts.message_too_long(total))
+        if session is None:
+            vm.request(name, code, data, self._answer(Command.HYPER))
+            return _ASYNC
+        session.used = True
+        session.container_id = relocated.container_id
+        session.process_id = relocated.process_id
+        session.terminal = relocated.terminal
+        session.is_exec = name != "newcontainer"
+        return self._start_process(vm, session, name, code, data)
+
+    def _process_session(self, vm: AgentVM, tokens: Any) -> IOSession:
+        if len(tokens) > 1:
+            raise texts.CommandError(texts.too_many_tokens(len(tokens)))
+        if not tokens:
+            return vm.null_session
+        token = tokens[0]
+        session = self.proxy.tokens.get(token)
+        if session is None or session.vm is not vm or session.freed:
+            raise texts.CommandError(texts.unknown_token_hyper(token))
+        if session.used:
+            raise texts.CommandError(texts.token_in_use(token))
+        return session
+
+    async def _start_process(
+        self, vm: AgentVM, session: IOSession, name: str, code: int, data: bytes
+    ) -> bytes:
+        try:
+            if not session.is_null and not session.shim_connected.is_set():
+                try:
+                    async with asyncio.timeout(self.proxy.config.shim_timeout):
+                        await session.shim_connected.wait()
+                except TimeoutError:
+                    raise texts.CommandError(texts.shim_timeout(session.token)) from None
+                if vm.lost:
+                    raise texts.CommandError(texts.NO_CTL_CHANNEL)
+                if session.freed:
+                    raise texts.CommandError(texts.unknown_token_hyper(session.token))
+            reply = await vm.call(name, code, data)
+        except BaseException:
+            session.used = False
+            raise
+        if not reply.ok:
+            session.used = False
+            raise texts.CommandError(texts.agent_error(reply.payload))
+        vm.bind_process(session)
+        session.process_started.set()
+        return reply.payload
+
+    def _connect_shim(self, payload: bytes) -> None:
+        req: ConnectShim = _decode(ConnectShim, payload)
+        token = req.token
+        session = self.proxy.tokens.get(token)
+        if session is None:
+            raise texts.CommandError(texts.unknown_token_connect(token))
+        if session.claimed:
+            raise texts.CommandError(texts.token_claimed(token))
+        if session.freed:
+            session.claimed = True  # as the reference: a second try says "already claimed"
+            raise texts.CommandError(texts.token_freed(token))
+        if self.session is not None and self.session is not session:
+            self.session.detach_shim(self)
+        self.session = session
+        session.attach_shim(self)
+        self.write(self.conn.send_response(Command.CONNECT_SHIM))
+        session.deliver_exit()
+
+    def _disconnect_shim(self, payload: bytes) -> None:
+        session = self.session
+        if session is None:
+            raise texts.CommandError(texts.NOT_A_SHIM)
+        self.session = None
+        session.vm.free_session(session)  # closes this connection: no response, as the reference
+        self.close()
+
+    def _signal(self, payload: bytes) -> object:
+        req: Signal = _decode(Signal, payload)
+        session = self.session
+        if session is None:
+            raise texts.CommandError(texts.NOT_A_SHIM)
+        number, columns, rows = req.signalNumber, req.columns, req.rows
+        if not 0 <= number < SIGNAL_LIMIT:
+            raise texts.CommandError(texts.invalid_signal(number))
+        if number == _SIGWINCH:
+            if not columns or not rows:
+                raise texts.CommandError(texts.bad_winsize(columns, rows))
+        elif columns or rows:
+            raise texts.CommandError(texts.size_with_signal(columns, rows, number))
+        started = session.process_started.is_set() and not session.freed
+        if not started and number in _KILL_SIGNALS:
+            # lets an orchestrator reap a container that was created but never started
+            self.write(self.conn.send_process_exited(0))
+            self.write(self.conn.send_response(Command.SIGNAL))
+            return None
+        if started:
+            return self._send_signal(session, number, columns, rows)
+        return self._signal_later(session, number, columns, rows)
+
+    async def _signal_later(
+        self, session: IOSession, number: int, columns: int, rows: int
+    ) -> bytes:
+        try:
+            async with asyncio.timeout(self.proxy.config.process_timeout):
+                await session.process_started.wait()
+        except TimeoutError:
+            raise texts.CommandError(texts.process_timeout(session.token)) from None
+        if session.freed:
+            raise texts.CommandError(texts.NO_CTL_CHANNEL)
+        vm = session.vm
+        name, code, data = self._signal_command(session, number, columns, rows)
+        reply = await vm.call(name, code, data)
+        if not reply.ok:
+            raise texts.CommandError(texts.agent_error(reply.payload))
+        return b""
+
+    def _send_signal(self, session: IOSession, number: int, columns: int, rows: int) -> object:
+        name, code, data = self._signal_command(session, number, columns, rows)
+        session.vm.request(name, code, data, self._answer_empty(Command.SIGNAL))
+        return _ASYNC
+
+    def _answer_empty(self, command: Command) -> Callable[[Reply | None, str | None], None]:
+        answer = self._answer(command)
+
+        def done(reply: Reply | None, error: str | None) -> None:
+            if reply is not None and reply.ok:
+                reply = Reply(reply.command, True, b"")
+            answer(reply, error)
+
+        return done
+
+    @staticmethod
+    def _signal_command(
+        session: IOSession, number: int, columns: int, rows: int
+    ) -> tuple[str, int, bytes]:
+        """The agent command carrying a shim's signal; raises CommandError if there is none."""
+        dialect = session.vm.dialect
+        if number == _SIGWINCH:
+            if dialect is HYPER:
+                body: Any = WindowSizeMessage(
+                    container=session.container_id,
+                    process=session.process_id,
+                    row=rows & _U16,
+                    column=columns & _U16,
+                )
+            else:
+                body = WindowSize(seq=session.io_base, row=rows & _U16, column=columns & _U16)
+            return "winsize", int(Code.WINSIZE), encode_message(body, dialect)
+        if session.is_exec:
+            if dialect.signal_process is None:
+                raise texts.CommandError(texts.exec_signal(number))
+            body = SignalCommand(
+                container=session.container_id, process=session.process_id, signal=number
+            )
+            return "signalprocess", dialect.signal_process, encode_message(body, dialect)
+        body = KillCommand(container=session.container_id, signal=number, all_processes=False)
+        return "killcontainer", int(Code.KILLCONTAINER), encode_message(body, dialect)
+
+    # -- streams ---------------------------------------------------------------------------------
+
+    def _stream(self, stream: Stream, data: bytes) -> None:
+        if stream is Stream.STDIN:
+            session = self.session
+            if session is None:
+                log.debug("closing client: stdin without a shim session")
+                self.close()
+                return
+            if session.process_started.is_set():
+                if session.freed:
+                    self.close()
+                    return
+                session.vm.write_stdin(session, data)
+                self.busy = False
+                return
+            self._task = asyncio.get_running_loop().create_task(self._stdin_later(session, data))
+            return
+        if stream is Stream.LOG:
+            self._log(data)
+            self.busy = False
+            return
+        self.close()  # pragma: no cover - the codec refuses output streams from clients
+
+    async def _stdin_later(self, session: IOSession, data: bytes) -> None:
+        try:
+            async with asyncio.timeout(self.proxy.config.process_timeout):
+                await session.process_started.wait()
+        except TimeoutError:
+            log.debug("closing shim: its process did not start in time")
+            self.close()
+            return
+        except asyncio.CancelledError:
+            return
+        if session.freed:
+            self.close()
+            return
+        session.vm.write_stdin(session, data)
+        self._resume()
+
+    def _log(self, data: bytes) -> None:
+        try:
+            entry: LogEntry = decode(LogEntry, data)
+        except GoDecodeError:
+            entry = LogEntry(source="", level="", msg="")
+        level = LOG_LEVELS.get(entry.level)
+        if entry.source not in LOG_SOURCES or level is None or not entry.msg:
+            log.debug("closing client after an invalid log entry")
+            self.close()
+            return
+        if log.isEnabledFor(level):
+            log.log(
+                level,
+                "%s",
+                entry.msg,
+                extra={"source": entry.source, "container": entry.containerId},
+            )
+
+
+_HANDLERS: Final[dict[Command, Handler]] = {
+    Command.REGISTER_VM: ClientConnection._register_vm,
+    Command.UNREGISTER_VM: ClientConnection._unregister_vm,
+    Command.ATTACH_VM: ClientConnection._attach_vm,
+    Command.HYPER: ClientConnection._hyper,
+    Command.CONNECT_SHIM: ClientConnection._connect_shim,
+    Command.DISCONNECT_SHIM: ClientConnection._disconnect_shim,
+    Command.SIGNAL: ClientConnection._signal,
+}
+
+__all__ = ["MAX_QUEUED", "MAX_WRITE_BUFFER", "ClientConnection"]

@@ -1,0 +1,463 @@
+"""One VM's agent: its ctl and tty channels, the agent command queue, and output routing.
+
+Design choices (see the package docstring for the why):
+
+- **One agent command outstanding per VM**, as the reference does. Commands from every client
+  of the VM queue here; the next is written when the previous one's reply arrived (or timed
+  out). Because nothing else is outstanding, an unsolicited ACK/ERROR is recognised as such
+  and dropped instead of being handed to the next command (the reference's FIFO goes out of
+  step for good).
+- A command that times out keeps its FIFO slot: its late reply is matched to it and discarded,
+  so later replies stay in step.
+- Either channel closing (or sending bytes that cannot be framed) means the VM is lost: every
+  queued or in-flight command is answered with ``No multicast available for CTL channel``,
+  every session is freed and its shim connection closed.
+- Toward a hyperhq agent a ctl frame is written header and body together; when the agent is
+  seen to send NEXT, longer frames go in chunks of at most 512 bytes, each after the previous
+  one was acknowledged. tty frames stay within 4096 bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, cast
+
+from hyperd.proxy import texts
+from hyperd.proxy.sessions import FIRST_IO_BASE, IO_STEP, NULL_IO_BASE, IOSession
+from protocol import NEED_DATA, ProtocolError, _NeedData
+from protocol.ccproxy import Stream
+from protocol.hyperstart import (
+    CC,
+    HYPER,
+    HYPER_API_VERSION_MIN,
+    HYPER_CHUNK,
+    MAX_CTL_FRAME,
+    MAX_TTY_FRAME_HYPER,
+    AsyncEvent,
+    Code,
+    Dialect,
+    HostCtlConnection,
+    HostTtyConnection,
+    MessageError,
+    NextAck,
+    Ready,
+    Reply,
+    TtyData,
+    TtyEof,
+    TtyExitStatus,
+    UnexpectedReply,
+)
+
+log = logging.getLogger("hyperd.proxy.vm")
+
+EXIT_GRACE: Final = 1.0  # hyperhq: seconds to wait for the stdio EOF after the exit event
+_U32: Final = struct.Struct(">I")
+_VERSION_SIZE: Final = 4  # GETVERSION's ACK payload: u32 APIVERSION
+
+ReplyCallback = Callable[[Reply | None, str | None], None]
+"""Called once with (reply, None) or (None, error text)."""
+
+
+@dataclass(slots=True)
+class _Request:
+    name: str
+    code: int
+    payload: bytes
+    callback: ReplyCallback | None  # None once answered (timeout, loss): the reply is discarded
+    timer: asyncio.TimerHandle | None = None
+
+
+class _Channel(asyncio.Protocol):
+    """One agent socket; hands bytes and the end of the stream to its VM."""
+
+    def __init__(self, on_data: Callable[[bytes], None], on_lost: Callable[[str], None]) -> None:
+        self._on_data = on_data
+        self._on_lost = on_lost
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its interface
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._on_data(data)
+
+    def eof_received(self) -> bool:
+        self._on_lost("EOF")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_lost("closed" if exc is None else str(exc))
+
+
+class AgentVM:
+    """A registered VM: agent channels, sessions by seq, the ctl command queue."""
+
+    def __init__(
+        self,
+        vm_id: str,
+        *,
+        dialect: Dialect | None,
+        agent_timeout: float | None,
+        on_lost: Callable[[AgentVM], None],
+    ) -> None:
+        self.id = vm_id
+        self.dialect: Dialect = dialect or CC
+        self._detect = dialect is None
+        self._agent_timeout = agent_timeout
+        self._on_lost_cb = on_lost
+        self._ctl = HostCtlConnection(self.dialect)
+        self._tty = HostTtyConnection(exit_status_frames=self.dialect is not HYPER)
+        self._ctl_channel: _Channel | None = None
+        self._tty_channel: _Channel | None = None
+        self._queue: deque[_Request] = deque()
+        self._inflight: deque[_Request] = deque()
+        self._live = 0  # requests in flight that still have a callback
+        self._partial: tuple[_Request, bytes, int] | None = None  # hyperhq: frame being paced
+        self._written = 0
+        self._acked = 0
+        self._paced = False  # the agent sends NEXT: pace ctl writes by it
+        self._ready: asyncio.Future[None] | None = None
+        self.lost = False
+        self.lost_event = asyncio.Event()
+        self.unregistered = False
+        self.sessions: dict[int, IOSession] = {}
+        self.by_process: dict[tuple[str, str], IOSession] = {}
+        self._next_io_base = FIRST_IO_BASE
+        self.null_session = IOSession("", self, NULL_IO_BASE)
+        self.sessions[NULL_IO_BASE] = self.null_session
+        self.sessions[NULL_IO_BASE + 1] = self.null_session
+
+    # -- connection ------------------------------------------------------------------------------
+
+    async def connect(self, ctl_path: str, tty_path: str, ready_timeout: float) -> None:
+        """Dial ctl then tty, wait for READY (and detect the dialect in auto mode).
+
+        Raises :class:`texts.CommandError` with the reference's text (Go's dial error, the
+        agent's unexpected first reply) or ours (READY timeout). On failure everything opened
+        is closed again.
+        """
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        try:
+            async with asyncio.timeout(ready_timeout):
+                self._ctl_channel = await self._dial(loop, ctl_path, self._ctl_data)
+                self._tty_channel = await self._dial(loop, tty_path, self._tty_data)
+                await self._ready
+                if self._detect:
+                    await self._detect_dialect()
+        except TimeoutError:
+            self.close()
+            raise texts.CommandError(texts.READY_TIMEOUT) from None
+        except BaseException:
+            self.close()
+            raise
+
+    async def _dial(
+        self, loop: asyncio.AbstractEventLoop, path: str, on_data: Callable[[bytes], None]
+    ) -> _Channel:
+        try:
+            _, channel = await loop.create_unix_connection(
+                lambda: _Channel(on_data, self.lose), path
+            )
+        except OSError as exc:
+            reason = (exc.strerror or str(exc)) if exc.errno else str(exc)
+            raise texts.CommandError(
+                texts.dial_error(path, reason[:1].lower() + reason[1:])
+            ) from None
+        if self.lost:  # closed while we were dialling
+            raise texts.CommandError(texts.AGENT_CLOSED)
+        return channel
+
+    async def _detect_dialect(self) -> None:
+        """GETVERSION: an ACK with a u32 >= 4243 means hyperhq; anything else (cc-agent answers
+        ERROR, H07 4242) means the CC dialect."""
+        reply = await self.call("version", Code.VERSION, b"")
+        if (
+            reply.ok
+            and len(reply.payload) >= _VERSION_SIZE
+            and _U32.unpack_from(reply.payload)[0] >= HYPER_API_VERSION_MIN
+        ):
+            self.dialect = HYPER
+            self._ctl.dialect = HYPER
+            self._tty.exit_status_frames = False
+        log.info("VM %s: agent dialect %s", self.id, self.dialect.name)
+
+    def close(self) -> None:
+        """Close the agent channels (the VM is then lost)."""
+        self.lose("closed by the proxy")
+
+    # -- ctl -------------------------------------------------------------------------------------
+
+    def frame_too_long(self, payload: bytes) -> int | None:
+        """The frame length if the CC host writer would refuse it (``message too long``)."""
+        total = 8 + len(payload)
+        if self.dialect is not HYPER and total > MAX_CTL_FRAME:
+            return total
+        return None
+
+    def request(self, name: str, code: int, payload: bytes, callback: ReplyCallback) -> None:
+        """Queue an agent command; ``callback`` gets its reply or an error text, exactly once."""
+        if self.lost:
+            callback(None, texts.NO_CTL_CHANNEL)
+            return
+        self._queue.append(_Request(name, code, payload, callback))
+        if not self._live and self._partial is None:
+            self._send_next()
+
+    async def call(self, name: str, code: int, payload: bytes) -> Reply:
+        """Send an agent command and wait for its reply (ACK or ERROR).
+
+        Raises :class:`texts.CommandError` when the VM is lost or the reply times out.
+        """
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+
+        def done(reply: Reply | None, error: str | None) -> None:
+            if future.done():
+                return
+            if reply is None:
+                future.set_exception(texts.CommandError(error or texts.NO_CTL_CHANNEL))
+            else:
+                future.set_result(reply)
+
+        self.request(name, code, payload, done)
+        return await future
+
+    def _send_next(self) -> None:
+        channel = self._ctl_channel
+        while self._queue and not self._live and self._partial is None:
+            req = self._queue.popleft()
+            if req.callback is None:
+                continue
+            if channel is None or channel.transport is None:
+                self._answer(req, None, texts.NO_CTL_CHANNEL)
+                continue
+            frame = self._ctl.send_command(req.code, req.payload)
+            self._inflight.append(req)
+            self._live += 1
+            if self._agent_timeout:
+                req.timer = asyncio.get_running_loop().call_later(
+                    self._agent_timeout, self._timed_out, req
+                )
+            if self._paced and self.dialect is HYPER and len(frame) > HYPER_CHUNK:
+                self._partial = (req, frame, 0)
+                self._write_chunk()
+            else:
+                self._written += len(frame)
+                channel.transport.write(frame)
+
+    def _write_chunk(self) -> None:
+        """hyperhq: write the next <= 512-byte piece of the frame being paced."""
+        assert self._partial is not None
+        req, frame, offset = self._partial
+        chunk = frame[offset : offset + HYPER_CHUNK]
+        offset += len(chunk)
+        self._partial = (req, frame, offset) if offset < len(frame) else None
+        self._written += len(chunk)
+        if self._ctl_channel is not None and self._ctl_channel.transport is not None:
+            self._ctl_channel.transport.write(chunk)
+
+    def _answer(self, req: _Request, reply: Reply | None, error: str | None) -> None:
+        callback, req.callback = req.callback, None
+        if req.timer is not None:
+            req.timer.cancel()
+            req.timer = None
+        if callback is not None:
+            callback(reply, error)
+
+    def _timed_out(self, req: _Request) -> None:
+        req.timer = None
+        if req.callback is None:
+            return
+        assert self._agent_timeout is not None
+        self._live -= 1
+        self._answer(req, None, texts.agent_timeout(req.name, self._agent_timeout))
+        if self._partial is not None and self._partial[0] is req:
+            # the agent stopped acknowledging: finish the frame so the stream stays framed
+            _, frame, offset = self._partial
+            self._partial = None
+            self._written += len(frame) - offset
+            if self._ctl_channel is not None and self._ctl_channel.transport is not None:
+                self._ctl_channel.transport.write(frame[offset:])
+        self._send_next()
+
+    def _ctl_data(self, data: bytes) -> None:
+        ctl = self._ctl
+        ctl.receive_data(data)
+        while True:
+            try:
+                event = ctl.next_event()
+            except MessageError as exc:  # a process event with bad JSON: the frame is consumed
+                log.warning("VM %s: bad process event: %s", self.id, exc)
+                continue
+            except ProtocolError as exc:
+                log.warning("VM %s: bad ctl data: %s", self.id, exc)
+                self.lose(f"bad ctl data: {exc}")
+                return
+            if event is NEED_DATA:
+                return
+            if isinstance(event, Reply):
+                self._on_reply(event)
+            elif isinstance(event, NextAck):
+                self._paced = True
+                self._acked += event.count
+                if self._partial is not None and self._acked >= self._written:
+                    self._write_chunk()
+            elif isinstance(event, AsyncEvent):
+                self._on_process_event(event)
+            elif isinstance(event, Ready):
+                if self._ready is not None and not self._ready.done():
+                    self._ready.set_result(None)
+            elif isinstance(event, UnexpectedReply):
+                self._on_unexpected(event)
+
+    def _on_reply(self, reply: Reply) -> None:
+        if not self._inflight:  # pragma: no cover - the codec reports these as unexpected
+            return
+        req = self._inflight.popleft()
+        if req.callback is not None:
+            self._live -= 1
+            self._answer(req, reply, None)
+        if not self._live and self._partial is None:
+            self._send_next()
+
+    def _on_unexpected(self, event: UnexpectedReply) -> None:
+        ready = self._ready
+        if ready is not None and not ready.done():
+            if event.code == Code.ERROR:
+                text = texts.agent_error(event.payload)
+            else:
+                text = texts.unexpected_reply(event.code, int(Code.READY), event.payload)
+            ready.set_exception(texts.CommandError(text))
+            return
+        log.warning("VM %s: dropped unsolicited agent message %d", self.id, event.code)
+
+    # -- tty -------------------------------------------------------------------------------------
+
+    def _tty_data(self, data: bytes) -> None:
+        tty = self._tty
+        tty.receive_data(data)
+        sessions = self.sessions
+        while True:
+            try:
+                event = tty.next_event()
+            except ProtocolError as exc:
+                log.warning("VM %s: bad tty data: %s", self.id, exc)
+                self.lose(f"bad tty data: {exc}")
+                return
+            if isinstance(event, _NeedData):
+                return
+            session = sessions.get(event.seq)
+            if session is None or session.is_null:
+                continue
+            if type(event) is TtyData:
+                shim = session.shim
+                if shim is not None:
+                    shim.send_output(
+                        Stream.STDOUT if event.seq == session.io_base else Stream.STDERR,
+                        event.data,
+                    )
+            elif type(event) is TtyEof:
+                session.terminated = True
+                if session.pending_status is not None:
+                    # hyperhq: the exit event came first; deliver it now that output is drained
+                    session.exited(session.pending_status)
+            elif type(event) is TtyExitStatus and session.terminated:
+                session.exited(event.status)
+
+    def _on_process_event(self, event: AsyncEvent) -> None:
+        info = event.event
+        session = self.by_process.get((info.container, info.process))
+        if session is None:
+            log.debug(
+                "VM %s: exit event for unknown process %s/%s", self.id, info.container, info.process
+            )
+            return
+        status = info.status & 0xFF
+        if session.terminated:
+            session.exited(status)
+            return
+        # the tty EOF has not arrived yet (channels are not ordered): wait a little for it
+        session.pending_status = status
+        session.grace = asyncio.get_running_loop().call_later(EXIT_GRACE, self._grace_over, session)
+
+    def _grace_over(self, session: IOSession) -> None:
+        session.grace = None
+        session.exited(session.pending_status or 0)
+
+    def write_stdin(self, session: IOSession, data: bytes) -> None:
+        """Forward stdin of ``session``; ``b""`` is EOF (``^D`` for a hyperhq terminal)."""
+        channel = self._tty_channel
+        if channel is None or channel.transport is None or self.lost:
+            return
+        if self.dialect is HYPER:
+            if not data and session.terminal:
+                data = b"\x04"
+            frames = self._tty.send_stdin(session.io_base, data, max_frame=MAX_TTY_FRAME_HYPER)
+        else:
+            frames = self._tty.send_stdin(session.io_base, data, max_frame=MAX_CTL_FRAME)
+        channel.transport.write(frames)
+
+    # -- sessions --------------------------------------------------------------------------------
+
+    def new_session(self, token: str) -> IOSession:
+        """Allocate the next pair of seqs for ``token``."""
+        session = IOSession(token, self, self._next_io_base)
+        self._next_io_base += IO_STEP
+        if not self.lost:
+            self.sessions[session.io_base] = session
+            self.sessions[session.io_base + 1] = session
+        else:
+            session.free()
+        return session
+
+    def bind_process(self, session: IOSession) -> None:
+        """Index ``session`` by (container, process id) for hyperhq exit events."""
+        if not session.is_null:
+            self.by_process[(session.container_id, session.process_id)] = session
+
+    def free_session(self, session: IOSession) -> None:
+        """Forget ``session``'s seqs and close its shim (DisconnectShim)."""
+        for seq in (session.io_base, session.io_base + 1):
+            if self.sessions.get(seq) is session:
+                del self.sessions[seq]
+        key = (session.container_id, session.process_id)
+        if self.by_process.get(key) is session:
+            del self.by_process[key]
+        session.free()
+
+    # -- loss ------------------------------------------------------------------------------------
+
+    def lose(self, reason: str) -> None:
+        """The VM is gone: answer every command, free every session, close the channels."""
+        if self.lost:
+            return
+        self.lost = True
+        log.info("VM %s lost: %s", self.id, reason)
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(texts.CommandError(texts.AGENT_CLOSED))
+        for channel in (self._ctl_channel, self._tty_channel):
+            if channel is not None and channel.transport is not None:
+                channel.transport.close()
+        pending = list(self._inflight) + list(self._queue)
+        self._inflight.clear()
+        self._queue.clear()
+        self._partial = None
+        self._live = 0
+        for req in pending:
+            self._answer(req, None, texts.NO_CTL_CHANNEL)
+        sessions = {id(s): s for s in self.sessions.values()}
+        self.sessions.clear()
+        self.by_process.clear()
+        for session in sessions.values():
+            session.free()
+        self.lost_event.set()
+        self._on_lost_cb(self)
+
+
+__all__ = ["EXIT_GRACE", "AgentVM", "ReplyCallback"]
