@@ -57,10 +57,6 @@ class ProxyProcess:
                 self.proc.wait()
         return self.proc.returncode
 
-    def stderr(self) -> str:
-        assert self.proc.stderr is not None
-        return self.proc.stderr.read().decode(errors="replace") if self.proc.poll() is not None else ""
-
 
 def spawn_proxy(
     sock: Path | str,
@@ -135,9 +131,9 @@ class RawClient:
     async def stream_frame(self, stream: Stream, data: bytes) -> None:
         await self.send(encode_frame(Frame(FrameType.STREAM, stream, data)))
 
-    async def frame(self, timeout: float = IO_DEADLINE) -> Frame:
+    async def frame(self, deadline: float = IO_DEADLINE) -> Frame:
         """The next frame; fails if none arrives in time or the proxy closed the connection."""
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(deadline):
             while True:
                 frame = self.decoder.next_frame()
                 if frame is not None:
@@ -166,9 +162,9 @@ class RawClient:
             return False, msgspec.json.decode(frame.payload)["msg"]
         return True, msgspec.json.decode(frame.payload) if frame.payload else frame.payload
 
-    async def expect_eof(self, timeout: float = IO_DEADLINE) -> None:
+    async def expect_eof(self, deadline: float = IO_DEADLINE) -> None:
         """The proxy closes the connection without sending another frame."""
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(deadline):
             while True:
                 assert self.decoder.next_frame() is None
                 data = await self._receive()
@@ -179,7 +175,7 @@ class RawClient:
     async def no_frame(self, wait: float = 0.2) -> None:
         """Nothing arrives within ``wait`` seconds."""
         with anyio.move_on_after(wait):
-            frame = await self.frame(timeout=wait + 1)
+            frame = await self.frame(deadline=wait + 1)
             raise AssertionError(f"unexpected frame {frame}")
 
     async def aclose(self) -> None:
@@ -262,14 +258,14 @@ class Agent:
         assert self.tty is not None
         await self.tty.send(encode_tty(seq, data))
 
-    async def wait_commands(self, count: int, timeout: float = IO_DEADLINE) -> list[CtlFrame]:
-        with anyio.fail_after(timeout):
+    async def wait_commands(self, count: int, deadline: float = IO_DEADLINE) -> list[CtlFrame]:
+        with anyio.fail_after(deadline):
             while len(self.commands) < count:
                 await self.got_command.wait()
         return self.commands
 
-    async def wait_stdin(self, count: int, timeout: float = IO_DEADLINE) -> list[TtyFrame]:
-        with anyio.fail_after(timeout):
+    async def wait_stdin(self, count: int, deadline: float = IO_DEADLINE) -> list[TtyFrame]:
+        with anyio.fail_after(deadline):
             while len(self.stdin) < count:
                 await self.got_stdin.wait()
         return self.stdin
@@ -305,9 +301,7 @@ async def agent_running(directory: Path, name: str = "vm", **kw: Any) -> AsyncIt
                     await stream.aclose()
 
 
-async def register(
-    client: RawClient, vm_id: str, agent: Agent, streams: int = 0
-) -> list[str]:
+async def register(client: RawClient, vm_id: str, agent: Agent, streams: int = 0) -> list[str]:
     """RegisterVM on ``client``; returns the tokens."""
     payload: dict[str, Any] = {
         "containerId": vm_id,
