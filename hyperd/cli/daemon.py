@@ -13,6 +13,7 @@ simulated VMs behind a per-pod hyperd-proxy, everything under one base directory
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -102,6 +103,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"hyperd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(config.log.level, config.log.format)
+    # pyroute2 logs every netlink message at debug level: keep it out of hyperd's debug log
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
     activated = notify.listen_fds()  # before the event loop: systemd socket activation
 
     import anyio

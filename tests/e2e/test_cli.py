@@ -1,0 +1,113 @@
+"""hyperctl against a real daemon; events; restart adoption."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tests.e2e.conftest import Hyperd, create_and_start, exec_and_start, rpc, start_pod
+
+pytestmark = [pytest.mark.e2e, pytest.mark.root]
+
+CLI_TIMEOUT = 60
+
+
+def hyperctl(hyperd: Hyperd, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "hyperd.cli.ctl", "--socket", hyperd.socket, *args],
+        input=stdin,
+        capture_output=True,
+        timeout=CLI_TIMEOUT,
+        check=False,
+    )
+
+
+def test_hyperctl_run_and_tables(hyperd: Hyperd, busybox_rootfs: Path) -> None:
+    r = hyperctl(hyperd, "run", "demo", "--rootfs", str(busybox_rootfs), "--",
+                 "sh", "-c", "echo hi; cat; echo oops >&2; exit 7", stdin=b"from stdin\n")
+    assert r.returncode == 7, r.stderr
+    assert r.stdout == b"hi\nfrom stdin\n"
+    assert r.stderr == b"oops\n"
+
+    # the default rootfs: built from the host's busybox under the base dir
+    r = hyperctl(hyperd, "run", "demo", "--no-stdin", "--", "sh", "-c", "echo default")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"default\n"
+    assert (hyperd.base / "rootfs" / "busybox" / "bin" / "busybox").exists()
+
+    r = hyperctl(hyperd, "pod", "list")
+    assert r.returncode == 0
+    header, row = r.stdout.decode().splitlines()
+    assert header.split()[:3] == ["ID", "STATE", "BACKEND"]
+    assert row.split()[:3] == ["demo", "running", "sim"]
+
+    r = hyperctl(hyperd, "container", "list", "demo")
+    assert r.returncode == 0
+    lines = r.stdout.decode().splitlines()
+    assert lines[0].split()[:3] == ["POD", "ID", "STATE"]
+    assert len(lines) == 3 and all("stopped" in line for line in lines[1:])
+
+    r = hyperctl(hyperd, "--json", "pod", "inspect", "demo")
+    assert r.returncode == 0 and b'"state": "running"' in r.stdout
+
+    r = hyperctl(hyperd, "pod", "delete", "demo")
+    assert r.returncode == 1
+    assert b"running" in r.stderr and b"[invalid_state]" in r.stderr
+
+    assert hyperctl(hyperd, "pod", "stop", "demo").returncode == 0
+    assert hyperctl(hyperd, "pod", "delete", "demo").returncode == 0
+    assert hyperctl(hyperd, "version").returncode == 0
+
+
+@pytest.mark.anyio
+async def test_events_are_pushed(hyperd: Hyperd, busybox_rootfs: Path) -> None:
+    with anyio.fail_after(30):
+        async with rpc(hyperd.socket) as watcher, rpc(hyperd.socket) as c:
+            assert await watcher.call("events.subscribe", {}) == {"subscribed": True}
+            await start_pod(c, "ev")
+            started = await create_and_start(c, "ev", "c", busybox_rootfs, ["true"])
+            await started.wait()
+            seen = []
+            while ("container", "running") not in seen:
+                note = await watcher.next_notification()
+                assert note["method"] == "event"
+                event = note["params"]
+                assert event["pod"] == "ev"
+                seen.append((event["kind"], event["state"]))
+            assert seen[:3] == [("pod", "created"), ("pod", "running"), ("container", "created")]
+
+
+@pytest.mark.anyio
+async def test_restart_leaves_pods_running(hyperd_factory: Hyperd, busybox_rootfs: Path) -> None:
+    hyperd_factory.start(stop_pods_on_exit=False)
+    with anyio.fail_after(60):
+        async with rpc(hyperd_factory.socket) as c:
+            pod = await start_pod(c, "keep")
+            long = await create_and_start(c, "keep", "c", busybox_rootfs, ["sleep", "1000"])
+        assert hyperd_factory.stop() == 0
+        for pid in (pod["vm_pid"], pod["proxy_pid"]):
+            assert Path(f"/proc/{pid}").exists(), "a helper process died with the daemon"
+
+        hyperd_factory.start()  # this time stop the pods on exit (cleanup)
+        async with rpc(hyperd_factory.socket) as c:
+            info = await c.call("pod.inspect", {"id": "keep"})
+            assert info["state"] == "running"
+            assert (info["vm_pid"], info["proxy_pid"]) == (pod["vm_pid"], pod["proxy_pid"])
+            assert (await c.call("container.inspect", {"pod": "keep", "id": "c"}))[
+                "state"
+            ] == "running"
+            ps = await c.call("container.ps", {"pod": "keep", "id": "c"})
+            assert "sleep" in ps["output"]
+            ex = await exec_and_start(c, "keep", "c", ["echo", "still here"])
+            assert await ex.wait() == 0
+            assert ex.stdout == b"still here\n"
+            await c.call("pod.stop", {"id": "keep"})
+        await long.shim.aclose()
+    assert not os.path.exists(f"/proc/{pod['vm_pid']}/cmdline") or b"hyperd" not in Path(
+        f"/proc/{pod['vm_pid']}/cmdline"
+    ).read_bytes()

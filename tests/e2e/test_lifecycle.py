@@ -1,0 +1,128 @@
+"""A pod's whole life through the RPC socket, with real hyperd, hyperd-proxy and hyperd-sim."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from hyperd.cli.client import RPCError
+from tests.e2e.conftest import (
+    Hyperd,
+    create_and_start,
+    exec_and_start,
+    mounts_under,
+    rpc,
+    start_pod,
+)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.root]
+
+DEADLINE = 30.0
+
+
+async def test_pod_container_exec_ps_kill_stop_delete(
+    hyperd: Hyperd, netns: str, busybox_rootfs: Path
+) -> None:
+    with anyio.fail_after(DEADLINE * 2):
+        async with rpc(hyperd.socket) as c:
+            pod = await start_pod(c, "p1", netns=netns, hostname="h" * 70)
+            assert pod["state"] == "running"
+            assert pod["dialect"] == "cc"
+
+            # what STARTPOD carried: IPv4 only, the default route as "default", hostname cut
+            startpod = [r for r in hyperd.records("p1") if r["name"] == "startpod"]
+            assert len(startpod) == 1
+            payload = startpod[0]["payload"]
+            assert payload["hostname"] == "h" * 64
+            assert payload["shareDir"] == "hyperShared"
+            (iface,) = payload["interfaces"]
+            assert iface["newDeviceName"] == "eth0"
+            assert iface["ipAddresses"] == [{"ipAddress": "10.200.7.2", "netMask": "24"}]
+            assert iface["mtu"] == 1400
+            assert "fd00" not in str(payload)
+            assert {"dest": "default", "gateway": "10.200.7.1", "device": "eth0"} in payload[
+                "routes"
+            ]
+            assert all(":" not in r["dest"] for r in payload["routes"])
+
+            # a short-lived container: output and exit status through the proxy
+            short = await create_and_start(
+                c, "p1", "c1", busybox_rootfs, ["sh", "-c", "echo out; echo err >&2; exit 3"]
+            )
+            assert await short.wait() == 3
+            assert short.stdout == b"out\n"
+            assert short.stderr == b"err\n"
+            rootfs_mount = str(hyperd.base / "shared" / "p1" / "c1" / "rootfs")
+            assert rootfs_mount in mounts_under(str(hyperd.base))
+
+            # a long-running one: exec, ps, kill
+            long = await create_and_start(
+                c, "p1", "c2", busybox_rootfs, ["sh", "-c", "echo up; exec sleep 1000"]
+            )
+            with pytest.raises(RPCError) as err:
+                await c.call("container.start", {"pod": "p1", "id": "c2"})
+            assert err.value.kind == "invalid_state"
+            assert "c2" in err.value.message
+
+            ex = await exec_and_start(c, "p1", "c2", ["sh", "-c", "echo hello; exit 5"])
+            assert await ex.wait() == 5
+            assert ex.stdout == b"hello\n"
+
+            ps = await c.call("container.ps", {"pod": "p1", "id": "c2"})
+            assert "sleep" in ps["output"]
+
+            listed = await c.call("container.list", {"pod": "p1"})
+            assert {x["id"] for x in listed["containers"]} == {"c1", "c2"}
+
+            await c.call("container.kill", {"pod": "p1", "id": "c2", "signal": "KILL"})
+            with anyio.fail_after(10):
+                status = await long.wait()
+            assert status is not None
+            assert long.stdout.startswith(b"up\n")
+
+            for cid in ("c1", "c2"):
+                stopped = await c.call("container.stop", {"pod": "p1", "id": cid})
+                assert stopped["state"] == "stopped"
+            assert not [m for m in mounts_under(str(hyperd.base)) if "/c1" in m or "/c2" in m]
+
+            with pytest.raises(RPCError) as err:
+                await c.call("pod.delete", {"id": "p1"})
+            assert err.value.kind == "invalid_state"
+
+            stopped_pod = await c.call("pod.stop", {"id": "p1"})
+            assert stopped_pod["state"] == "stopped"
+            assert stopped_pod["vm_pid"] is None and stopped_pod["proxy_pid"] is None
+            pod_pids = [pod["vm_pid"], pod["proxy_pid"]]
+            assert not [p for p in pod_pids if Path(f"/proc/{p}").exists()
+                        and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]]
+            assert mounts_under(str(hyperd.base)) == []
+
+            await c.call("pod.delete", {"id": "p1"})
+            assert (await c.call("pod.list"))["pods"] == []
+            with pytest.raises(RPCError) as err:
+                await c.call("pod.inspect", {"id": "p1"})
+            assert err.value.kind == "not_found"
+
+
+async def test_kill_before_start_signals_the_shim_pid(hyperd: Hyperd, busybox_rootfs: Path) -> None:
+    import subprocess
+
+    with anyio.fail_after(DEADLINE):
+        async with rpc(hyperd.socket) as c:
+            await start_pod(c, "p2")
+            fake_shim = subprocess.Popen(["sleep", "100"])
+            try:
+                await c.call(
+                    "container.create",
+                    {"pod": "p2", "id": "c", "rootfs": {"path": str(busybox_rootfs)},
+                     "process": {"args": ["true"]}, "shim_pid": fake_shim.pid},
+                )
+                result = await c.call("container.kill", {"pod": "p2", "id": "c", "signal": 15})
+                assert result["target"] == "shim"
+                assert await anyio.to_thread.run_sync(fake_shim.wait) == -15
+            finally:
+                fake_shim.kill()
+                fake_shim.wait()
+            await c.call("pod.stop", {"id": "p2"})
