@@ -6,8 +6,9 @@ command written, and hands each response to the oldest slot. A caller that gives
 cancellation) leaves its slot in place; the reply that eventually arrives for it is discarded, so
 no reply ever reaches the wrong caller.
 
-Cost model (the hot path): a command costs one payload encode, one future and one cancel scope;
-no task is created per command. Frames are appended to an output buffer and flushed by a loop
+Cost model (the hot path): a command costs one payload encode, one future and one heap push
+(deadlines are served by one timer per connection, not a cancel scope per command); no task is
+created per command. Frames are appended to an output buffer and flushed by a loop
 callback scheduled once per event-loop iteration, so the frames of every caller that enqueued in
 the same iteration go out in one ``send()``, whole frames only (the reference proxy reads a
 header with a single ``read()``). Only when the socket buffer is full does the writer task take
@@ -17,7 +18,9 @@ over. One reader task owns ``receive()`` and resolves the callers' futures direc
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
+import math
 import socket
 from collections import deque
 from time import monotonic
@@ -43,6 +46,10 @@ log = logging.getLogger(__name__)
 
 RECEIVE_SIZE: Final = 256 * 1024
 """Bytes asked of one ``receive()``: large enough to take many pipelined replies in one call."""
+
+COMPACT_FACTOR: Final = 2
+COMPACT_SLACK: Final = 64
+"""The deadline heap is compacted when it holds more than FACTOR x live slots + SLACK entries."""
 
 AGENT_ERROR_PREFIX: Final = "ERROR received from VM agent"
 """How the proxy words an agent's ERROR reply (ccproxy spec §9); anything else is the proxy's."""
@@ -106,6 +113,10 @@ class VMConnection:
         self._flush_scheduled = False
         self._backlog: bytes | None = None  # bytes the writer task is pushing; None = idle
         self._writer_wakeup = anyio.Event()
+        self._deadlines: list[tuple[float, int, _Slot]] = []
+        self._sequence = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
         self._closed = False
         self._closed_event = anyio.Event()
         self._run_scope: anyio.CancelScope | None = None
@@ -183,27 +194,68 @@ class VMConnection:
             raise InvalidParams(f"VM {self.vm_id}: {name}: {exc}") from None
         future: asyncio.Future[bytes] = self._loop.create_future()
         start = monotonic()
-        self._slots.append(_Slot(future, name, start, start + timeout))
+        slot = _Slot(future, name, start, start + timeout)
+        self._slots.append(slot)
         self._outbuf.append(frame)
         self._unwritten += 1
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
+        self._arm(slot)
         try:
-            with anyio.move_on_after(timeout):
-                return await future
+            return await future
         except BaseException:
-            # Cancelled from outside: the slot stays, its reply will be discarded.
-            if future.done() and not future.cancelled():
-                future.exception()  # retrieved: no "never retrieved" noise
-            else:
+            # Timeout (set by the deadline timer) or cancelled from outside: either way the slot
+            # stays in the FIFO and its reply will be discarded.
+            if not future.done():
                 future.cancel()
             raise
-        if future.done() and not future.cancelled():
-            return future.result()  # the reply won the race against the deadline
-        future.cancel()
-        self._counters.timed_out += 1
-        raise Timeout(f"VM {self.vm_id}: {name}: no reply from the proxy within {timeout:g}s")
+
+    # -- deadlines ---------------------------------------------------------------------------
+    # One timer per connection instead of a cancel scope per command: a heap of deadlines, the
+    # timer armed for the earliest. Answered slots are dropped lazily (at the top, or by
+    # compaction when they outnumber the live ones).
+
+    def _arm(self, slot: _Slot) -> None:
+        deadlines = self._deadlines
+        self._sequence += 1
+        heapq.heappush(deadlines, (slot.deadline, self._sequence, slot))
+        if len(deadlines) > COMPACT_FACTOR * len(self._slots) + COMPACT_SLACK:
+            self._deadlines = deadlines = [d for d in deadlines if not d[2].future.done()]
+            heapq.heapify(deadlines)
+        timer = self._timer
+        if timer is None or slot.deadline < self._timer_at:
+            if timer is not None:
+                timer.cancel()
+            self._schedule(slot.deadline)
+
+    def _schedule(self, deadline: float) -> None:
+        if math.isinf(deadline):
+            self._timer = None
+            return
+        self._timer_at = deadline
+        self._timer = self._loop.call_later(max(deadline - monotonic(), 0.0), self._expire)
+
+    def _expire(self) -> None:
+        """Timer callback: fail every caller whose deadline has passed with :class:`Timeout`."""
+        self._timer = None
+        now = monotonic()
+        deadlines = self._deadlines
+        while deadlines:
+            deadline, _, slot = deadlines[0]
+            future = slot.future
+            if future.done():
+                heapq.heappop(deadlines)
+                continue
+            if deadline > now:
+                self._schedule(deadline)
+                return
+            heapq.heappop(deadlines)
+            self._counters.timed_out += 1
+            limit = f"{slot.deadline - slot.start:g}s"
+            future.set_exception(
+                Timeout(f"VM {self.vm_id}: {slot.label}: no reply from the proxy within {limit}")
+            )
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -347,6 +399,10 @@ class VMConnection:
                     VMUnavailable(f"VM {self.vm_id}: {reason}; {slot.label} not sent")
                 )
         self._slots.clear()
+        self._deadlines.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._outbuf.clear()
         self._unwritten = 0
         self._backlog = None

@@ -188,3 +188,26 @@ async def test_close_fails_queued_and_in_flight(anyio_backend: Any, short_tmp: P
             conn.close("closed by the test")
         assert len(errors) == 1 and isinstance(errors[0], ConnectionLost)
         assert "closed by the test" in str(errors[0])
+
+
+async def test_each_caller_has_its_own_deadline(anyio_backend: Any, short_tmp: Path) -> None:
+    async with serving(short_tmp) as proxy, connected(proxy) as conn:
+        proxy.hold()
+        ended: dict[float, float] = {}
+        start = anyio.current_time()
+
+        async def call(limit: float) -> None:
+            with pytest.raises(Timeout, match=f"within {limit:g}s"):
+                await conn.command(Command.HYPER, echo(limit), timeout=limit)
+            ended[limit] = anyio.current_time() - start
+
+        async with anyio.create_task_group() as tg:
+            for timeout in (0.4, 0.1, 0.3, 0.2):  # a later command may have an earlier deadline
+                tg.start_soon(call, timeout)
+        assert sorted(ended, key=ended.__getitem__) == [0.1, 0.2, 0.3, 0.4]
+        for timeout, elapsed in ended.items():
+            assert timeout <= elapsed + 0.01 < timeout + 0.2
+        proxy.release()
+        # the four late replies are discarded; the next caller still gets its own
+        assert await conn.command(Command.HYPER, echo("own"), timeout=5) == b'"own"'
+        assert conn.statistics().discarded == 4
