@@ -72,18 +72,38 @@ def show(result: Any, args: argparse.Namespace) -> None:
         print(json.dumps(result, indent=2, sort_keys=True))
         return
     if isinstance(result, dict) and "pods" in result and isinstance(result["pods"], list):
-        print(table(result["pods"], ["id", "state", "backend", "proxy_mode", "dialect",
-                                     "containers", "created_at"]))
-    elif isinstance(result, dict) and isinstance(result.get("containers"), list) and (
-        "id" not in result
+        print(
+            table(
+                result["pods"],
+                ["id", "state", "backend", "proxy_mode", "dialect", "containers", "created_at"],
+            )
+        )
+    elif (
+        isinstance(result, dict)
+        and isinstance(result.get("containers"), list)
+        and ("id" not in result)
     ):
         print(table(result["containers"], ["pod", "id", "state", "args", "exit_status"]))
     elif isinstance(result, dict) and "output" in result and len(result) == 1:
         sys.stdout.write(str(result["output"]))
     elif isinstance(result, dict) and "vms" in result:
         rows = [{"pod": k, **v} for k, v in sorted(result["vms"].items())]
-        print(table(rows, ["pod", "reachable", "queued", "in_flight", "sent", "failed",
-                           "timed_out", "reconnects", "last_rtt"]))
+        print(
+            table(
+                rows,
+                [
+                    "pod",
+                    "reachable",
+                    "queued",
+                    "in_flight",
+                    "sent",
+                    "failed",
+                    "timed_out",
+                    "reconnects",
+                    "last_rtt",
+                ],
+            )
+        )
     elif isinstance(result, dict):
         for key in sorted(result):
             value = result[key]
@@ -136,8 +156,10 @@ def _mounts(specs: list[str] | None) -> list[dict[str, Any]]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hyperctl", description="control hyperd")
-    parser.add_argument("--socket", help="hyperd's RPC socket (default: $HYPERD_SOCKET or the "
-                        "embedded default's socket)")
+    parser.add_argument(
+        "--socket",
+        help="hyperd's RPC socket (default: $HYPERD_SOCKET or the embedded default's socket)",
+    )
     parser.add_argument("--json", action="store_true", help="print raw JSON results")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -271,8 +293,12 @@ async def _rpc(args: argparse.Namespace, client: RPCClient) -> Any:
         base = {"pod": args.pod, "id": args.id}
         if verb == "create":
             args.cmd = _strip_dashes(args.cmd)
-            params = {**base, "rootfs": {"path": args.rootfs, "readonly": args.readonly},
-                      "process": _process(args), "mounts": _mounts(args.mount)}
+            params = {
+                **base,
+                "rootfs": {"path": args.rootfs, "readonly": args.readonly},
+                "process": _process(args),
+                "mounts": _mounts(args.mount),
+            }
             if args.shim_pid:
                 params["shim_pid"] = args.shim_pid
             return await client.call("container.create", params)
@@ -303,10 +329,16 @@ async def _events(client: RPCClient, args: argparse.Namespace) -> None:
         if args.json:
             print(json.dumps(event, sort_keys=True), flush=True)
         else:
-            extra = " ".join(f"{k}={v}" for k, v in sorted(event.items())
-                             if k not in ("kind", "pod", "state", "time"))
-            print(f"{_cell(event.get('time'))} {event.get('kind')} {event.get('pod')} "
-                  f"{event.get('state')} {extra}".rstrip(), flush=True)
+            extra = " ".join(
+                f"{k}={v}"
+                for k, v in sorted(event.items())
+                if k not in ("kind", "pod", "state", "time")
+            )
+            print(
+                f"{_cell(event.get('time'))} {event.get('kind')} {event.get('pod')} "
+                f"{event.get('state')} {extra}".rstrip(),
+                flush=True,
+            )
 
 
 async def _forward_stdin(shim: ShimClient) -> None:
@@ -371,13 +403,16 @@ async def _run(client: RPCClient, args: argparse.Namespace) -> int:
     cid = args.name or "run-" + secrets.token_hex(4)
     created = await client.call(
         "container.create",
-        {"pod": args.pod, "id": cid, "rootfs": {"path": args.rootfs},
-         "process": process},
+        {"pod": args.pod, "id": cid, "rootfs": {"path": args.rootfs}, "process": process},
     )
     try:
         return await attach_and_start(
-            client, created["proxy_url"], created["token"], "container.start",
-            {"pod": args.pod, "id": cid}, stdin=not args.no_stdin,
+            client,
+            created["proxy_url"],
+            created["token"],
+            "container.start",
+            {"pod": args.pod, "id": cid},
+            stdin=not args.no_stdin,
         )
     finally:
         if not args.keep:
@@ -394,8 +429,12 @@ async def _exec_run(client: RPCClient, args: argparse.Namespace) -> int:
         "exec.create", {"pod": args.pod, "container": args.container, "process": _process(args)}
     )
     return await attach_and_start(
-        client, created["proxy_url"], created["token"], "exec.start",
-        {"pod": args.pod, "exec_id": created["exec_id"]}, stdin=True,
+        client,
+        created["proxy_url"],
+        created["token"],
+        "exec.start",
+        {"pod": args.pod, "exec_id": created["exec_id"]},
+        stdin=True,
     )
 
 
@@ -403,8 +442,10 @@ async def _main(args: argparse.Namespace) -> int:
     try:
         client = await RPCClient.connect(args.socket)
     except OSError as exc:
-        print(f"hyperctl: cannot connect to hyperd at {args.socket}: {exc.strerror or exc}",
-              file=sys.stderr)
+        print(
+            f"hyperctl: cannot connect to hyperd at {args.socket}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return EXIT_ERROR
     async with client:
         if args.command == "events":
@@ -441,4 +482,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -75,5 +75,6 @@ def default_rootfs(socket: str) -> Path:
     try:
         return build_busybox_rootfs(root)
     except OSError as exc:
-        raise RootfsError(f"cannot build the default rootfs in {root}: {exc}; pass --rootfs DIR") \
-            from None
+        raise RootfsError(
+            f"cannot build the default rootfs in {root}: {exc}; pass --rootfs DIR"
+        ) from None

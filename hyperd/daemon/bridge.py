@@ -65,8 +65,9 @@ def container_message(pod: PodRecord, c: ContainerRecord, layout: list[MountReco
     dialect = dialect_of(pod)
     process = agent.build_process(c.process, dialect, process_id=process_id_of_init(c))
     volumes = [
-        SharedMount(source=m.source, destination=m.destination, read_only=m.read_only,
-                    host_path=m.target)
+        SharedMount(
+            source=m.source, destination=m.destination, read_only=m.read_only, host_path=m.target
+        )
         for m in layout
         if m.purpose == "volume"
     ]
@@ -170,11 +171,24 @@ def _mount_container(pod: PodRecord, c: ContainerRecord) -> list[MountRecord]:
     )
     records = []
     if made.rootfs is not None and c.rootfs.path is not None:
-        records.append(MountRecord(target=made.rootfs, source=c.rootfs.path, purpose="rootfs",
-                                   read_only=c.rootfs.readonly))
+        records.append(
+            MountRecord(
+                target=made.rootfs,
+                source=c.rootfs.path,
+                purpose="rootfs",
+                read_only=c.rootfs.readonly,
+            )
+        )
     for v in made.volumes:
-        records.append(MountRecord(target=v.host_path, source=v.source, purpose="volume",
-                                   destination=v.destination, read_only=v.read_only))
+        records.append(
+            MountRecord(
+                target=v.host_path,
+                source=v.source,
+                purpose="volume",
+                destination=v.destination,
+                read_only=v.read_only,
+            )
+        )
     return records
 
 

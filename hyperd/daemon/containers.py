@@ -92,16 +92,18 @@ async def container_create(
     cid = validate_id("container", cid)
     check_pod_transition(pod, "use")
     if cid in pod.containers:
-        raise AlreadyExists(f"container {cid!r} already exists in pod {pod.id!r}",
-                            pod=pod.id, container=cid)
+        raise AlreadyExists(
+            f"container {cid!r} already exists in pod {pod.id!r}", pod=pod.id, container=cid
+        )
     _check_rootfs(rootfs)
     if shim_pid is not None and shim_pid <= 0:
         raise InvalidParams(f"invalid shim_pid {shim_pid!r}", field="shim_pid")
     link = d.link_of(pod)
     token = (await bridge.tokens(pod, link, 1))[0]
     if cid in pod.containers:  # created concurrently while we waited for the token
-        raise AlreadyExists(f"container {cid!r} already exists in pod {pod.id!r}",
-                            pod=pod.id, container=cid)
+        raise AlreadyExists(
+            f"container {cid!r} already exists in pod {pod.id!r}", pod=pod.id, container=cid
+        )
     c = ContainerRecord(
         id=cid,
         rootfs=rootfs,
@@ -193,7 +195,8 @@ async def container_kill(
         except ProcessLookupError:
             raise NotFound(
                 f"shim pid {c.shim_pid} of container {c.id!r} does not exist",
-                pod=pod.id, container=c.id,
+                pod=pod.id,
+                container=c.id,
             ) from None
         return {"id": c.id, "signal": signum, "target": "shim"}
     link = d.link_of(pod)
@@ -234,13 +237,15 @@ async def exec_create(
     check_container_transition(pod, c, "exec")
     eid = validate_id("exec_id", exec_id) if exec_id is not None else _new_exec_id(pod)
     if eid in pod.execs:
-        raise AlreadyExists(f"exec {eid!r} already exists in pod {pod.id!r}",
-                            pod=pod.id, exec_id=eid)
+        raise AlreadyExists(
+            f"exec {eid!r} already exists in pod {pod.id!r}", pod=pod.id, exec_id=eid
+        )
     link = d.link_of(pod)
     token = (await bridge.tokens(pod, link, 1))[0]
     if eid in pod.execs:
-        raise AlreadyExists(f"exec {eid!r} already exists in pod {pod.id!r}",
-                            pod=pod.id, exec_id=eid)
+        raise AlreadyExists(
+            f"exec {eid!r} already exists in pod {pod.id!r}", pod=pod.id, exec_id=eid
+        )
     e = ExecRecord(id=eid, container=c.id, process=process, token=token)
     pod.execs[eid] = e
     await d.save(pod)
@@ -273,7 +278,9 @@ async def exec_start(d: Daemon, pod_id: object, exec_id: object) -> dict[str, An
     if e.state != ExecState.CREATED:
         raise InvalidState(
             f"exec {e.id!r} of pod {pod.id!r} is {e.state}: cannot start it (needs created)",
-            pod=pod.id, exec_id=e.id, state=str(e.state),
+            pod=pod.id,
+            exec_id=e.id,
+            state=str(e.state),
         )
     e.state = ExecState.RUNNING  # claimed before the await: a second start is refused
     try:

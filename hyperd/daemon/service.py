@@ -443,8 +443,9 @@ class Daemon:
             if e.container == c.id and bridge.process_id_of_exec(e) == event.process:
                 e.state = ExecState.EXITED
                 e.exit_status = event.status
-                self.publish("exec", pod, str(e.state), container=c.id, exec_id=e.id,
-                             status=event.status)
+                self.publish(
+                    "exec", pod, str(e.state), container=c.id, exec_id=e.id, status=event.status
+                )
                 break
         else:
             if event.process == bridge.process_id_of_init(c) and c.state == ContainerState.RUNNING:

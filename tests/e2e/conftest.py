@@ -53,10 +53,20 @@ class Hyperd:
         ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         ns.bind(notify_path)
         ns.settimeout(READY_TIMEOUT)
-        env = dict(os.environ, NOTIFY_SOCKET=notify_path,
-                   HYPERD_TEST_SIM_RECORD_DIR=str(self.record_dir))
-        argv = [sys.executable, "-m", "hyperd", "serve", "--base-dir", str(self.base),
-                "--log-level", "debug", *self.args]
+        env = dict(
+            os.environ, NOTIFY_SOCKET=notify_path, HYPERD_TEST_SIM_RECORD_DIR=str(self.record_dir)
+        )
+        argv = [
+            sys.executable,
+            "-m",
+            "hyperd",
+            "serve",
+            "--base-dir",
+            str(self.base),
+            "--log-level",
+            "debug",
+            *self.args,
+        ]
         if stop_pods_on_exit:
             argv.append("--stop-pods-on-exit")
         self.log = self.base.parent / "hyperd.log"
@@ -107,6 +117,19 @@ def mounts_under(prefix: str) -> list[str]:
             if point == prefix or point.startswith(prefix.rstrip("/") + "/"):
                 points.append(point)
     return points
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv)
 
 
 def _kill_leftovers(base: Path) -> None:

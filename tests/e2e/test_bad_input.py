@@ -64,14 +64,21 @@ async def test_protocol_faults(hyperd: Hyperd) -> None:
         ("pod.create", {"id": "p", "bogus": 1}, "bogus"),
         ("pod.start", {}, "id"),
         ("container.kill", {"pod": "p", "id": "c", "signal": [9]}, "signal"),
-        ("container.create", {"pod": "p", "id": "c", "rootfs": {"path": "rel/dir"},
-                              "process": {"args": ["true"]}}, "rootfs"),
-        ("container.create", {"pod": "p", "id": "c", "rootfs": {"path": "/"},
-                              "process": {"args": []}}, "args"),
+        (
+            "container.create",
+            {"pod": "p", "id": "c", "rootfs": {"path": "rel/dir"}, "process": {"args": ["true"]}},
+            "rootfs",
+        ),
+        (
+            "container.create",
+            {"pod": "p", "id": "c", "rootfs": {"path": "/"}, "process": {"args": []}},
+            "args",
+        ),
     ],
 )
-async def test_wrong_params(hyperd: Hyperd, method: str, params: dict[str, Any],
-                            field: str) -> None:
+async def test_wrong_params(
+    hyperd: Hyperd, method: str, params: dict[str, Any], field: str
+) -> None:
     async with rpc(hyperd.socket) as c:
         if method.startswith("container"):
             await c.call("pod.create", {"id": "p"})
@@ -97,9 +104,15 @@ async def test_path_traversal_ids(hyperd: Hyperd, bad_id: str, busybox_rootfs: P
         await c.call("pod.create", {"id": "ok"})
         await c.call("pod.start", {"id": "ok"})
         with pytest.raises(RPCError) as err:
-            await c.call("container.create", {
-                "pod": "ok", "id": bad_id, "rootfs": {"path": str(busybox_rootfs)},
-                "process": {"args": ["true"]}})
+            await c.call(
+                "container.create",
+                {
+                    "pod": "ok",
+                    "id": bad_id,
+                    "rootfs": {"path": str(busybox_rootfs)},
+                    "process": {"args": ["true"]},
+                },
+            )
         assert err.value.kind == "invalid_params"
         with pytest.raises(RPCError) as err:
             await c.call("pod.create", {"id": "sneaky", "share_dir": "/etc"})
@@ -121,6 +134,8 @@ async def test_errors_name_the_object(hyperd: Hyperd) -> None:
             await c.call("pod.stop", {"id": "p"})
         assert err.value.kind == "invalid_state" and "created" in err.value.message
         with pytest.raises(RPCError) as err:
-            await c.call("container.create", {"pod": "p", "id": "c", "rootfs": {"path": "/"},
-                                              "process": {"args": ["true"]}})
+            await c.call(
+                "container.create",
+                {"pod": "p", "id": "c", "rootfs": {"path": "/"}, "process": {"args": ["true"]}},
+            )
         assert err.value.kind == "invalid_state" and "'p'" in err.value.message

@@ -30,8 +30,7 @@ async def _start_pods(hyperd: Hyperd, rootfs: Path, count: int) -> list[Started]
     async def one(i: int) -> None:
         async with rpc(hyperd.socket) as c:
             await start_pod(c, f"pod{i}")
-            started.append(await create_and_start(c, f"pod{i}", "main", rootfs,
-                                                  ["sleep", "1000"]))
+            started.append(await create_and_start(c, f"pod{i}", "main", rootfs, ["sleep", "1000"]))
 
     async with anyio.create_task_group() as tg:
         for i in range(count):
@@ -62,9 +61,15 @@ async def _mixed_client(path: str, n: int, errors: list[str]) -> int:
                     assert pod in r["vms"]
                 elif op == "create":
                     cid = f"c{n}-{k}"
-                    r = await c.call("container.create", {
-                        "pod": pod, "id": cid, "rootfs": {"path": "/"},
-                        "process": {"args": ["true"]}})
+                    r = await c.call(
+                        "container.create",
+                        {
+                            "pod": pod,
+                            "id": cid,
+                            "rootfs": {"path": "/"},
+                            "process": {"args": ["true"]},
+                        },
+                    )
                     assert r["id"] == cid and r["state"] == "created" and r["token"]
                 elif op == "cinspect":
                     r = await c.call("container.inspect", {"pod": pod, "id": "main"})

@@ -13,7 +13,9 @@ from tests.e2e.conftest import (
     create_and_start,
     exec_and_start,
     mounts_under,
+    process_alive,
     rpc,
+    spawn,
     start_pod,
 )
 
@@ -95,8 +97,7 @@ async def test_pod_container_exec_ps_kill_stop_delete(
             assert stopped_pod["state"] == "stopped"
             assert stopped_pod["vm_pid"] is None and stopped_pod["proxy_pid"] is None
             pod_pids = [pod["vm_pid"], pod["proxy_pid"]]
-            assert not [p for p in pod_pids if Path(f"/proc/{p}").exists()
-                        and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]]
+            assert not [p for p in pod_pids if process_alive(p)]
             assert mounts_under(str(hyperd.base)) == []
 
             await c.call("pod.delete", {"id": "p1"})
@@ -107,17 +108,20 @@ async def test_pod_container_exec_ps_kill_stop_delete(
 
 
 async def test_kill_before_start_signals_the_shim_pid(hyperd: Hyperd, busybox_rootfs: Path) -> None:
-    import subprocess
-
     with anyio.fail_after(DEADLINE):
         async with rpc(hyperd.socket) as c:
             await start_pod(c, "p2")
-            fake_shim = subprocess.Popen(["sleep", "100"])
+            fake_shim = spawn(["sleep", "100"])
             try:
                 await c.call(
                     "container.create",
-                    {"pod": "p2", "id": "c", "rootfs": {"path": str(busybox_rootfs)},
-                     "process": {"args": ["true"]}, "shim_pid": fake_shim.pid},
+                    {
+                        "pod": "p2",
+                        "id": "c",
+                        "rootfs": {"path": str(busybox_rootfs)},
+                        "process": {"args": ["true"]},
+                        "shim_pid": fake_shim.pid,
+                    },
                 )
                 result = await c.call("container.kill", {"pod": "p2", "id": "c", "signal": 15})
                 assert result["target"] == "shim"
