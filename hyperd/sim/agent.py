@@ -283,17 +283,23 @@ class Agent:
     # -- containers and processes --------------------------------------------------------------
 
     def _check_hyper_process_keys(self, payload: bytes, *path: str) -> None:
-        """Refuse (with a message) a process key that would derail hyperhq's parser."""
+        """Refuse with a message an unknown process key placed where it hangs hyperhq.
+
+        Unknown keys elsewhere are left to the strict decoder (ERROR with an empty payload).
+        """
         try:
             doc: Any = msgspec.json.decode(payload)
         except msgspec.DecodeError:
             return  # decode_message reports it
         for key in path:
             doc = doc.get(key) if isinstance(doc, dict) else None
-        if isinstance(doc, dict):
-            unknown = sorted(set(doc) - HYPER_PROCESS_KEYS)
-            if unknown:
-                self._refuse(f"unknown process keys {unknown} (hyperstart would hang)", None)
+        if not isinstance(doc, dict):
+            return
+        for key in doc:  # JSON order: only an unknown key *before* args hangs the real agent
+            if key == "args":
+                return
+            if key not in HYPER_PROCESS_KEYS:
+                self._refuse(f"unknown process key {key!r} before args (hyperstart hangs)", None)
 
     async def _newcontainer(self, payload: bytes) -> bytes:
         if self._hyper:
