@@ -55,8 +55,19 @@ _MIN_I64: Final = -(1 << 63)
 _MAX_I64: Final = (1 << 63) - 1
 
 U16 = Annotated[int, Meta(ge=0, le=_MAX_U16)]  # Go uint16 (terminal rows/columns)
-U64 = Annotated[int, Meta(ge=0)]  # Go uint64; msgspec refuses JSON integers above 2**64-1
+_MAX_U64: Final = 0xFFFFFFFFFFFFFFFF
+# Go uint64. msgspec cannot express the upper bound: the Structs holding U64 fields check it in
+# __post_init__, which also runs when decoding (an error there becomes a ValidationError).
+U64 = Annotated[int, Meta(ge=0)]
 I64 = Annotated[int, Meta(ge=_MIN_I64, le=_MAX_I64)]  # Go int / int64 on 64-bit hosts
+
+
+def _check_u64(struct: Struct, *names: str) -> None:
+    """Raise ValueError if one of the ``names`` fields of ``struct`` is outside a Go uint64."""
+    for name in names:
+        value = getattr(struct, name)
+        if not 0 <= value <= _MAX_U64:
+            raise ValueError(f"{name} {value} does not fit in a u64")
 
 
 def _emit(value: Any) -> Any:
@@ -81,6 +92,9 @@ class Rlimit(_Message):
     type: str = _emit("")
     hard: U64 = _emit(0)
     soft: U64 = _emit(0)
+
+    def __post_init__(self) -> None:
+        _check_u64(self, "hard", "soft")
 
 
 class Capabilities(_Message):
@@ -109,6 +123,9 @@ class Process(_Message):
     no_new_privileges: bool = _emit(False)
     capabilities: Capabilities = field(default_factory=Capabilities)
     id: str = ""
+
+    def __post_init__(self) -> None:
+        _check_u64(self, "stdio", "stderr")
 
 
 class IPAddress(_Message):
@@ -177,6 +194,9 @@ class Constraints(_Message):
     cpu_quota: I64 = field(default_factory=lambda: 0, name="CPUQuota")
     cpu_period: U64 = field(default_factory=lambda: 0, name="CPUPeriod")
     cpu_shares: U64 = field(default=0, name="CPUShares")  # Kata/cc-agent extra: omitted when 0
+
+    def __post_init__(self) -> None:
+        _check_u64(self, "cpu_period", "cpu_shares")
 
 
 class Container(_Message):
@@ -258,6 +278,9 @@ class WindowSize(_Message):
     seq: U64 = _emit(0)
     row: U16 = _emit(0)
     column: U16 = _emit(0)
+
+    def __post_init__(self) -> None:
+        _check_u64(self, "seq")
 
 
 class WindowSizeMessage(_Message):

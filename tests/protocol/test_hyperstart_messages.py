@@ -483,3 +483,26 @@ def test_importing_the_package_pulls_in_no_io_or_async_library() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("cls", "payload", "fault"),
+    [
+        (WindowSize, b'{"seq":18446744073709551616}', "seq 18446744073709551616 does not fit"),
+        (Process, b'{"stdio":18446744073709551616}', "stdio 18446744073709551616 does not fit"),
+        (Process, b'{"stderr":99999999999999999999999}', "stderr 99999999999999999999999"),
+        (Rlimit, b'{"soft":18446744073709551616}', "soft 18446744073709551616"),
+        (Constraints, b'{"CPUShares":18446744073709551616}', "cpu_shares 18446744073709551616"),
+        (ExecCommand, b'{"process":{"stdio":18446744073709551616}}', "at `$.process`"),
+    ],
+)
+def test_u64_upper_bound_is_checked(cls: type[msgspec.Struct], payload: bytes, fault: str) -> None:
+    for dialect in (CC, HYPER):
+        with pytest.raises(MessageError, match=re.escape(fault)):
+            decode_message(cls, payload, dialect)
+    assert decode_message(WindowSize, b'{"seq":18446744073709551615}').seq == (1 << 64) - 1
+
+
+def test_u64_bound_is_checked_on_construction_too() -> None:
+    with pytest.raises(ValueError, match="stdio -1 does not fit in a u64"):
+        Process(stdio=-1)
