@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Final
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
 
 from hyperd.rpc.access import AccessPolicy, PeerCredentials, peer_credentials
@@ -89,6 +90,7 @@ class RPCServer:
         Use with ``await tg.start(server.serve, listener)``: started once accepting.
         """
         if self._stopped is not None:
+            await listener.aclose()
             raise RuntimeError("an RPCServer serves once")
         self._stopped = anyio.Event()
         self._drained = anyio.Event()
@@ -101,7 +103,11 @@ class RPCServer:
                         await self._accept_loop(listener, tg)
                     await self._drain()
                 finally:
-                    # also on cancellation: shut every socket so no task stays blocked in I/O
+                    # Also on cancellation: shut every socket so no shielded write stays
+                    # blocked. First let the reads just cancelled unregister from the event
+                    # loop, or their sockets turning ready would complete cancelled futures.
+                    with anyio.CancelScope(shield=True):
+                        await anyio.lowlevel.checkpoint()
                     self._close_all()
         finally:
             self._stopped.set()
