@@ -198,6 +198,8 @@ class Agent:
 
     def kill_everything(self) -> None:
         """SIGKILL every process group the agent started (used on simulator exit)."""
+        for c in self.registry.containers.values():
+            c.kill_all()
         for rec in self.registry.all_processes():
             if rec.proc is not None:
                 rec.proc.kill_group_quietly()
@@ -415,6 +417,8 @@ class Agent:
         except Exception as exc:  # SubprocessError from the child setup
             self._refuse(f"cannot start process {rec.id!r}: {exc}")
         self.registry.register(rec)
+        if rec.proc is not None:
+            container.pgids.add(rec.proc.pid)
         log.info("started %s/%s pid %s: %s", rec.container, rec.id, rec.pid, spec.args)
         self._tg.start_soon(self._supervise, container, rec, failure)
 
@@ -423,7 +427,8 @@ class Agent:
     ) -> None:
         """Pump a process until it exits, then send its EOF and status (or exit event)."""
         if rec.proc is not None:
-            raw = await rec.proc.run(self._send_output, rec.stdio, rec.stderr)
+            on_exit = container.kill_all if rec is container.init else None
+            raw = await rec.proc.run(self._send_output, rec.stdio, rec.stderr, on_exit)
             status = exit_status(raw, signal_status_zero=self._hyper)
         else:
             reason = os.strerror(failure.errno) if failure and failure.errno else str(failure)
@@ -441,10 +446,7 @@ class Agent:
         self.registry.unregister(rec)
         log.info("%s/%s exited with status %d", rec.container, rec.id, status)
         if rec is container.init:
-            # a container dies with its init: like a pid namespace losing its pid 1
-            for other in container.live():
-                if other.proc is not None:
-                    other.proc.kill_group_quietly()
+            container.kill_all()  # a container dies with its init, as a pid namespace does
             if self._hyper and self.registry.containers.get(container.id) is container:
                 del self.registry.containers[container.id]
         await self._channels.send_tty(encode_tty(rec.stdio, b""))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import anyio
 
-from hyperd.sim.process import SimProcess
+from hyperd.sim.process import SimProcess, kill_group_quietly
 
 __all__ = ["ContainerRecord", "ProcessRecord", "Registry"]
 
@@ -44,10 +44,16 @@ class ContainerRecord:
     root: Path
     init: ProcessRecord
     processes: dict[str, ProcessRecord] = field(default_factory=dict)
+    pgids: set[int] = field(default_factory=set)  # process groups started in it, live or not
 
     @property
     def running(self) -> bool:
         return self.init.running
+
+    def kill_all(self) -> None:
+        """SIGKILL every process group started in the container (its pid namespace dies)."""
+        for pgid in self.pgids:
+            kill_group_quietly(pgid)
 
     def live(self) -> list[ProcessRecord]:
         """Processes that have not finished, init first."""

@@ -28,7 +28,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from hyperd.sim.rootfs import Identity
 
-__all__ = ["LaunchSpec", "OutputSink", "SimProcess", "spawn"]
+__all__ = ["LaunchSpec", "OutputSink", "SimProcess", "exit_status", "kill_group_quietly", "spawn"]
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +162,7 @@ class SimProcess:
 
     def kill_group_quietly(self) -> None:
         """SIGKILL the process group, ignoring a group that is already gone."""
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except OSError:
-            pass
+        kill_group_quietly(self.pid)
 
     def resize(self, rows: int, columns: int) -> None:
         """Set the pty window size (TIOCSWINSZ); the process gets SIGWINCH."""
@@ -173,11 +170,18 @@ class SimProcess:
             raise OSError(errno.ENOTTY, "not a terminal process")
         fcntl.ioctl(self.stdin_fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
 
-    async def run(self, sink: OutputSink, stdio_seq: int, stderr_seq: int) -> int:
+    async def run(
+        self,
+        sink: OutputSink,
+        stdio_seq: int,
+        stderr_seq: int,
+        on_exit: Callable[[], None] | None = None,
+    ) -> int:
         """Pump output to ``sink`` and stdin from the queue until exit; return the raw status.
 
         The status is ``Popen.returncode``: the exit code, or ``-N`` when killed by signal N.
-        Output still in the pipes at exit is drained (up to DRAIN_GRACE seconds).
+        ``on_exit`` is called as soon as the process has exited, before the output still in the
+        pipes is drained (up to DRAIN_GRACE seconds: a background child may hold them open).
         """
         done_out = anyio.Event()
         done_err = anyio.Event()
@@ -191,6 +195,8 @@ class SimProcess:
                 tg.start_soon(self._feed_stdin)
                 await anyio.wait_readable(self.pidfd)
                 self.popen.poll()
+                if on_exit is not None:
+                    on_exit()
                 with anyio.move_on_after(DRAIN_GRACE):
                     await done_out.wait()
                     await done_err.wait()
@@ -321,6 +327,14 @@ def spawn(spec: LaunchSpec) -> SimProcess:
         stderr_fd=stderr_r,
         pidfd=pidfd,
     )
+
+
+def kill_group_quietly(pgid: int) -> None:
+    """SIGKILL process group ``pgid``, ignoring a group that is already gone."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 def exit_status(returncode: int, *, signal_status_zero: bool) -> int:

@@ -312,3 +312,19 @@ def test_record_lines_for_every_command(sim: Sim, client: HostClient) -> None:
     ]
     assert json.loads(sim.record.read_text().splitlines()[0])["code"] == 12
     client.tty_sock.sendall(encode_tty(5, b"x"))  # stdin for nobody: no effect
+
+
+def test_container_dies_with_its_init(sim: Sim, client: HostClient, add_rootfs: AddRootfs) -> None:
+    add_rootfs(sim, "c1")
+    start_pod(client)
+    t0 = time.monotonic()
+    client.ok(
+        Code.NEWCONTAINER, container("c1", process(["sh", "-c", "sleep 100 & echo $!"], 3, 4))
+    )
+    out = client.wait_exit(3)
+    assert time.monotonic() - t0 < 0.9  # the orphan holding stdout was killed, no drain wait
+    orphan = int(bytes(out.data))
+    deadline = time.monotonic() + 5
+    while _alive(orphan) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _alive(orphan)
