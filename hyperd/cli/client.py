@@ -120,6 +120,9 @@ class RPCClient:
                 if isinstance(msg, dict) and "id" not in msg and "method" in msg:
                     self._notifications.append(msg)
                     continue
+                stale = msg.get("id") if isinstance(msg, dict) else None
+                if isinstance(stale, int) and stale < rid:
+                    continue  # the reply to an earlier call whose caller was cancelled
                 if not isinstance(msg, dict) or msg.get("id") != rid:
                     raise ConnectionClosed(f"unexpected message from hyperd: {msg!r}")
                 if "error" in msg:

@@ -19,13 +19,14 @@ import os
 import secrets
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import anyio
 
 from hyperd.cli import rootfs as rootfs_builder
-from hyperd.cli.client import RPCClient, RPCError, ShimClient, ShimError
+from hyperd.cli.client import ConnectionClosed, RPCClient, RPCError, ShimClient, ShimError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -45,21 +46,21 @@ def default_socket() -> str:
 # ---- output --------------------------------------------------------------------------------
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, key: str = "") -> str:
     if value is None:
         return "-"
     if isinstance(value, list):
         return ",".join(_cell(v) for v in value) or "-"
     if isinstance(value, float):
-        import time
-
-        return time.strftime("%H:%M:%S", time.localtime(value))
+        if key.endswith("_at") or key == "time":
+            return time.strftime("%H:%M:%S", time.localtime(value))
+        return f"{value:.4g}"
     return str(value)
 
 
 def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
     """Rows as an aligned text table with upper-case headers."""
-    cells = [[c.upper() for c in columns]] + [[_cell(r.get(c)) for c in columns] for r in rows]
+    cells = [[c.upper() for c in columns]] + [[_cell(r.get(c), c) for c in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
@@ -105,11 +106,26 @@ def show(result: Any, args: argparse.Namespace) -> None:
             )
         )
     elif isinstance(result, dict):
+        nested = {
+            k: v
+            for k, v in result.items()
+            if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)
+        }
         for key in sorted(result):
+            if key in nested:
+                continue
             value = result[key]
             if isinstance(value, list | dict) and value:
                 value = json.dumps(value, sort_keys=True)
-            print(f"{key}: {_cell(value)}")
+            print(f"{key}: {_cell(value, key)}")
+        for key, rows in sorted(nested.items()):
+            columns = [
+                c
+                for c in ("id", "exec_id", "container", "state", "args", "exit_status")
+                if any(c in r for r in rows)
+            ]
+            print(f"\n{key}:")
+            print(table(rows, columns))
     else:
         print(json.dumps(result))
 
@@ -140,7 +156,7 @@ def _add_process_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-u", "--user", help="user (name or uid)")
     p.add_argument("-g", "--group", help="group (name or gid)")
     p.add_argument("-t", "--terminal", action="store_true", help="allocate a terminal")
-    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- command and arguments")
+    p.add_argument("cmd", nargs="*", help="command and arguments (after --)")
 
 
 def _mounts(specs: list[str] | None) -> list[dict[str, Any]]:
@@ -213,7 +229,7 @@ def _parser() -> argparse.ArgumentParser:
     ps.add_argument("pod")
     ps.add_argument("id")
     ps.add_argument("--format", default="", help="e.g. table or json")
-    ps.add_argument("args", nargs=argparse.REMAINDER, help="-- ps arguments")
+    ps.add_argument("args", nargs="*", help="ps arguments (after --)")
 
     ex = sub.add_parser("exec", help="exec processes").add_subparsers(dest="verb", required=True)
     e = ex.add_parser("create", help="exec.create (prints the exec id, token and proxy URL)")
@@ -249,10 +265,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # ---- commands ------------------------------------------------------------------------------
-
-
-def _strip_dashes(items: list[str]) -> list[str]:
-    return items[1:] if items and items[0] == "--" else items
 
 
 async def _rpc(args: argparse.Namespace, client: RPCClient) -> Any:
@@ -292,7 +304,6 @@ async def _rpc(args: argparse.Namespace, client: RPCClient) -> Any:
             return await client.call("container.list", {"pod": args.pod})
         base = {"pod": args.pod, "id": args.id}
         if verb == "create":
-            args.cmd = _strip_dashes(args.cmd)
             params = {
                 **base,
                 "rootfs": {"path": args.rootfs, "readonly": args.readonly},
@@ -307,12 +318,11 @@ async def _rpc(args: argparse.Namespace, client: RPCClient) -> Any:
             return await client.call("container.kill", {**base, "signal": sig, "all": args.all})
         if verb == "ps":
             return await client.call(
-                "container.ps", {**base, "format": args.format, "args": _strip_dashes(args.args)}
+                "container.ps", {**base, "format": args.format, "args": args.args}
             )
         return await client.call(f"container.{verb}", base)
     if cmd == "exec":
         if verb == "create":
-            args.cmd = _strip_dashes(args.cmd)
             params = {"pod": args.pod, "container": args.container, "process": _process(args)}
             if args.exec_id:
                 params["exec_id"] = args.exec_id
@@ -372,17 +382,22 @@ async def attach_and_start(
 
             return w
 
+        status_box: list[int | None] = []
+        stdin_scope = anyio.CancelScope()
+
+        async def pump() -> None:
+            status_box.append(await shim.pump(write(out), write(err)))
+            stdin_scope.cancel()
+
+        async def forward() -> None:
+            with stdin_scope:
+                await _forward_stdin(shim)
+
         async with anyio.create_task_group() as tg:
-            status_box: list[int | None] = []
-
-            async def pump() -> None:
-                status_box.append(await shim.pump(write(out), write(err)))
-                tg.cancel_scope.cancel()
-
             tg.start_soon(pump)
             await client.call(start_method, start_params)
             if stdin:
-                tg.start_soon(_forward_stdin, shim)
+                tg.start_soon(forward)
         status = status_box[0] if status_box else None
     finally:
         await shim.disconnect()
@@ -390,7 +405,6 @@ async def attach_and_start(
 
 
 async def _run(client: RPCClient, args: argparse.Namespace) -> int:
-    args.cmd = _strip_dashes(args.cmd)
     process = _process(args)
     try:
         pod = await client.call("pod.inspect", {"id": args.pod})
@@ -424,7 +438,6 @@ async def _run(client: RPCClient, args: argparse.Namespace) -> int:
 
 
 async def _exec_run(client: RPCClient, args: argparse.Namespace) -> int:
-    args.cmd = _strip_dashes(args.cmd)
     created = await client.call(
         "exec.create", {"pod": args.pod, "container": args.container, "process": _process(args)}
     )
@@ -459,8 +472,27 @@ async def _main(args: argparse.Namespace) -> int:
         return 0
 
 
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    after: list[str] = []
+    if "--" in words:  # everything after the first -- is the command, never an option
+        cut = words.index("--")
+        words, after = words[:cut], words[cut + 1 :]
+    args = _parser().parse_args(words)
+    for name in ("cmd", "args"):
+        if hasattr(args, name) and isinstance(getattr(args, name), list):
+            setattr(args, name, getattr(args, name) + after)
+            break
+    else:
+        if after:
+            print("hyperctl: this command takes no arguments after --", file=sys.stderr)
+            return EXIT_USAGE
     args.socket = args.socket or default_socket()
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
@@ -469,15 +501,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "run":
             args.rootfs = str(rootfs_builder.default_rootfs(args.socket))
         return anyio.run(_main, args)
-    except RPCError as exc:
-        kind = f" [{exc.kind}]" if exc.kind else ""
-        print(f"hyperctl: {exc.message}{kind}", file=sys.stderr)
-        return EXIT_ERROR
-    except (ShimError, rootfs_builder.RootfsError) as exc:
-        print(f"hyperctl: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        return 130
+    except BaseException as raised:
+        exc = _leaf(raised)
+        if isinstance(exc, RPCError):
+            kind = f" [{exc.kind}]" if exc.kind else ""
+            print(f"hyperctl: {exc.message}{kind}", file=sys.stderr)
+            return EXIT_ERROR
+        if isinstance(exc, ShimError | rootfs_builder.RootfsError | ConnectionClosed):
+            print(f"hyperctl: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        if isinstance(exc, KeyboardInterrupt):
+            return 130
+        raise
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import Literal
 
 import msgspec
 
@@ -115,17 +116,17 @@ class VMSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     ``dialect`` applies to the sim backend only: the agent dialect the simulated VM speaks.
     """
 
-    backend: str = "sim"
+    backend: Literal["sim", "external"] = "sim"
     ctl: str | None = None
     tty: str | None = None
     console: str | None = None
-    dialect: str | None = None
+    dialect: Literal["cc", "hyper"] | None = None
 
 
 class ProxySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """``pod.create`` ``proxy``: ``{"mode": "pod"}`` or ``{"mode": "system", "url": ...}``."""
 
-    mode: str = "pod"
+    mode: Literal["pod", "system"] = "pod"
     url: str | None = None
 
 
