@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -51,10 +50,9 @@ from protocol.hyperstart import (
     encode_message,
     encode_tty,
 )
+from tests.paths import HYPERSTART_TRANSCRIPTS
 
-TRANSCRIPTS = Path(__file__).resolve().parents[2] / "shared" / "conformance" / "hyperstart"
-if not TRANSCRIPTS.is_dir():  # the repository lives next to shared/ in the work tree
-    TRANSCRIPTS = Path("/work/shared/conformance/hyperstart")
+TRANSCRIPTS = HYPERSTART_TRANSCRIPTS
 
 Record = dict[str, Any]
 
