@@ -460,7 +460,8 @@ class VMSession:
         Idle (no reply owed) for ``ping_interval`` since the last bytes received: send a ping
         that must be answered within ``ping_timeout``. Replies owed: unresponsive once the
         oldest is ``ping_timeout`` past its caller's deadline with nothing received since.
-        This is a deadline timer recomputed from the connection's state, not a poll.
+        This is a heartbeat timer (at most one wake-up per ``ping_interval``) recomputed from
+        the connection's state, not a poll; it costs nothing per command.
         """
         cfg = self._config
         while not conn.closed:
@@ -478,7 +479,8 @@ class VMSession:
                     late = f"{cfg.ping_timeout:g}s"
                     self._lose(conn, f"the proxy left a reply owed {late} past its deadline")
                     return
-            await anyio.sleep(due - now)
+            # Re-evaluate at least once per interval: the queue may drain (or fill) meanwhile.
+            await anyio.sleep(min(due - now, cfg.ping_interval))
 
     async def _ping(self, conn: VMConnection) -> bool:
         """One liveness ping; False when the connection is no longer usable."""

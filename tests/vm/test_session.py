@@ -314,3 +314,18 @@ async def test_proxy_error_on_tokens(anyio_backend: Any, short_tmp: Path) -> Non
             await s.new_tokens(1)
         assert s.reachable  # a proxy error is an answer: the VM stays reachable
         await s.close()
+
+
+async def test_liveness_resumes_after_a_busy_period(anyio_backend: Any, short_tmp: Path) -> None:
+    events = EventLog()
+    async with serving(short_tmp) as proxy, anyio.create_task_group() as tg:
+        s = session(proxy, events)
+        await tg.start(s.run)
+        # A command with a long deadline is in flight when liveness first looks ...
+        assert await s.hyper("echo", 1, timeout=30) == b"1"
+        # ... the VM then dies: detection must not wait for that long deadline.
+        proxy.ping_error = "No multicast available for CTL channel"
+        dead_at = monotonic()
+        await events.wait("unreachable", within=2 * FAST.ping_interval + SLACK)
+        assert monotonic() - dead_at <= 2 * FAST.ping_interval + SLACK
+        await s.close()

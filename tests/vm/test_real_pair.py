@@ -1,0 +1,155 @@
+"""VMSession against the real pair: ``python -m hyperd.sim`` behind ``python -m hyperd.proxy``."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from time import monotonic
+from typing import Any
+
+import anyio
+import pytest
+
+from hyperd.errors import VMUnavailable
+from hyperd.vm import VMConfig, VMSession
+from tests.vm.helpers import VM, EventLog
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+READY_DEADLINE = 10.0
+LIVENESS = VMConfig(
+    command_timeout=5.0,
+    connect_timeout=2.0,
+    ping_interval=0.2,
+    ping_timeout=0.5,
+    reconnect_backoff_max=0.2,
+    ready_timeout=5.0,
+)
+SLACK = 1.0
+"""Scheduling allowance (two real processes) on top of a liveness deadline."""
+
+
+def spawn(module: str, *args: str) -> subprocess.Popen[bytes]:
+    """Start ``python -m module args --ready-fd FD`` and wait for its ``ready`` line."""
+    read_fd, write_fd = os.pipe()
+    argv = [sys.executable, "-m", module, *args, "--ready-fd", str(write_fd)]
+    proc = subprocess.Popen(argv, pass_fds=(write_fd,), stderr=subprocess.DEVNULL)
+    os.close(write_fd)
+    try:
+        ready, _, _ = select.select([read_fd], [], [], READY_DEADLINE)
+        line = os.read(read_fd, 64) if ready else b""
+    finally:
+        os.close(read_fd)
+    if line != b"ready\n":
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"{module} did not get ready: {line!r}")
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Pair:
+    def __init__(self, tmp: Path) -> None:
+        self.ctl = str(tmp / "ctl.sock")
+        self.tty = str(tmp / "tty.sock")
+        self.proxy_sock = str(tmp / "proxy.sock")
+        share = tmp / "share"
+        share.mkdir()
+        self.sim = spawn("hyperd.sim", "--ctl", self.ctl, "--tty", self.tty, "--share", str(share))
+        self.proxy = spawn("hyperd.proxy", "--socket", self.proxy_sock)
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.proxy_sock}"
+
+    def session(self, events: EventLog | None = None, **kwargs: Any) -> VMSession:
+        kwargs.setdefault("config", LIVENESS)
+        return VMSession(VM, self.url, ctl=self.ctl, tty=self.tty, on_event=events, **kwargs)
+
+
+@contextmanager
+def real_pair(tmp: Path) -> Iterator[Pair]:
+    pair = Pair(tmp)
+    try:
+        yield pair
+    finally:
+        stop(pair.proxy)
+        stop(pair.sim)
+
+
+async def test_register_ping_tokens_unregister(anyio_backend: Any, short_tmp: Path) -> None:
+    with real_pair(short_tmp) as pair:
+        async with anyio.create_task_group() as tg:
+            s = pair.session()
+            await tg.start(s.run)
+            assert s.reachable
+            assert s.proxy_url == pair.url
+            assert await s.hyper("ping") == b""
+            tokens = await s.new_tokens(2)
+            assert len(tokens) == 2 and all(len(t) == 44 for t in tokens)
+            # pipelined concurrent pings through the real proxy and agent
+            results: list[bytes] = []
+
+            async def ping() -> None:
+                results.append(await s.hyper("ping"))
+
+            async with anyio.create_task_group() as callers:
+                for _ in range(200):
+                    callers.start_soon(ping)
+            assert results == [b""] * 200
+            stats = s.statistics()
+            assert stats.failed == 0 and stats.timed_out == 0 and stats.sent >= 203
+            await s.unregister()
+            # the proxy forgot the VM: attaching again fails
+            again = VMSession(VM, pair.url, register=False, config=LIVENESS)
+            with pytest.raises(VMUnavailable, match="unknown containerID"):
+                await tg.start(again.run)
+
+
+async def test_reattach_after_daemon_restart(anyio_backend: Any, short_tmp: Path) -> None:
+    with real_pair(short_tmp) as pair:
+        async with anyio.create_task_group() as tg:
+            first = pair.session()
+            await tg.start(first.run)
+            await first.close()  # the daemon went away; the VM stays registered
+            second = pair.session(register=False)
+            await tg.start(second.run)
+            assert await second.hyper("ping") == b""
+            await second.unregister()
+
+
+async def test_killed_sim_makes_callers_fail_within_the_liveness_deadline(
+    anyio_backend: Any, short_tmp: Path
+) -> None:
+    events = EventLog()
+    with real_pair(short_tmp) as pair:
+        async with anyio.create_task_group() as tg:
+            s = pair.session(events)
+            await tg.start(s.run)
+            assert await s.hyper("ping") == b""
+            pair.sim.kill()
+            pair.sim.wait()
+            killed = monotonic()
+            deadline = LIVENESS.ping_interval + LIVENESS.ping_timeout + SLACK
+            await events.wait("unreachable", within=deadline)
+            assert monotonic() - killed <= deadline
+            with anyio.fail_after(0.1), pytest.raises(VMUnavailable, match="unreachable"):
+                await s.hyper("ping")
+            assert not s.statistics().reachable
+            await s.unregister()  # the proxy still answers: the VM can be unregistered
+            assert "reachable" not in events.kinds()
