@@ -182,6 +182,9 @@ class Agent:
         except Refused as exc:
             log.info("%s refused: %s", self.dialect.name_of(frame.code), exc)
             return Answer(False, exc.payload)
+        except Exception as exc:  # a simulator bug must not take the VM down
+            log.exception("%s failed", self.dialect.name_of(frame.code))
+            return Answer(False, f"internal error: {exc}".encode())
 
     async def stdin(self, frame: TtyFrame) -> None:
         """Deliver one host tty frame (stdin data, or EOF when empty) to its process."""
@@ -426,6 +429,18 @@ class Agent:
         self, container: ContainerRecord, rec: ProcessRecord, failure: OSError | None
     ) -> None:
         """Pump a process until it exits, then send its EOF and status (or exit event)."""
+        try:
+            status = await self._wait_status(container, rec, failure)
+        except Exception:  # a simulator bug: report the process as failed, keep running
+            log.exception("supervising %s/%s", rec.container, rec.id)
+            if rec.proc is not None:
+                rec.proc.kill_group_quietly()
+            status = SETUP_FAILED_STATUS
+        await self._finish(container, rec, status)
+
+    async def _wait_status(
+        self, container: ContainerRecord, rec: ProcessRecord, failure: OSError | None
+    ) -> int:
         if rec.proc is not None:
             on_exit = container.kill_all if rec is container.init else None
             raw = await rec.proc.run(self._send_output, rec.stdio, rec.stderr, on_exit)
@@ -436,7 +451,7 @@ class Agent:
             await self._send_output(rec.stderr or rec.stdio, message)
             code = failure.errno if failure is not None else None
             status = EXEC_FAILED_STATUS.get(code or 0, SETUP_FAILED_STATUS)
-        await self._finish(container, rec, status)
+        return status
 
     async def _send_output(self, seq: int, data: bytes) -> None:
         await self._channels.send_tty(encode_tty(seq, data))
@@ -539,7 +554,9 @@ class Agent:
         if cmd.format not in ("", "table", "json"):
             self._refuse("invalid format option")
         roots = [rec.pid for rec in container.live() if rec.pid is not None]
-        procs = await anyio.to_thread.run_sync(ps.container_pids, roots)
+        # synchronous on purpose: a few ms of /proc reads, and no worker thread exists when
+        # spawn() forks with a pre-exec hook
+        procs = ps.container_pids(roots)
         return ps.format_json(procs) if cmd.format == "json" else ps.format_table(procs)
 
     async def _removecontainer(self, payload: bytes) -> bytes:

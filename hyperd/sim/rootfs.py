@@ -39,6 +39,8 @@ def container_root(share: Path, image: str, rootfs: str) -> Path:
     if not image or "/" in image or image in (".", ".."):
         raise RootfsError(f"invalid image name {image!r}")
     root = share / image / rootfs.lstrip("/")
+    if not root.resolve().is_relative_to(share.resolve()):
+        raise RootfsError(f"rootfs {image}/{rootfs} is outside the shared directory")
     if not root.is_dir():
         raise RootfsError(f"rootfs {image}/{rootfs} does not exist in the shared directory")
     return root

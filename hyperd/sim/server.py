@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 CRASH_EXIT_STATUS = 3  # exit status of a --crash-after crash (nonzero, distinct from errors)
 RECEIVE_SIZE = 65536  # bytes per socket read
+ACCEPT_RETRY_DELAY = 0.1  # seconds to back off after a failed accept()
 _LENGTH_OFFSET = 4  # the ctl header's u32 total length follows the u32 code
 
 
@@ -219,7 +220,12 @@ class Simulator:
         tg: TaskGroup,
     ) -> None:
         while True:
-            stream = await listener.accept()
+            try:
+                stream = await listener.accept()
+            except OSError as exc:  # e.g. EMFILE: back off instead of spinning
+                log.warning("%s: accept failed: %s", port.name, exc)
+                await anyio.sleep(ACCEPT_RETRY_DELAY)
+                continue
             log.info("%s: host connected", port.name)
             scope = port.replace(stream)
             if port is self._ctl:
@@ -244,6 +250,8 @@ class Simulator:
             log.warning("%s: %s; closing the connection", port.name, exc)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             log.info("%s: connection lost (%s)", port.name, exc)
+        except Exception:  # a simulator bug: drop this connection, keep the VM up
+            log.exception("%s: closing the connection after an internal error", port.name)
         finally:
             port.release(stream)
             with anyio.CancelScope(shield=True):
