@@ -17,9 +17,10 @@ import anyio
 import msgspec
 
 from hyperd import agent
-from hyperd.daemon.model import ContainerRecord, ExecRecord, MountRecord, PodRecord
+from hyperd.daemon import launcher
+from hyperd.daemon.model import ContainerRecord, ExecRecord, MountRecord, PodRecord, PodState
 from hyperd.daemon.vmlink import AgentLink
-from hyperd.errors import HyperdError, InvalidParams, InvalidState
+from hyperd.errors import HyperdError, InvalidParams, InvalidState, ProxyError, VMUnavailable
 from hyperd.host.model import HostNetwork, SharedMount
 from hyperd.host.mounts import SharedDir
 from hyperd.host.netns import discover_network as _discover
@@ -37,6 +38,8 @@ from protocol.hyperstart import (
 )
 
 log = logging.getLogger(__name__)
+
+VM_LOST_TEXT = "No multicast available"  # cc-proxy's answer to Hyper once the VM is gone
 
 # ---- agent messages (built by hyperd.agent, in the pod's dialect) ---------------------------
 
@@ -138,8 +141,22 @@ async def call(
         raise InvalidParams(f"pod {pod.id!r}: cannot build {name}: {exc}") from None
     try:
         return await link.hyper(name, data, tokens=tokens)
+    except ProxyError as exc:
+        if vm_lost(pod) or VM_LOST_TEXT in str(exc.data.get("proxy_message", "")):
+            # the proxy noticed the VM's death before we did: the same error as ours
+            raise VMUnavailable(
+                f"pod {pod.id!r}: {name}: the VM is gone ({exc.message})", **exc.data
+            ) from None
+        raise ProxyError(f"pod {pod.id!r}: {name}: {exc.message}", **exc.data) from None
     except HyperdError as exc:
         raise type(exc)(f"pod {pod.id!r}: {name}: {exc.message}", **exc.data) from None
+
+
+def vm_lost(pod: PodRecord) -> bool:
+    """Whether the pod's VM is known to be gone (marked unreachable, or its process died)."""
+    if pod.state == PodState.UNREACHABLE:
+        return True
+    return pod.vm_process is not None and not launcher.is_alive(pod.vm_process)
 
 
 async def tokens(pod: PodRecord, link: AgentLink, count: int) -> list[str]:

@@ -19,7 +19,7 @@ from typing import Literal
 
 import msgspec
 
-from hyperd.errors import InvalidState
+from hyperd.errors import InvalidState, VMUnavailable
 from hyperd.spec import DeviceSpec, MountSpec, ProcessSpec, ResourcesSpec, RootfsSpec
 
 
@@ -65,7 +65,14 @@ CONTAINER_TRANSITIONS: dict[str, frozenset[ContainerState]] = {
 
 
 def check_pod_transition(pod: PodRecord, op: str) -> None:
-    """Raise ``InvalidState`` unless ``op`` is allowed in the pod's current state."""
+    """Raise ``InvalidState`` unless ``op`` is allowed in the pod's current state.
+
+    Using a pod whose VM was lost raises ``VMUnavailable`` (naming why) instead.
+    """
+    if op == "use" and pod.state == PodState.UNREACHABLE:
+        raise VMUnavailable(
+            f"pod {pod.id!r}: VM unreachable: {pod.reason}", pod=pod.id, state=str(pod.state)
+        )
     if pod.state not in POD_TRANSITIONS[op]:
         allowed = ", ".join(sorted(POD_TRANSITIONS[op]))
         raise InvalidState(

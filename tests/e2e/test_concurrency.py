@@ -105,58 +105,65 @@ async def test_100_clients_10_pods(hyperd: Hyperd, busybox_rootfs: Path) -> None
 
 
 async def test_vm_killed_mid_command(hyperd: Hyperd, busybox_rootfs: Path) -> None:
-    with anyio.fail_after(90):
-        shims = await _start_pods(hyperd, busybox_rootfs, 2)
-        async with rpc(hyperd.socket) as c:
-            victim = await c.call("pod.inspect", {"id": "pod0"})
-        failures: list[tuple[float, RPCError]] = []
-        successes_after: list[float] = []
-        killed_at: list[float] = []
-
-        async def hammer(client: RPCClient) -> None:
-            # keep ps commands in flight on the victim until they fail
-            while True:
-                try:
-                    await client.call("container.ps", {"pod": "pod0", "id": "main"})
-                except RPCError as exc:
-                    failures.append((time.monotonic(), exc))
-                    return
-                if killed_at:
-                    successes_after.append(time.monotonic())
-
-        clients = [await RPCClient.connect(hyperd.socket) for _ in range(20)]
-        try:
-            async with anyio.create_task_group() as tg:
-                for client in clients:
-                    tg.start_soon(hammer, client)
-                await anyio.sleep(0.3)
-                killed_at.append(time.monotonic())
-                os.kill(victim["vm_pid"], signal.SIGKILL)
-        finally:
-            for client in clients:
-                await client.aclose()
-
-        assert len(failures) == len(clients)
-        for when, exc in failures:
-            assert exc.kind == "vm_unavailable", exc
-            assert "pod0" in exc.message
-            assert when - killed_at[0] < LIVENESS_DEADLINE
-
-        async with rpc(hyperd.socket) as c:
-            # the other pod is unaffected
-            ps = await c.call("container.ps", {"pod": "pod1", "id": "main"})
-            assert "sleep" in ps["output"]
-            info = await c.call("pod.inspect", {"id": "pod0"})
-            assert info["state"] == "unreachable"
-            assert "exited" in info["reason"]
-            with pytest.raises(RPCError) as err:
-                await c.call("container.ps", {"pod": "pod0", "id": "main"})
-            assert err.value.kind == "vm_unavailable"
-            health: dict[str, Any] = await c.call("hyperd.health")
-            assert health["unreachable"] == ["pod0"]
-            # an unreachable pod can still be stopped and deleted cleanly
-            await c.call("pod.stop", {"id": "pod0"})
-            await c.call("pod.delete", {"id": "pod0"})
-            assert [p for p in hyperd.mounts_under_base() if "/pod0" in p] == []
+    shims: list[Started] = []
+    try:
+        with anyio.fail_after(90):
+            shims = await _start_pods(hyperd, busybox_rootfs, 2)
+            await _kill_and_check(hyperd)
+    finally:
         for s in shims:
             await s.shim.aclose()
+
+
+async def _kill_and_check(hyperd: Hyperd) -> None:
+    async with rpc(hyperd.socket) as c:
+        victim = await c.call("pod.inspect", {"id": "pod0"})
+    failures: list[tuple[float, RPCError]] = []
+    successes_after: list[float] = []
+    killed_at: list[float] = []
+
+    async def hammer(client: RPCClient) -> None:
+        # keep ps commands in flight on the victim until they fail
+        while True:
+            try:
+                await client.call("container.ps", {"pod": "pod0", "id": "main"})
+            except RPCError as exc:
+                failures.append((time.monotonic(), exc))
+                return
+            if killed_at:
+                successes_after.append(time.monotonic())
+
+    clients = [await RPCClient.connect(hyperd.socket) for _ in range(20)]
+    try:
+        async with anyio.create_task_group() as tg:
+            for client in clients:
+                tg.start_soon(hammer, client)
+            await anyio.sleep(0.3)
+            killed_at.append(time.monotonic())
+            os.kill(victim["vm_pid"], signal.SIGKILL)
+    finally:
+        for client in clients:
+            await client.aclose()
+
+    assert len(failures) == len(clients)
+    for when, exc in failures:
+        assert exc.kind == "vm_unavailable", exc
+        assert "pod0" in exc.message
+        assert when - killed_at[0] < LIVENESS_DEADLINE
+
+    async with rpc(hyperd.socket) as c:
+        # the other pod is unaffected
+        ps = await c.call("container.ps", {"pod": "pod1", "id": "main"})
+        assert "sleep" in ps["output"]
+        info = await c.call("pod.inspect", {"id": "pod0"})
+        assert info["state"] == "unreachable"
+        assert "exited" in info["reason"]
+        with pytest.raises(RPCError) as err:
+            await c.call("container.ps", {"pod": "pod0", "id": "main"})
+        assert err.value.kind == "vm_unavailable"
+        health: dict[str, Any] = await c.call("hyperd.health")
+        assert health["unreachable"] == ["pod0"]
+        # an unreachable pod can still be stopped and deleted cleanly
+        await c.call("pod.stop", {"id": "pod0"})
+        await c.call("pod.delete", {"id": "pod0"})
+        assert [p for p in hyperd.mounts_under_base() if "/pod0" in p] == []
