@@ -264,3 +264,31 @@ async def test_responses_from_client_are_ignored(short_tmp: Path) -> None:
     async with running_server(sock(short_tmp)), RawClient.connect(sock(short_tmp)) as c:
         await c.send(b'{"jsonrpc": "2.0", "result": 1, "id": 5}\n')
         assert await c.call("ping", id=6) == {"jsonrpc": "2.0", "result": "pong", "id": 6}
+
+
+async def test_batch_elements_run_concurrently(short_tmp: Path) -> None:
+    state = State()
+    async with running_server(sock(short_tmp), state), RawClient.connect(sock(short_tmp)) as c:
+        await c.send_json(
+            [{"jsonrpc": "2.0", "method": "wait", "id": i} for i in range(3)]
+            + [{"jsonrpc": "2.0", "method": "ping", "id": "p"}]
+        )
+        await state.wait_for_waiting(3)  # all three are waiting at once
+        with pytest.raises(TimeoutError):  # one array, only when every element is done
+            await c.recv(within=0.2)
+        state.gate.set()
+        answer = await c.recv()
+        assert sorted(str(r["id"]) for r in answer) == ["0", "1", "2", "p"]
+
+
+async def test_large_batch(short_tmp: Path) -> None:
+    n = 2000
+    async with running_server(sock(short_tmp)), RawClient.connect(sock(short_tmp)) as c:
+        await c.send_json(
+            [
+                {"jsonrpc": "2.0", "method": "add", "params": {"a": i, "b": 1}, "id": i}
+                for i in range(n)
+            ]
+        )
+        answer = await c.recv()
+        assert sorted((r["id"], r["result"]) for r in answer) == [(i, i + 1) for i in range(n)]
