@@ -1,0 +1,5 @@
+import sys
+
+from hyperd.bench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,199 @@
+"""``python -m hyperd.bench`` / ``hyperd bench``: run the scenarios and print the table.
+
+    python -m hyperd.bench [--quick] [--only 1,2,3,4] [--repetitions N] [--plot FILE.png]
+                           [--json FILE] [--scale 1,100,1000]
+
+Every process the run starts (proxies, simulated VMs, the daemon and what the daemon starts) is
+stopped before it returns, also on an error, ^C or SIGTERM; SIGKILL of the runner reaches them
+through ``PR_SET_PDEATHSIG``. Exit status: 0 after printing the table, 1 when a scenario failed
+(the table of what did run is still printed), 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import anyio
+
+from hyperd.bench.stats import Section, render
+from hyperd.bench.throughput import ThroughputSettings, throughput
+from hyperd.bench.topology import Workspace
+
+log = logging.getLogger("hyperd.bench")
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+SCENARIOS = ("1", "2", "3", "4")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All knobs of a run; :data:`DEFAULT` fits in 5 minutes on 2 cores, :data:`QUICK` in ~30 s."""
+
+    throughput: ThroughputSettings = field(default_factory=ThroughputSettings)
+    latency_calls: int = 400
+    latency_repetitions: int = 5
+    scale_sizes: Sequence[int] = (1, 100, 1000)
+    scale_calls: int = 2000
+    scale_repetitions: int = 3
+    scale_process_limit: int = 100
+    """Pod counts above this use in-process agent endpoints instead of hyperd-sim processes."""
+    lifecycle_containers: int = 20
+    lifecycle_repetitions: int = 3
+
+
+DEFAULT = Settings()
+QUICK = Settings(
+    throughput=ThroughputSettings(commands=300, seed_commands=60, repetitions=2, warmup=50),
+    latency_calls=60,
+    latency_repetitions=2,
+    scale_sizes=(1, 20),
+    scale_calls=200,
+    scale_repetitions=1,
+    scale_process_limit=4,
+    lifecycle_containers=3,
+    lifecycle_repetitions=1,
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hyperd bench",
+        description="hyperd benchmarks: throughput, latency, scale and container lifecycle, "
+        "against the seed's one-connection-per-command pattern, measured in the same run",
+    )
+    p.add_argument("--quick", action="store_true", help="small counts (CI smoke test, < 1 min)")
+    p.add_argument("--only", default=",".join(SCENARIOS),
+                   help="comma-separated scenarios to run: 1 throughput, 2 RPC latency, "
+                   "3 scale, 4 container lifecycle (default: all)")
+    p.add_argument("--repetitions", type=int, help="repetitions of every scenario")
+    p.add_argument("--scale", help="pod counts of scenario 3, e.g. 1,100,1000")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="plot throughput vs concurrency (needs matplotlib)")
+    p.add_argument("--json", metavar="FILE", help="also write every sample as JSON")
+    p.add_argument("--log-level", default="warning", help="runner log level")
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    s = QUICK if args.quick else DEFAULT
+    if args.repetitions is not None:
+        n = args.repetitions
+        if n < 1:
+            raise ValueError("--repetitions must be >= 1")
+        s = replace(s, throughput=replace(s.throughput, repetitions=n), latency_repetitions=n,
+                    scale_repetitions=n, lifecycle_repetitions=n)
+    if args.scale:
+        sizes = tuple(int(x) for x in args.scale.split(",") if x.strip())
+        if not sizes or min(sizes) < 1:
+            raise ValueError("--scale needs positive pod counts")
+        s = replace(s, scale_sizes=sizes)
+    return s
+
+
+def _header(args: argparse.Namespace, only: Sequence[str]) -> list[str]:
+    return [
+        f"hyperd bench ({'quick' if args.quick else 'default'} settings, scenarios "
+        f"{','.join(only)}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"machine: {os.cpu_count()} CPUs, {platform.machine()}, Linux {platform.release()}, "
+        f"Python {platform.python_version()}, uvloop; medians of n repetitions, "
+        "ratios of medians from this run",
+    ]
+
+
+Scenario = Callable[[Workspace, Settings], Awaitable[Section]]
+
+
+def _scenarios() -> dict[str, Scenario]:
+    async def one(ws: Workspace, s: Settings) -> Section:
+        return await throughput(ws, s.throughput)
+
+    table: dict[str, Scenario] = {"1": one}
+    return table
+
+
+async def _run(only: Sequence[str], settings: Settings, sections: list[Section],
+               failures: list[str]) -> None:
+    scenarios = _scenarios()
+    with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+
+            async def on_signal() -> None:
+                async for _ in signals:
+                    failures.append("interrupted by SIGTERM")
+                    tg.cancel_scope.cancel()
+                    return
+
+            tg.start_soon(on_signal)
+            for key in only:
+                scenario = scenarios.get(key)
+                if scenario is None:
+                    failures.append(f"scenario {key}: not available in this build")
+                    continue
+                ws = Workspace()
+                started = time.monotonic()
+                try:
+                    sections.append(await scenario(ws, settings))
+                    sections[-1].notes.append(
+                        f"scenario wall time {time.monotonic() - started:.1f} s")
+                except Exception as exc:
+                    log.debug("scenario %s failed", key, exc_info=True)
+                    failures.append(f"scenario {key} failed: {exc!r}")
+                    traceback.print_exc(file=sys.stderr)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(ws.close)
+            tg.cancel_scope.cancel()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s bench %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = settings_from(args)
+    except ValueError as exc:
+        print(f"hyperd bench: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    only = [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = [x for x in only if x not in SCENARIOS]
+    if unknown:
+        print(f"hyperd bench: unknown scenario(s) {unknown}; choose from {SCENARIOS}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    sections: list[Section] = []
+    failures: list[str] = []
+    started = time.monotonic()
+    try:
+        anyio.run(_run, only, settings, sections, failures,
+                  backend="asyncio", backend_options={"use_uvloop": True})
+    except KeyboardInterrupt:
+        failures.append("interrupted")
+    header = _header(args, only)
+    header.append(f"total wall time {time.monotonic() - started:.1f} s")
+    print(render(sections, header))
+    for failure in failures:
+        print(f"FAILED: {failure}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{"title": s.title, "rows": {k: {"label": r.label, "unit": r.unit,
+                                                        "samples": r.samples}
+                                                    for k, r in s.rows.items()},
+                        "ratios": s.ratios, "notes": s.notes} for s in sections], f, indent=1)
+    if args.plot:
+        from hyperd.bench.plot import plot
+
+        problem = plot(sections, args.plot)
+        print(problem or f"plot written to {args.plot}")
+    sys.stdout.flush()
+    return EXIT_FAILED if failures else 0

@@ -1,0 +1,139 @@
+"""Scenario 1: command throughput on one VM (Hyper ``ping`` through hyperd-proxy to hyperd-sim).
+
+Variants, each run once per repetition, interleaved so that drift hits them all alike:
+
+- ``A`` the seed's pattern: connect, AttachVM, ping, disconnect, for every command;
+- ``B`` one connection, one command at a time;
+- ``hyperd xN``: :class:`hyperd.vm.VMSession` (persistent connection, pipelined FIFO queue)
+  driven by N concurrent callers;
+- ``raw``: every ping written back to back in one write on one connection (the limit of this
+  proxy and agent);
+- ``agent``: the agent round trip alone, pings one at a time straight on a second simulated
+  VM's ctl channel (the sim takes one host connection per socket, hence a second VM), so that the
+  proxy's own cost per command is ``1/raw - 1/agent``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from time import perf_counter
+from typing import Final
+
+import anyio
+
+from hyperd.bench import wire
+from hyperd.bench.stats import Section
+from hyperd.bench.topology import Workspace
+from hyperd.vm import VMConfig, VMSession
+
+VM_ID: Final = "bench-vm"
+IDLE_PING: Final = 3600.0
+"""Liveness ping interval of the measured sessions: no background pings during a measurement."""
+US: Final = 1e6
+
+
+@dataclass(frozen=True)
+class ThroughputSettings:
+    commands: int = 2000
+    seed_commands: int = 400
+    callers: Sequence[int] = (1, 8, 64)
+    repetitions: int = 5
+    warmup: int = 200
+
+
+def session_config() -> VMConfig:
+    return VMConfig(ping_interval=IDLE_PING)
+
+
+async def run_session_load(url: str, vm: str, callers: int, total: int) -> float:
+    """``total`` pings from ``callers`` tasks sharing one :class:`VMSession`; seconds taken."""
+    per_caller = max(1, total // callers)
+    async with anyio.create_task_group() as tg:
+        session = VMSession(vm, url, register=False, config=session_config())
+        await tg.start(session.run)
+
+        async def caller() -> None:
+            for _ in range(per_caller):
+                await session.hyper(wire.PING_NAME)
+
+        start = perf_counter()
+        async with anyio.create_task_group() as workers:
+            for _ in range(callers):
+                workers.start_soon(caller)
+        elapsed = perf_counter() - start
+        await session.close()
+    return elapsed * total / (per_caller * callers)
+
+
+async def run_one_at_a_time(sock: str, vm: str, total: int) -> float:
+    conn = await wire.ProxyWire.open(sock)
+    try:
+        await conn.attach(vm)
+        start = perf_counter()
+        for _ in range(total):
+            await conn.hyper(wire.PING_NAME)
+        return perf_counter() - start
+    finally:
+        conn.close()
+
+
+async def run_seed_pattern(sock: str, vm: str, total: int) -> float:
+    start = perf_counter()
+    for _ in range(total):
+        await wire.seed_command(sock, vm, wire.PING_NAME)
+    return perf_counter() - start
+
+
+async def run_agent_direct(agent: wire.AgentWire, total: int) -> float:
+    start = perf_counter()
+    for _ in range(total):
+        await agent.ping()
+    return perf_counter() - start
+
+
+async def throughput(ws: Workspace, s: ThroughputSettings) -> Section:
+    sec = Section("1. command throughput, one VM (Hyper ping via hyperd-proxy to hyperd-sim)")
+    vm = ws.start_sim("tp-vm")
+    sock = ws.start_proxy("tp-proxy")
+    url = f"unix://{sock}"
+    registrar = await wire.ProxyWire.open(sock)
+    direct_vm = ws.start_sim("tp-agent")
+    agent = await wire.AgentWire.open(direct_vm.ctl, direct_vm.tty)
+    try:
+        await registrar.register(VM_ID, vm.ctl, vm.tty)
+        # warm-up: first connections, code paths, allocator
+        await run_seed_pattern(sock, VM_ID, s.warmup // 4)
+        await run_one_at_a_time(sock, VM_ID, s.warmup)
+        await wire.raw_pipelined(sock, VM_ID, s.warmup)
+        await run_session_load(url, VM_ID, max(s.callers), s.warmup)
+        await run_agent_direct(agent, s.warmup)
+        for _ in range(s.repetitions):
+            t = await run_seed_pattern(sock, VM_ID, s.seed_commands)
+            sec.add("A", "A  seed pattern (connect+attach+cmd+close)", "cmd/s",
+                    s.seed_commands / t)
+            t = await run_one_at_a_time(sock, VM_ID, s.commands)
+            sec.add("B", "B  one connection, one at a time", "cmd/s", s.commands / t)
+            for n in s.callers:
+                t = await run_session_load(url, VM_ID, n, s.commands)
+                sec.add(f"hyperd{n}", f"hyperd VMSession, {n} callers", "cmd/s", s.commands / t)
+            t_raw = await wire.raw_pipelined(sock, VM_ID, s.commands)
+            sec.add("raw", "raw limit (one write, pipelined)", "cmd/s", s.commands / t_raw)
+            t_agent = await run_agent_direct(agent, s.commands)
+            sec.add("agent", "agent alone (ctl socket, no proxy)", "cmd/s", s.commands / t_agent)
+            sec.add("agent_us", "agent round trip", "us", t_agent / s.commands * US)
+            sec.add("proxy_us", "proxy's own cost per command (raw - agent)", "us",
+                    (t_raw - t_agent) / s.commands * US)
+    finally:
+        registrar.close()
+        agent.close()
+    best = max(s.callers, key=lambda n: sec.value(f"hyperd{n}"))
+    key = f"hyperd{best}"
+    sec.ratio(f"hyperd ({best} callers) / A", key, "A")
+    sec.ratio(f"hyperd ({best} callers) / B", key, "B")
+    sec.ratio(f"hyperd ({best} callers) / raw", key, "raw")
+    for n in s.callers:
+        if n != best:
+            sec.ratio(f"hyperd ({n} callers) / raw", f"hyperd{n}", "raw")
+    sec.notes.append("the proxy keeps one agent command outstanding per VM: 1/agent bounds raw")
+    return sec

@@ -1,0 +1,77 @@
+"""Where a run lives: one short temporary directory, and the sims and proxies started in it.
+
+Socket paths stay short (``/tmp/hb-XXXXXXXX/<name>.sock``): AF_UNIX paths must be < 108 bytes.
+Every process goes through :class:`~hyperd.bench.procs.Processes`, so the runner's ``finally``
+stops all of them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from hyperd.bench.procs import Processes, python_argv
+
+HELPER_LOG_LEVEL: Final = "error"
+WORKDIR_PREFIX: Final = "hb-"
+
+
+@dataclass(frozen=True)
+class SimVM:
+    """A running ``hyperd-sim``: its ctl and tty sockets and shared directory."""
+
+    name: str
+    ctl: str
+    tty: str
+    share: str
+
+
+class Workspace:
+    """A temporary directory and the helper processes of one run (see module docstring)."""
+
+    def __init__(self, base: str | None = None) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX, dir=base or "/tmp"))
+        self.procs = Processes()
+        self._names: set[str] = set()
+
+    def path(self, name: str) -> str:
+        return str(self.root / name)
+
+    def unique(self, name: str) -> str:
+        """``name``, or ``name-2``, ``name-3``… when it was taken in this run."""
+        candidate, n = name, 1
+        while candidate in self._names:
+            n += 1
+            candidate = f"{name}-{n}"
+        self._names.add(candidate)
+        return candidate
+
+    def start_sim(self, name: str, share: str | None = None) -> SimVM:
+        """Start a simulated VM (CC dialect) listening on ``<name>.ctl`` / ``<name>.tty``."""
+        name = self.unique(name)
+        share_dir = share or self.path(f"{name}.share")
+        os.makedirs(share_dir, exist_ok=True)
+        vm = SimVM(name, self.path(f"{name}.ctl"), self.path(f"{name}.tty"), share_dir)
+        argv = [*python_argv("hyperd.sim"), "--ctl", vm.ctl, "--tty", vm.tty,
+                "--share", share_dir, "--log-level", HELPER_LOG_LEVEL.upper()]
+        self.procs.spawn(argv, what=f"hyperd-sim {name}")
+        return vm
+
+    def start_proxy(self, name: str) -> str:
+        """Start ``hyperd-proxy`` in system mode; returns its socket path."""
+        name = self.unique(name)
+        sock = self.path(f"{name}.sock")
+        argv = [*python_argv("hyperd.proxy"), "--socket", sock, "--log-level", HELPER_LOG_LEVEL]
+        self.procs.spawn(argv, what=f"hyperd-proxy {name}")
+        return sock
+
+    def close(self) -> None:
+        """Stop every helper and remove the directory (mounts below it are the caller's)."""
+        try:
+            self.procs.stop_all()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)

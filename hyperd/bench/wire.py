@@ -1,0 +1,217 @@
+"""Lean protocol clients for the baselines: no hyperd code on the path, only ``protocol``.
+
+Everything here runs on the event loop's low-level socket calls (``sock_sendall`` /
+``sock_recv`` on a non-blocking socket), so that the baselines measure the proxy and the agent,
+not a heavy client:
+
+- :class:`ProxyWire` — a cc-proxy runtime connection, one command at a time (baselines A and B,
+  and the direct-to-proxy reference of the latency scenario);
+- :func:`raw_pipelined` — the raw limit: N frames written back to back in one write, the N
+  responses counted as they come;
+- :class:`AgentWire` — the host side of a simulated VM's ctl channel without any proxy (the raw
+  agent round trip).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from time import perf_counter
+from typing import Final
+
+import msgspec
+
+from protocol import NEED_DATA
+from protocol.ccproxy import (
+    AttachVM,
+    ClientConnection,
+    Command,
+    ErrorReply,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    Hyper,
+    RegisterVM,
+    Response,
+    encode_frame,
+    encode_payload,
+)
+from protocol.hyperstart import CC, Code, HostCtlConnection, Ready, Reply
+
+RECEIVE_SIZE: Final = 256 * 1024
+PING_NAME: Final = "ping"
+PING_PAYLOAD: Final = encode_payload(Hyper(hyperName=PING_NAME))
+READY_TIMEOUT: Final = 10.0
+
+
+class WireError(RuntimeError):
+    """The peer answered with an error or hung up."""
+
+
+async def _connect_unix(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class ProxyWire:
+    """One runtime connection to a cc-proxy; :meth:`call` sends one command and waits for it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._conn = ClientConnection("runtime")
+
+    @classmethod
+    async def open(cls, path: str) -> ProxyWire:
+        return cls(await _connect_unix(path))
+
+    def close(self) -> None:
+        self.sock.close()
+
+    async def call(self, command: Command, payload: bytes | msgspec.Struct = b"") -> bytes:
+        """Send ``command`` and return its response payload; :class:`WireError` on an error."""
+        await self._loop.sock_sendall(self.sock, self._conn.send_command(command, payload))
+        while True:
+            event = self._conn.next_event()
+            if event is NEED_DATA:
+                data = await self._loop.sock_recv(self.sock, RECEIVE_SIZE)
+                if not data:
+                    raise WireError(f"proxy closed the connection during {command.name}")
+                self._conn.receive_data(data)
+            elif isinstance(event, Response):
+                return event.payload
+            elif isinstance(event, ErrorReply):
+                raise WireError(f"{command.name}: {event.message}")
+
+    async def register(self, vm: str, ctl: str, tty: str) -> bytes:
+        return await self.call(
+            Command.REGISTER_VM, RegisterVM(containerId=vm, ctlSerial=ctl, ioSerial=tty)
+        )
+
+    async def attach(self, vm: str, streams: int = 0) -> bytes:
+        return await self.call(Command.ATTACH_VM, AttachVM(containerId=vm, numIOStreams=streams))
+
+    async def hyper(self, name: str, data: bytes | None = None, tokens: list[str] | None = None
+                    ) -> bytes:
+        if data is None and tokens is None:
+            return await self.call(Command.HYPER, PING_PAYLOAD if name == PING_NAME else
+                                   encode_payload(Hyper(hyperName=name)))
+        hyper = Hyper(hyperName=name, tokens=tokens)
+        if data is not None:
+            hyper = Hyper(hyperName=name, tokens=tokens, data=msgspec.Raw(data))
+        return await self.call(Command.HYPER, hyper)
+
+
+async def seed_command(path: str, vm: str, name: str, data: bytes | None = None,
+                       tokens: list[str] | None = None) -> bytes:
+    """The seed's ``sendCmd``: connect, AttachVM, the Hyper command, disconnect."""
+    wire = await ProxyWire.open(path)
+    try:
+        await wire.attach(vm)
+        return await wire.hyper(name, data, tokens)
+    finally:
+        wire.close()
+
+
+async def seed_tokens(path: str, vm: str, count: int = 1) -> list[str]:
+    """The seed's ``attach()``: connect, AttachVM(numIOStreams), disconnect."""
+    wire = await ProxyWire.open(path)
+    try:
+        reply = msgspec.json.decode(await wire.attach(vm, count))
+    finally:
+        wire.close()
+    tokens = reply.get("io", {}).get("tokens") or []
+    if len(tokens) != count:
+        raise WireError(f"{len(tokens)} tokens retrieved out of {count} expected")
+    return [str(t) for t in tokens]
+
+
+async def raw_pipelined(path: str, vm: str, count: int) -> float:
+    """The raw limit: ``count`` pings in one write on an attached connection; seconds taken."""
+    wire = await ProxyWire.open(path)
+    loop = asyncio.get_running_loop()
+    try:
+        await wire.attach(vm)
+        blob = encode_frame(Frame(FrameType.COMMAND, Command.HYPER, PING_PAYLOAD)) * count
+        decoder = FrameDecoder()
+        start = perf_counter()
+        writer = loop.create_task(loop.sock_sendall(wire.sock, blob))
+        got = 0
+        try:
+            while got < count:
+                data = await loop.sock_recv(wire.sock, RECEIVE_SIZE)
+                if not data:
+                    raise WireError(f"proxy closed the connection after {got} responses")
+                decoder.feed(data)
+                while (frame := decoder.next_frame()) is not None:
+                    if frame.error:
+                        raise WireError(f"ping failed: {frame.payload[:200]!r}")
+                    got += 1
+            elapsed = perf_counter() - start
+        finally:
+            writer.cancel()
+        return elapsed
+    finally:
+        wire.close()
+
+
+class AgentWire:
+    """The host side of a simulated VM's ctl (and tty) channel, with no proxy in between."""
+
+    def __init__(self, ctl: socket.socket, tty: socket.socket) -> None:
+        self._ctl = ctl
+        self._tty = tty
+        self._loop = asyncio.get_running_loop()
+        self._conn = HostCtlConnection(CC)
+
+    @classmethod
+    async def open(cls, ctl: str, tty: str) -> AgentWire:
+        """Connect both channels and wait for READY."""
+        ctl_sock = await _connect_unix(ctl)
+        try:
+            tty_sock = await _connect_unix(tty)
+        except BaseException:
+            ctl_sock.close()
+            raise
+        wire = cls(ctl_sock, tty_sock)
+        try:
+            async with asyncio.timeout(READY_TIMEOUT):
+                while not isinstance(await wire._next(), Ready):
+                    pass
+        except BaseException:
+            wire.close()
+            raise
+        return wire
+
+    def close(self) -> None:
+        self._ctl.close()
+        self._tty.close()
+
+    async def _next(self) -> object:
+        while True:
+            event = self._conn.next_event()
+            if event is not NEED_DATA:
+                return event
+            data = await self._loop.sock_recv(self._ctl, RECEIVE_SIZE)
+            if not data:
+                raise WireError("the agent closed its ctl channel")
+            self._conn.receive_data(data)
+
+    async def command(self, code: int, payload: bytes = b"") -> bytes:
+        """One agent command, waiting for its ACK (NEXT frames are skipped)."""
+        await self._loop.sock_sendall(self._ctl, self._conn.send_command(code, payload))
+        while True:
+            event = await self._next()
+            if isinstance(event, Reply):
+                if not event.ok:
+                    raise WireError(f"agent ERROR for code {code}: {event.payload[:200]!r}")
+                return event.payload
+
+    async def ping(self) -> bytes:
+        return await self.command(Code.PING)
