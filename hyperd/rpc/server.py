@@ -200,6 +200,9 @@ class RPCServer:
             connection.stop_reading()
         try:
             await connection.run()
+        except Exception:
+            # a bug in one connection must not take the server (and every client) down
+            log.exception("%r failed", connection)
         finally:
             self._connections.discard(connection)
             log.debug("%r: closed", connection)

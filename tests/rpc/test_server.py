@@ -10,13 +10,24 @@ import anyio
 import pytest
 
 from hyperd.errors import InvalidState, NotFound
-from hyperd.rpc import RemoteError, RPCClient
+from hyperd.rpc import (
+    CallContext,
+    MethodTable,
+    RemoteError,
+    RPCClient,
+    RPCConnectionClosed,
+    RPCServer,
+    create_unix_listener,
+)
 from protocol.jsonrpc import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
     PARSE_ERROR,
+    Notification,
+    Request,
+    Response,
 )
 from tests.rpc.support import DEADLINE, RawClient, State, running_server
 
@@ -292,3 +303,23 @@ async def test_large_batch(short_tmp: Path) -> None:
         )
         answer = await c.recv()
         assert sorted((r["id"], r["result"]) for r in answer) == [(i, i + 1) for i in range(n)]
+
+
+async def test_a_failing_connection_does_not_stop_the_server(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class BrokenTable(MethodTable):
+        async def dispatch(self, msg: Request | Notification, ctx: CallContext) -> Response | None:
+            raise RuntimeError("bug in the dispatcher")  # breaks dispatch's never-raises contract
+
+    server = RPCServer(BrokenTable())
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.serve, await create_unix_listener(sock(short_tmp)))
+        with caplog.at_level(logging.ERROR, logger="hyperd.rpc"):
+            for _ in range(2):
+                async with RPCClient.connect(sock(short_tmp)) as client:
+                    with pytest.raises(RPCConnectionClosed):
+                        await client.call("ping")
+        assert server.statistics().accepted == 2
+        assert any("failed" in r.getMessage() and r.exc_info for r in caplog.records)
+        await server.shutdown()
