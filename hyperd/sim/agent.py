@@ -86,7 +86,7 @@ HYPER_PROCESS_KEYS = frozenset(
     {"id", "user", "group", "additionalGroups", "terminal", "stdio", "stderr", "args", "envs",
      "workdir"}
 )
-TERMINAL_EOT = b"\x04"  # ^D: what ends input on a pty (an empty frame does not)
+HYPER_STDIN_BUFFER = 512  # hyperstart keeps this much pending stdin per process, drops the rest
 
 M = TypeVar("M", bound=msgspec.Struct)
 
@@ -413,6 +413,8 @@ class Agent:
         failure: OSError | None = None
         try:
             rec.proc = spawn(spec)
+            if self._hyper:
+                rec.proc.stdin_limit = HYPER_STDIN_BUFFER
         except OSError as exc:
             if not self._hyper:
                 self._refuse(f"cannot start process {rec.id!r}: {exc.strerror or exc}")

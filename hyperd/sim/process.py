@@ -126,7 +126,9 @@ class SimProcess:
     _stdin_send: MemoryObjectSendStream[bytes | None] = field(init=False)
     _stdin_recv: MemoryObjectReceiveStream[bytes | None] = field(init=False)
     returncode: int | None = None
+    stdin_limit: int | None = None  # most bytes of stdin pending at once; the excess is dropped
     _stdin_open: bool = True
+    _stdin_pending: int = 0
 
     def __post_init__(self) -> None:
         self._stdin_send, self._stdin_recv = anyio.create_memory_object_stream[bytes | None](
@@ -138,9 +140,18 @@ class SimProcess:
         return self.popen.pid
 
     def write_stdin(self, data: bytes) -> None:
-        """Queue bytes for the process's stdin; dropped once stdin is closed or it exited."""
-        if self.returncode is None and self._stdin_open:
-            self._stdin_send.send_nowait(data)
+        """Queue bytes for the process's stdin; dropped once stdin is closed or it exited.
+
+        With ``stdin_limit``, bytes beyond that many pending (not yet written) are dropped.
+        """
+        if self.returncode is not None or not self._stdin_open:
+            return
+        if self.stdin_limit is not None:
+            data = data[: max(self.stdin_limit - self._stdin_pending, 0)]
+            if len(data) == 0:
+                return
+        self._stdin_pending += len(data)
+        self._stdin_send.send_nowait(data)
 
     def close_stdin(self) -> None:
         """Close stdin after the queued bytes are written (non-terminal processes)."""
@@ -248,6 +259,7 @@ class SimProcess:
                     log.debug("stdin of pid %d: %s", self.pid, exc)
                     return
                 view = view[n:]
+                self._stdin_pending -= n
 
     def _close_fds(self) -> None:
         self._stdin_open = False

@@ -230,3 +230,22 @@ def test_destroypod_defers_ack_until_exit(
     assert client.command(Code.DESTROYPOD).ok
     assert any(e.process == "init" for e in client.events)  # the event came before the ACK
     assert client.output(17).eof
+
+
+def test_stdin_beyond_512_pending_bytes_is_dropped(
+    hsim: Sim, client: HostClient, add_rootfs: AddRootfs
+) -> None:
+    add_rootfs(hsim, "c1")
+    start_pod(client)
+    client.ok(Code.NEWCONTAINER, container("c1", process(["cat"], 1, 2, pid="init")))
+    data = b"".join(b"%04d" % i for i in range(1021))  # 4084 bytes: a 4096-byte frame
+    client.stdin(1, data)
+    client.wait_for(lambda: len(client.output(1).data) >= 512, what="512 bytes echoed")
+    client.settle(0.3)
+    assert bytes(client.output(1).data) == data[:512]
+    client.stdin(1, b"more\n")  # later frames get through again
+    client.wait_for(lambda: client.output(1).data.endswith(b"more\n"), what="echo")
+    too_big = data + b"x" * 16  # a 4112-byte frame: the real agent dies; the sim drops the link
+    client.stdin(1, too_big)
+    client.wait_for(lambda: client.tty_closed, what="tty closed")
+    assert client.command(Code.PING).ok
