@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 
 import anyio
 
+from hyperd.bench.latency import LatencySettings, latency
 from hyperd.bench.stats import Section, render
 from hyperd.bench.throughput import ThroughputSettings, throughput
 from hyperd.bench.topology import Workspace
@@ -41,8 +42,7 @@ class Settings:
     """All knobs of a run; :data:`DEFAULT` fits in 5 minutes on 2 cores, :data:`QUICK` in ~30 s."""
 
     throughput: ThroughputSettings = field(default_factory=ThroughputSettings)
-    latency_calls: int = 400
-    latency_repetitions: int = 5
+    latency: LatencySettings = field(default_factory=LatencySettings)
     scale_sizes: Sequence[int] = (1, 100, 1000)
     scale_calls: int = 2000
     scale_repetitions: int = 3
@@ -55,8 +55,7 @@ class Settings:
 DEFAULT = Settings()
 QUICK = Settings(
     throughput=ThroughputSettings(commands=300, seed_commands=60, repetitions=2, warmup=50),
-    latency_calls=60,
-    latency_repetitions=2,
+    latency=LatencySettings(calls=60, repetitions=2, warmup=10),
     scale_sizes=(1, 20),
     scale_calls=200,
     scale_repetitions=1,
@@ -91,7 +90,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         n = args.repetitions
         if n < 1:
             raise ValueError("--repetitions must be >= 1")
-        s = replace(s, throughput=replace(s.throughput, repetitions=n), latency_repetitions=n,
+        s = replace(s, throughput=replace(s.throughput, repetitions=n),
+                    latency=replace(s.latency, repetitions=n),
                     scale_repetitions=n, lifecycle_repetitions=n)
     if args.scale:
         sizes = tuple(int(x) for x in args.scale.split(",") if x.strip())
@@ -118,7 +118,10 @@ def _scenarios() -> dict[str, Scenario]:
     async def one(ws: Workspace, s: Settings) -> Section:
         return await throughput(ws, s.throughput)
 
-    table: dict[str, Scenario] = {"1": one}
+    async def two(ws: Workspace, s: Settings) -> Section:
+        return await latency(ws, s.latency)
+
+    table: dict[str, Scenario] = {"1": one, "2": two}
     return table
 
 

@@ -9,7 +9,9 @@ not a heavy client:
 - :func:`raw_pipelined` — the raw limit: N frames written back to back in one write, the N
   responses counted as they come;
 - :class:`AgentWire` — the host side of a simulated VM's ctl channel without any proxy (the raw
-  agent round trip).
+  agent round trip);
+- :class:`ShimWire` — what a shim does: ConnectShim with a token, then wait for the exit status;
+- :class:`RpcWire` — a JSON-RPC connection to hyperd, one call at a time (newline framing).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from time import perf_counter
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
@@ -26,11 +28,13 @@ from protocol.ccproxy import (
     AttachVM,
     ClientConnection,
     Command,
+    ConnectShim,
     ErrorReply,
     Frame,
     FrameDecoder,
     FrameType,
     Hyper,
+    ProcessExited,
     RegisterVM,
     Response,
     encode_frame,
@@ -42,6 +46,11 @@ RECEIVE_SIZE: Final = 256 * 1024
 PING_NAME: Final = "ping"
 PING_PAYLOAD: Final = encode_payload(Hyper(hyperName=PING_NAME))
 READY_TIMEOUT: Final = 10.0
+
+
+def unix_path(url: str) -> str:
+    """The socket path of a ``unix://`` URL (or of a bare path)."""
+    return url.removeprefix("unix://")
 
 
 class WireError(RuntimeError):
@@ -215,3 +224,101 @@ class AgentWire:
 
     async def ping(self) -> bytes:
         return await self.command(Code.PING)
+
+
+class ShimWire:
+    """A shim's connection: ConnectShim(token) at once, then the process's exit status."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._conn = ClientConnection("shim")
+
+    @classmethod
+    async def connect(cls, path: str, token: str) -> ShimWire:
+        """Connect and claim ``token``; returns once the proxy accepted it."""
+        shim = cls(await _connect_unix(path))
+        try:
+            await shim._loop.sock_sendall(
+                shim.sock, shim._conn.send_command(Command.CONNECT_SHIM, ConnectShim(token=token))
+            )
+            while True:
+                event = await shim._next()
+                if isinstance(event, Response):
+                    return shim
+                if isinstance(event, ErrorReply):
+                    raise WireError(f"ConnectShim: {event.message}")
+        except BaseException:
+            shim.close()
+            raise
+
+    async def _next(self) -> object:
+        while True:
+            event = self._conn.next_event()
+            if event is not NEED_DATA:
+                return event
+            data = await self._loop.sock_recv(self.sock, RECEIVE_SIZE)
+            if not data:
+                raise WireError("proxy closed the shim connection")
+            self._conn.receive_data(data)
+
+    async def wait_exit(self) -> int:
+        """Output is dropped; returns the exit status."""
+        while True:
+            event = await self._next()
+            if isinstance(event, ProcessExited):
+                return event.status
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class RpcError(RuntimeError):
+    """hyperd answered an error object."""
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(f"{error.get('message')} (code {error.get('code')})")
+        self.error = error
+
+
+_RPC_ENCODER: Final = msgspec.json.Encoder()
+
+
+class RpcWire:
+    """A JSON-RPC 2.0 connection to hyperd; one call at a time, notifications ignored."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._buffer = bytearray()
+        self._next_id = 0
+
+    @classmethod
+    async def open(cls, path: str) -> RpcWire:
+        return cls(await _connect_unix(path))
+
+    def close(self) -> None:
+        self.sock.close()
+
+    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        self._next_id += 1
+        request: dict[str, Any] = {"jsonrpc": "2.0", "id": self._next_id, "method": method}
+        if params is not None:
+            request["params"] = params
+        await self._loop.sock_sendall(self.sock, _RPC_ENCODER.encode(request) + b"\n")
+        while True:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                data = await self._loop.sock_recv(self.sock, RECEIVE_SIZE)
+                if not data:
+                    raise WireError(f"hyperd closed the connection during {method}")
+                self._buffer += data
+                continue
+            line = bytes(self._buffer[:end])
+            del self._buffer[: end + 1]
+            message = msgspec.json.decode(line)
+            if not isinstance(message, dict) or message.get("id") != self._next_id:
+                continue  # a notification, or a stale answer
+            if "error" in message:
+                raise RpcError(message["error"])
+            return message.get("result")

@@ -1,0 +1,107 @@
+"""A ``hyperd serve`` process for the daemon scenarios, and what they share.
+
+The daemon runs from a base directory inside the run's workspace, with ``--stop-pods-on-exit``
+(its pods' helper processes go with it) and reports readiness through ``$NOTIFY_SOCKET``
+(``READY=1``), as under systemd: no polling. Its RSS is read from ``/proc/<pid>/status``.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from hyperd.bench import wire
+from hyperd.bench.procs import READY_TIMEOUT, HelperError, python_argv
+from hyperd.bench.topology import HELPER_LOG_LEVEL, Workspace
+from hyperd.cli.rootfs import build_busybox_rootfs
+
+NOTIFY_READY: Final = "READY=1"
+KILL_SIGNAL_NAME: Final = "CONT"
+"""The signal the latency scenarios send with ``container.kill``: harmless to a sleeping init."""
+SLEEP_ARGS: Final = ["sleep", "100000"]
+
+
+@dataclass
+class Daemon:
+    """A running ``hyperd serve``."""
+
+    proc: subprocess.Popen[bytes]
+    socket: str
+    base: str
+
+    def rss_kib(self) -> int:
+        """Resident set size of the daemon process, KiB (``VmRSS``)."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise HelperError("hyperd has no VmRSS (exited?)")
+
+
+def start_daemon(ws: Workspace, name: str = "hyperd") -> Daemon:
+    """Start ``hyperd serve`` with its own base dir and wait for READY=1."""
+    base = ws.path(ws.unique(name))
+    os.makedirs(base, exist_ok=True)
+    notify_path = ws.path(f"{name}.notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.bind(notify_path)
+        argv = [*python_argv("hyperd"), "serve", "--base-dir", base, "--stop-pods-on-exit",
+                "--log-level", HELPER_LOG_LEVEL]
+        proc = ws.procs.spawn(argv, what="hyperd", ready=False,
+                              env={"NOTIFY_SOCKET": notify_path})
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            left = deadline - time.monotonic()
+            readable, _, _ = select.select([sock], [], [], max(min(left, 0.5), 0))
+            if readable:
+                message = sock.recv(4096).decode(errors="replace")
+                if NOTIFY_READY in message.splitlines():
+                    break
+            elif proc.poll() is not None or left <= 0:
+                ws.procs.stop(proc)
+                raise HelperError(f"hyperd did not report READY=1 (exit status {proc.returncode})")
+    finally:
+        sock.close()
+        os.unlink(notify_path)
+    return Daemon(proc, os.path.join(base, "hyperd.sock"), base)
+
+
+def busybox_rootfs(ws: Workspace) -> str:
+    """A static busybox rootfs for containers (built once per workspace)."""
+    root = Path(ws.path("rootfs"))
+    if not (root / "bin" / "busybox").exists():
+        build_busybox_rootfs(root)
+    return str(root)
+
+
+@dataclass
+class RunningContainer:
+    """A container started through hyperd, its shim holding the token's I/O session."""
+
+    pod: str
+    id: str
+    shim: wire.ShimWire
+
+
+async def start_container(rpc: wire.RpcWire, pod: str, cid: str, rootfs: str,
+                          args: list[str] | None = None) -> RunningContainer:
+    """container.create, ConnectShim with the token, container.start."""
+    created: dict[str, Any] = await rpc.call("container.create", {
+        "pod": pod, "id": cid, "rootfs": {"path": rootfs},
+        "process": {"args": args or SLEEP_ARGS},
+    })
+    shim = await wire.ShimWire.connect(
+        wire.unix_path(created["proxy_url"]), created["token"])
+    try:
+        await rpc.call("container.start", {"pod": pod, "id": cid})
+    except BaseException:
+        shim.close()
+        raise
+    return RunningContainer(pod, cid, shim)
