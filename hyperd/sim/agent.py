@@ -83,8 +83,18 @@ HYPER_DEPRECATED = frozenset(
 )
 # The keys hyperhq's process parser knows; any other one derails it (conformance note 3).
 HYPER_PROCESS_KEYS = frozenset(
-    {"id", "user", "group", "additionalGroups", "terminal", "stdio", "stderr", "args", "envs",
-     "workdir"}
+    {
+        "id",
+        "user",
+        "group",
+        "additionalGroups",
+        "terminal",
+        "stdio",
+        "stderr",
+        "args",
+        "envs",
+        "workdir",
+    }
 )
 HYPER_STDIN_BUFFER = 512  # hyperstart keeps this much pending stdin per process, drops the rest
 
@@ -250,8 +260,12 @@ class Agent:
                     self._signal_quietly(c.init, signal.SIGTERM)
             self._refuse("Pod already started, impossible to start again")
         self.pod = pod
-        log.info("pod %r started (not applied: %d interfaces, %d routes)", pod.hostname,
-                 len(pod.interfaces), len(pod.routes))
+        log.info(
+            "pod %r started (not applied: %d interfaces, %d routes)",
+            pod.hostname,
+            len(pod.interfaces),
+            len(pod.routes),
+        )
         if self._hyper:
             for container in pod.containers:
                 await self._start_container(container)

@@ -49,21 +49,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--ctl", type=Path, required=True, help="ctl channel socket to listen on")
     p.add_argument("--tty", type=Path, required=True, help="tty channel socket to listen on")
-    p.add_argument("--share", type=Path, required=True,
-                   help="shared directory: container roots are SHARE/<image>/<rootfs>")
-    p.add_argument("--dialect", choices=sorted(DIALECTS), default="cc",
-                   help="cc: cc-agent (default); hyper: hyperhq/hyperstart v1.1.0")
+    p.add_argument(
+        "--share",
+        type=Path,
+        required=True,
+        help="shared directory: container roots are SHARE/<image>/<rootfs>",
+    )
+    p.add_argument(
+        "--dialect",
+        choices=sorted(DIALECTS),
+        default="cc",
+        help="cc: cc-agent (default); hyper: hyperhq/hyperstart v1.1.0",
+    )
     p.add_argument("--netns", type=Path, help="network namespace file the processes run in")
     p.add_argument("--record", type=Path, help="append one JSON line per ctl command received")
     p.add_argument("--delay", type=_seconds, default=0.0, help="seconds to wait before each reply")
-    p.add_argument("--silent-after", type=_count, metavar="N",
-                   help="answer nothing after N commands")
-    p.add_argument("--crash-after", type=_count, metavar="N",
-                   help="close both sockets and exit nonzero at command N+1")
-    p.add_argument("--garbage-after", type=_count, metavar="N",
-                   help="answer with garbage bytes after N commands")
-    p.add_argument("--ready-fd", type=int, metavar="FD",
-                   help="write 'ready\\n' to FD once listening")
+    p.add_argument(
+        "--silent-after", type=_count, metavar="N", help="answer nothing after N commands"
+    )
+    p.add_argument(
+        "--crash-after",
+        type=_count,
+        metavar="N",
+        help="close both sockets and exit nonzero at command N+1",
+    )
+    p.add_argument(
+        "--garbage-after",
+        type=_count,
+        metavar="N",
+        help="answer with garbage bytes after N commands",
+    )
+    p.add_argument(
+        "--ready-fd", type=int, metavar="FD", help="write 'ready\\n' to FD once listening"
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     return p.parse_args(argv)
 

@@ -191,8 +191,9 @@ class Simulator:
                 tg.start_soon(self._watch_signals)
                 tg.start_soon(self._accept, ctl_listener, self._ctl, self._serve_ctl, tg)
                 tg.start_soon(self._accept, tty_listener, self._tty, self._serve_tty, tg)
-                log.info("listening: ctl %s, tty %s (%s dialect)", cfg.ctl, cfg.tty,
-                         self.dialect.name)
+                log.info(
+                    "listening: ctl %s, tty %s (%s dialect)", cfg.ctl, cfg.tty, self.dialect.name
+                )
                 if ready is not None:
                     ready()
         finally:
@@ -280,8 +281,13 @@ class Simulator:
         action = self._faults.next_command()
         name = self.dialect.name_of(frame.code)
         self._recorder.record(frame.code, name, frame.payload)
-        log.debug("command #%d %s (%d bytes): %s", self._faults.received, name,
-                  len(frame.payload), action.value)
+        log.debug(
+            "command #%d %s (%d bytes): %s",
+            self._faults.received,
+            name,
+            len(frame.payload),
+            action.value,
+        )
         if action is Action.CRASH:
             log.warning("crash fault after %d commands: exiting", self._faults.crash_after)
             self.stop(CRASH_EXIT_STATUS)

@@ -86,10 +86,24 @@ def start_sim(base: Path, *extra: str, dialect: Dialect = CC) -> Iterator[Sim]:
     r, w = os.pipe()
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "hyperd.sim",
-            "--ctl", str(ctl), "--tty", str(tty), "--share", str(share),
-            "--dialect", dialect.name, "--record", str(record), "--ready-fd", str(w),
-            "--log-level", "DEBUG", *extra,
+            sys.executable,
+            "-m",
+            "hyperd.sim",
+            "--ctl",
+            str(ctl),
+            "--tty",
+            str(tty),
+            "--share",
+            str(share),
+            "--dialect",
+            dialect.name,
+            "--record",
+            str(record),
+            "--ready-fd",
+            str(w),
+            "--log-level",
+            "DEBUG",
+            *extra,
         ],
         pass_fds=(w,),
     )
@@ -162,8 +176,11 @@ class HostClient:
     # -- reading -------------------------------------------------------------------------------
 
     def _read(self, timeout: float) -> None:
-        socks = [s for s, closed in ((self.ctl_sock, self.ctl_closed),
-                                     (self.tty_sock, self.tty_closed)) if not closed]
+        socks = [
+            s
+            for s, closed in ((self.ctl_sock, self.ctl_closed), (self.tty_sock, self.tty_closed))
+            if not closed
+        ]
         if not socks:
             time.sleep(timeout)
             return
@@ -262,6 +279,7 @@ class HostClient:
 
     def wait_event(self, process: str, timeout: float = WAIT_TIMEOUT) -> Any:
         """Wait for the hyperhq PROCESSASYNCEVENT of ``process``."""
+
         def found() -> bool:
             return any(e.process == process for e in self.events)
 
@@ -270,7 +288,12 @@ class HostClient:
 
 
 def process(
-    args: list[str], stdio: int, stderr: int = 0, *, pid: str = "", terminal: bool = False,
+    args: list[str],
+    stdio: int,
+    stderr: int = 0,
+    *,
+    pid: str = "",
+    terminal: bool = False,
     **kw: object,
 ) -> Process:
     """A process spec with PATH=/bin and workdir /."""
