@@ -58,10 +58,16 @@ groups. A refused peer gets one error response (id null, code ``Unauthorized.cod
 naming its uid and the required group, ``data.kind == "unauthorized"``) and is disconnected; the
 refusal is logged.
 
-Shutdown: ``server.shutdown()`` stops accepting and reading, lets running calls finish for up to
-``shutdown_grace`` seconds, then cancels them and closes every connection; cancelling
-``serve()`` instead closes everything at once. ``server.statistics()`` and
-``connection.statistics()`` give snapshots.
+Shutdown: ``server.shutdown()`` closes the listener, stops reading requests, lets running calls
+finish and be answered for up to ``shutdown_grace`` seconds, then cancels them and closes every
+connection; ``serve()`` then returns. Cancelling ``serve()`` instead closes everything at once
+(prefer ``shutdown()``). ``server.statistics()`` and ``connection.statistics()`` give snapshots.
+
+Implementation note: on asyncio and uvloop, anyio's unix streams turn "cancel a task blocked in
+``receive()``/``send()`` just as its socket becomes ready" into an ``InvalidStateError`` in a loop
+callback. So this package never cancels socket I/O it owns: ``shutdown(2)`` on the socket wakes a
+blocked read (EOF) or write (EPIPE), writes are shielded, and accepting ends by closing the
+listener. Code built on top should likewise stop the server with ``shutdown()``.
 
 Client (:class:`RPCClient`)::
 
