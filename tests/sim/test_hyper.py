@@ -249,3 +249,18 @@ def test_stdin_beyond_512_pending_bytes_is_dropped(
     client.stdin(1, too_big)
     client.wait_for(lambda: client.tty_closed, what="tty closed")
     assert client.command(Code.PING).ok
+
+
+def test_files_and_second_startpod(hsim: Sim, client: HostClient, add_rootfs: AddRootfs) -> None:
+    root = add_rootfs(hsim, "c1")
+    start_pod(client)
+    client.ok(Code.NEWCONTAINER, container("c1", process(["sleep", "30"], 1, 2, pid="init")))
+    client.ok(Code.WRITEFILE, b'{"container":"c1","file":"/tmp/hello"}hello\x00world')
+    assert (root / "tmp" / "hello").read_bytes() == b"hello\x00world"
+    assert client.ok(Code.READFILE, b'{"container":"c1","file":"/tmp/hello"}') == b"hello\0world"
+    outside = client.command(Code.READFILE, b'{"container":"c1","file":"../../../etc/passwd"}')
+    assert not outside.ok
+    # a second valid STARTPOD is refused and SIGTERMs the running containers
+    again = client.command(Code.STARTPOD, Pod(hostname="again", share_dir="share_dir"))
+    assert again == Reply(Code.STARTPOD, False, b"")
+    assert client.wait_event("init").status == 0
