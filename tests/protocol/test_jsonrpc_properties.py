@@ -56,6 +56,7 @@ def frame_all(data: bytes, framer: LineFramer) -> list[bytes]:
     return lines
 
 
+@settings(deadline=None)
 @given(messages)
 def test_message_round_trip(msg: Request | Notification | Response) -> None:
     lines = frame_all(encode_message(msg), LineFramer())
@@ -63,11 +64,13 @@ def test_message_round_trip(msg: Request | Notification | Response) -> None:
     assert parse_message(lines[0]) == msg
 
 
+@settings(deadline=None)
 @given(st.lists(messages, min_size=1, max_size=5))
 def test_batch_round_trip(batch: list[Request | Notification | Response]) -> None:
     assert parse_message(encode_message(batch)) == batch
 
 
+@settings(deadline=None)
 @given(st.lists(messages, min_size=1, max_size=6), st.data())
 def test_stream_of_messages_any_split(
     msgs: list[Request | Notification | Response], data: st.DataObject
@@ -87,7 +90,7 @@ def test_stream_of_messages_any_split(
 PARSED_TYPES = (Request, Notification, Response, InvalidMessage)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.lists(st.binary(max_size=80), max_size=10), st.integers(1, 64))
 def test_any_bytes_parse_or_raise_remote_protocol_error(chunks: list[bytes], limit: int) -> None:
     framer = LineFramer(max_message=limit)
@@ -114,7 +117,7 @@ json_ish = st.sampled_from(
 )  # fmt: skip
 
 
-@settings(max_examples=500)
+@settings(max_examples=500, deadline=None)
 @given(st.lists(json_ish, max_size=40))
 def test_json_shaped_garbage_never_raises(tokens: list[bytes]) -> None:
     for line in frame_all(b"".join(tokens) + b"\n", LineFramer()):
