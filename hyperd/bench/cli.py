@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 import anyio
 
 from hyperd.bench.latency import LatencySettings, latency
+from hyperd.bench.lifecycle import LifecycleSettings, lifecycle
 from hyperd.bench.stats import Section, render
 from hyperd.bench.throughput import ThroughputSettings, throughput
 from hyperd.bench.topology import Workspace
@@ -48,8 +49,7 @@ class Settings:
     scale_repetitions: int = 3
     scale_process_limit: int = 100
     """Pod counts above this use in-process agent endpoints instead of hyperd-sim processes."""
-    lifecycle_containers: int = 20
-    lifecycle_repetitions: int = 3
+    lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
 
 
 DEFAULT = Settings()
@@ -60,8 +60,7 @@ QUICK = Settings(
     scale_calls=200,
     scale_repetitions=1,
     scale_process_limit=4,
-    lifecycle_containers=3,
-    lifecycle_repetitions=1,
+    lifecycle=LifecycleSettings(containers=3, repetitions=1, warmup=1),
 )
 
 
@@ -92,7 +91,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             raise ValueError("--repetitions must be >= 1")
         s = replace(s, throughput=replace(s.throughput, repetitions=n),
                     latency=replace(s.latency, repetitions=n),
-                    scale_repetitions=n, lifecycle_repetitions=n)
+                    scale_repetitions=n, lifecycle=replace(s.lifecycle, repetitions=n))
     if args.scale:
         sizes = tuple(int(x) for x in args.scale.split(",") if x.strip())
         if not sizes or min(sizes) < 1:
@@ -121,7 +120,10 @@ def _scenarios() -> dict[str, Scenario]:
     async def two(ws: Workspace, s: Settings) -> Section:
         return await latency(ws, s.latency)
 
-    table: dict[str, Scenario] = {"1": one, "2": two}
+    async def four(ws: Workspace, s: Settings) -> Section:
+        return await lifecycle(ws, s.lifecycle)
+
+    table: dict[str, Scenario] = {"1": one, "2": two, "4": four}
     return table
 
 

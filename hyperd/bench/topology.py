@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Final
 
 from hyperd.bench.procs import Processes, python_argv
+from hyperd.host.mountsys import MNT_DETACH, MountError, read_mountinfo, umount
 
 HELPER_LOG_LEVEL: Final = "error"
 WORKDIR_PREFIX: Final = "hb-"
@@ -69,9 +70,26 @@ class Workspace:
         self.procs.spawn(argv, what=f"hyperd-proxy {name}")
         return sock
 
+    def unmount_all(self) -> None:
+        """Detach every mount left below the directory, deepest first."""
+        prefix = str(self.root) + "/"
+        points = [m.mount_point for m in read_mountinfo() if m.mount_point.startswith(prefix)]
+        for point in reversed(points):
+            try:
+                umount(point, MNT_DETACH)
+            except MountError:
+                pass
+
     def close(self) -> None:
-        """Stop every helper and remove the directory (mounts below it are the caller's)."""
+        """Stop every helper, detach leftover mounts and remove the directory.
+
+        The directory is only removed when no mount is left below it (removing files through a
+        bind mount would delete its source).
+        """
         try:
             self.procs.stop_all()
         finally:
-            shutil.rmtree(self.root, ignore_errors=True)
+            self.unmount_all()
+            prefix = str(self.root) + "/"
+            if not any(m.mount_point.startswith(prefix) for m in read_mountinfo()):
+                shutil.rmtree(self.root, ignore_errors=True)

@@ -1,0 +1,190 @@
+"""Scenario 4: container lifecycle in a running pod, hyperd vs a seed-pattern driver.
+
+One container at a time: create (an I/O token), the shim claims the token, start (bind-mount the
+rootfs, NEWCONTAINER running ``sleep``), kill (SIGKILL), the shim sees the exit status, stop
+(REMOVECONTAINER, unmount). Both drivers send the same agent commands, built by the same
+:mod:`hyperd.agent` builders, to a hyperd-sim behind a hyperd-proxy:
+
+- ``hyperd``: ``container.create`` / ``container.start`` / ``container.kill`` /
+  ``container.stop`` over JSON-RPC to a daemon (per-pod proxy and sim started by the daemon);
+- ``seed``: what the seed's ``createContainer`` / ``startContainer`` / ``killContainer`` /
+  ``stopContainer`` do: connect + AttachVM (+ command) + disconnect for every agent command, the
+  rootfs bind mount done inline; against a sim and a system-mode proxy started by the runner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from time import perf_counter
+from typing import Final
+
+from hyperd import agent
+from hyperd.bench import wire
+from hyperd.bench.daemon import SLEEP_ARGS, busybox_rootfs, start_daemon
+from hyperd.bench.stats import Section, percentile
+from hyperd.bench.topology import Workspace
+from hyperd.host.mountsys import MNT_DETACH, MS_BIND, umount
+from hyperd.host.mountsys import mount as sys_mount
+from hyperd.spec import DirRootfs, ProcessSpec
+from protocol.hyperstart import encode_message
+
+POD: Final = "lc"
+SEED_VM: Final = "lc-seed"
+SIGKILL: Final = 9
+MS: Final = 1e3
+PHASES: Final = ("create", "start", "kill", "exit", "stop")
+
+
+@dataclass(frozen=True)
+class LifecycleSettings:
+    containers: int = 20
+    repetitions: int = 3
+    warmup: int = 2
+
+
+Phases = dict[str, float]
+
+
+async def _phase(times: Phases, name: str, step: Callable[[], Awaitable[object]]) -> object:
+    start = perf_counter()
+    result = await step()
+    times[name] = (perf_counter() - start) * MS
+    return result
+
+
+async def hyperd_lifecycle(rpc: wire.RpcWire, rootfs: str, cid: str) -> Phases:
+    """One container through the daemon; the duration of each phase in ms."""
+    t: Phases = {}
+    ref = {"pod": POD, "id": cid}
+    created = await _phase(t, "create", lambda: rpc.call("container.create", {
+        **ref, "rootfs": {"path": rootfs}, "process": {"args": SLEEP_ARGS}}))
+    assert isinstance(created, dict)
+    shim = await wire.ShimWire.connect(wire.unix_path(created["proxy_url"]), created["token"])
+    try:
+        await _phase(t, "start", lambda: rpc.call("container.start", ref))
+        await _phase(t, "kill", lambda: rpc.call("container.kill", {**ref, "signal": SIGKILL}))
+        await _phase(t, "exit", shim.wait_exit)
+    finally:
+        shim.close()
+    await _phase(t, "stop", lambda: rpc.call("container.stop", ref))
+    return t
+
+
+class SeedDriver:
+    """The seed's container calls, each agent command on a fresh proxy connection."""
+
+    def __init__(self, proxy: str, share: str, rootfs: str) -> None:
+        self.proxy = proxy
+        self.share = share
+        self.rootfs = rootfs
+
+    async def start_pod(self, ctl: str, tty: str) -> None:
+        registrar = await wire.ProxyWire.open(self.proxy)  # seed register(): connect, register,
+        try:                                               # disconnect
+            await registrar.register(SEED_VM, ctl, tty)
+        finally:
+            registrar.close()
+        pod = agent.build_pod(SEED_VM)
+        await wire.seed_command(self.proxy, SEED_VM, "startpod", encode_message(pod))
+
+    def _mount(self, cid: str) -> str:
+        target = os.path.join(self.share, cid, agent.ROOTFS_DIR)
+        os.makedirs(target, exist_ok=True)
+        sys_mount(self.rootfs, target, MS_BIND)
+        return target
+
+    def _unmount(self, cid: str) -> None:
+        target = os.path.join(self.share, cid, agent.ROOTFS_DIR)
+        umount(target, MNT_DETACH)
+        with contextlib.suppress(OSError):
+            os.rmdir(target)
+            os.rmdir(os.path.dirname(target))
+
+    async def lifecycle(self, cid: str) -> Phases:
+        t: Phases = {}
+        tokens = await _phase(t, "create", lambda: wire.seed_tokens(self.proxy, SEED_VM, 1))
+        assert isinstance(tokens, list)
+        shim = await wire.ShimWire.connect(self.proxy, tokens[0])
+        try:
+            process = agent.build_process(ProcessSpec(args=SLEEP_ARGS),
+                                          process_id=agent.INIT_PROCESS_ID)
+            message = encode_message(agent.build_container(
+                cid, DirRootfs(path=self.rootfs), process))
+
+            async def start() -> object:
+                self._mount(cid)
+                try:
+                    return await wire.seed_command(self.proxy, SEED_VM, "newcontainer", message,
+                                                   tokens=tokens)
+                except BaseException:
+                    self._unmount(cid)
+                    raise
+
+            kill = encode_message(agent.build_kill(cid, SIGKILL))
+            await _phase(t, "start", start)
+            await _phase(t, "kill", lambda: wire.seed_command(
+                self.proxy, SEED_VM, "killcontainer", kill))
+            await _phase(t, "exit", shim.wait_exit)
+        finally:
+            shim.close()
+        remove = encode_message(agent.build_remove(cid))
+
+        async def stop() -> None:
+            await wire.seed_command(self.proxy, SEED_VM, "removecontainer", remove)
+            self._unmount(cid)
+
+        await _phase(t, "stop", stop)
+        return t
+
+
+def _record(sec: Section, key: str, label: str, runs: list[Phases]) -> None:
+    totals = [sum(r.values()) for r in runs]
+    sec.add(f"{key}_p50", f"{label}: lifecycle p50", "ms", percentile(totals, 50))
+    sec.add(f"{key}_p99", f"{label}: lifecycle p99", "ms", percentile(totals, 99))
+    sec.add(f"{key}_rate", f"{label}: containers/s (sequential)", "/s",
+            len(totals) / (sum(totals) / MS))
+    sec.add(f"{key}_cmds", f"{label}: agent+proxy commands/s", "cmd/s",
+            # AttachVM for the token, newcontainer, killcontainer, removecontainer
+            4 * len(totals) / (sum(totals) / MS))
+    for phase in PHASES:
+        sec.add(f"{key}_{phase}", f"{label}: {phase} p50", "ms",
+                percentile([r[phase] for r in runs], 50))
+
+
+async def lifecycle(ws: Workspace, s: LifecycleSettings) -> Section:
+    sec = Section("4. container lifecycle (create, start, kill+exit, stop), one running pod")
+    rootfs = busybox_rootfs(ws)
+    daemon = start_daemon(ws)
+    rpc = await wire.RpcWire.open(daemon.socket)
+    vm = ws.start_sim("lc-seed")
+    seed = SeedDriver(ws.start_proxy("lc-proxy"), vm.share, rootfs)
+    try:
+        await rpc.call("pod.create", {"id": POD})
+        await rpc.call("pod.start", {"id": POD})
+        await seed.start_pod(vm.ctl, vm.tty)
+        n = 0
+
+        async def both(count: int, record: bool) -> None:
+            nonlocal n
+            h_runs, s_runs = [], []
+            for _ in range(count):
+                n += 1
+                h_runs.append(await hyperd_lifecycle(rpc, rootfs, f"c{n}"))
+                s_runs.append(await seed.lifecycle(f"c{n}"))
+            if record:
+                _record(sec, "hyperd", "hyperd", h_runs)
+                _record(sec, "seed", "seed pattern", s_runs)
+
+        await both(s.warmup, record=False)
+        for _ in range(s.repetitions):
+            await both(s.containers, record=True)
+    finally:
+        rpc.close()
+    sec.ratio("containers/s hyperd / seed", "hyperd_rate", "seed_rate")
+    sec.ratio("lifecycle p50 seed / hyperd", "seed_p50", "hyperd_p50")
+    sec.notes.append(f"{s.containers} containers per repetition, one at a time, alternating "
+                     "drivers; 'exit' = SIGKILL to exit status at the shim (the sim reaping)")
+    return sec
