@@ -8,6 +8,7 @@ records what it received.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import select
@@ -21,7 +22,7 @@ from typing import Any
 
 import anyio
 import msgspec
-from anyio.abc import SocketListener, SocketStream
+from anyio.abc import SocketStream
 
 from protocol.ccproxy import Command, Frame, FrameDecoder, FrameType, Stream, encode_frame
 from protocol.hyperstart import (
@@ -108,6 +109,35 @@ def running_proxy(sock: Path | str, *extra: str, **kw: Any) -> Any:
             proxy.proc.stderr.close()
 
 
+class Proxied:
+    """A running proxy plus the clients a test opened on it (closed at the end)."""
+
+    def __init__(self, process: ProxyProcess) -> None:
+        self.process = process
+        self.proc = process.proc
+        self.socket = process.socket
+        self.url = process.url
+        self.clients: list[RawClient] = []
+
+    async def connect(self) -> RawClient:
+        client = await RawClient.connect(self.socket)
+        self.clients.append(client)
+        return client
+
+
+@contextlib.asynccontextmanager
+async def proxied(directory: Path, *extra: str, **kw: Any) -> AsyncIterator[Proxied]:
+    """A proxy on ``<directory>/p.sock``; clients from ``connect()`` are closed afterwards."""
+    with running_proxy(directory / "p.sock", *extra, **kw) as process:
+        proxy = Proxied(process)
+        try:
+            yield proxy
+        finally:
+            with anyio.CancelScope(shield=True):
+                for client in proxy.clients:
+                    await client.aclose()
+
+
 class RawClient:
     """A cc-proxy client over a real unix socket, reading whole frames."""
 
@@ -153,14 +183,17 @@ class RawClient:
     async def call(
         self, command: Command, payload: bytes | dict[str, Any] = b""
     ) -> tuple[bool, Any]:
-        """Send a command and return (ok, decoded payload) of its response."""
+        """Send a command and return its response: (False, msg) for an error, (True, decoded
+        JSON) for RegisterVM/AttachVM, (True, raw payload) for the others."""
         await self.command(command, payload)
         frame = await self.frame()
         assert frame.type is FrameType.RESPONSE, frame
         assert frame.opcode == command, frame
         if frame.error:
             return False, msgspec.json.decode(frame.payload)["msg"]
-        return True, msgspec.json.decode(frame.payload) if frame.payload else frame.payload
+        if command in (Command.REGISTER_VM, Command.ATTACH_VM):
+            return True, msgspec.json.decode(frame.payload)
+        return True, frame.payload
 
     async def expect_eof(self, deadline: float = IO_DEADLINE) -> None:
         """The proxy closes the connection without sending another frame."""
@@ -185,6 +218,67 @@ class RawClient:
 Answer = Callable[["Agent", CtlFrame], Awaitable[None]]
 
 
+class Pipe:
+    """An accepted agent socket on asyncio streams.
+
+    (anyio's accepted unix sockets can raise InvalidStateError from the loop when a pending
+    receive is cancelled just as data arrives; asyncio's streams cancel cleanly.)
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def receive(self) -> bytes:
+        """The next bytes; raises anyio.EndOfStream at EOF."""
+        try:
+            data = await self.reader.read(65536)
+        except ConnectionError:
+            data = b""
+        if not data:
+            raise anyio.EndOfStream
+        return data
+
+    async def send_eof(self) -> None:
+        if self.writer.can_write_eof():
+            self.writer.write_eof()
+
+    async def aclose(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
+
+
+class PipeListener:
+    """A unix socket listener handing out :class:`Pipe`s."""
+
+    def __init__(self) -> None:
+        self.accepted: asyncio.Queue[Pipe] = asyncio.Queue()
+        self.server: asyncio.AbstractServer | None = None
+
+    @classmethod
+    async def create(cls, path: str) -> PipeListener:
+        listener = cls()
+
+        async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await listener.accepted.put(Pipe(reader, writer))
+
+        listener.server = await asyncio.start_unix_server(accepted, path)
+        return listener
+
+    async def accept(self) -> Pipe:
+        return await self.accepted.get()
+
+    async def aclose(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
 @dataclass
 class Agent:
     """A small hyperstart agent: READY, NEXTs and an ACK per command, recorded commands."""
@@ -197,13 +291,13 @@ class Agent:
     commands: list[CtlFrame] = field(default_factory=list)
     stdin: list[TtyFrame] = field(default_factory=list)
     answers: dict[int, Answer] = field(default_factory=dict)
-    ctl: SocketStream | None = None
-    tty: SocketStream | None = None
+    ctl: Pipe | None = None
+    tty: Pipe | None = None
     connected: anyio.Event = field(default_factory=anyio.Event)
     got_command: anyio.Event = field(default_factory=anyio.Event)
     got_stdin: anyio.Event = field(default_factory=anyio.Event)
 
-    async def run(self, ctl_listener: SocketListener, tty_listener: SocketListener) -> None:
+    async def run(self, ctl_listener: PipeListener, tty_listener: PipeListener) -> None:
         self.ctl = await ctl_listener.accept()
         self.tty = await tty_listener.accept()
         self.connected.set()
@@ -282,8 +376,8 @@ async def agent_running(directory: Path, name: str = "vm", **kw: Any) -> AsyncIt
     """An :class:`Agent` listening on ``<directory>/<name>.ctl`` and ``.tty``."""
     ctl_path = str(directory / f"{name}.ctl")
     tty_path = str(directory / f"{name}.tty")
-    ctl_listener = await anyio.create_unix_listener(ctl_path)
-    tty_listener = await anyio.create_unix_listener(tty_path)
+    ctl_listener = await PipeListener.create(ctl_path)
+    tty_listener = await PipeListener.create(tty_path)
     agent = Agent(ctl_path, tty_path, **kw)
     try:
         async with anyio.create_task_group() as tg:

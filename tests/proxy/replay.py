@@ -19,11 +19,10 @@ from typing import Any
 
 import anyio
 import msgspec
-from anyio.abc import SocketListener, SocketStream
 
 from protocol.ccproxy import Command, Frame, encode_frame
 from tests.paths import CCPROXY_TRANSCRIPTS
-from tests.proxy.harness import IO_DEADLINE, RawClient
+from tests.proxy.harness import IO_DEADLINE, Pipe, PipeListener, RawClient
 
 _CCPROXY_HEADER = struct.Struct(">HBxxxBBI")
 _RESPONSE = 1
@@ -37,8 +36,8 @@ def load(scenario: str) -> dict[str, Any]:
 
 @dataclass
 class _AgentChannel:
-    listener: SocketListener
-    stream: SocketStream | None = None
+    listener: PipeListener
+    stream: Pipe | None = None
     buffer: bytearray = field(default_factory=bytearray)
 
 
@@ -72,7 +71,7 @@ class Replayer:
                 vm, kind = name.split("_")
                 channel = kind.lower() if vm == "VM1" else f"{vm.lower()}/{kind.lower()}"
                 ours = self.paths[value.encode()].decode()
-                self.channels[channel] = _AgentChannel(await anyio.create_unix_listener(ours))
+                self.channels[channel] = _AgentChannel(await PipeListener.create(ours))
 
     async def aclose(self) -> None:
         for client in self.clients.values():
