@@ -39,6 +39,8 @@ CLONE_NEWNS = 0x00020000  # <sched.h>: a new mount namespace
 MS_BIND = 0x1000  # <sys/mount.h>
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
+PR_SET_PDEATHSIG = 1  # <sys/prctl.h>: signal the child when its parent dies
+PARENT_GONE_STATUS = 1  # the simulator died while the child was being set up
 SIGNAL_EXIT_BASE = 128  # shell convention: killed by signal N -> 128 + N
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -87,6 +89,7 @@ def _child_setup(spec: LaunchSpec) -> Callable[[], None]:
     """The pre-exec hook: runs in the forked child after stdio is in place, before exec."""
     root = os.fsencode(spec.root)
     workdir = spec.workdir or "/"
+    parent = os.getpid()
 
     def setup() -> None:
         if spec.netns_fd is not None:
@@ -103,6 +106,10 @@ def _child_setup(spec: LaunchSpec) -> Callable[[], None]:
             os.setgroups(list(spec.identity.groups))
             os.setgid(spec.identity.gid)
             os.setuid(spec.identity.uid)
+        # last: a credential change clears it. Dies with the simulator, even on SIGKILL.
+        _libc_check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
+        if os.getppid() != parent:
+            os._exit(PARENT_GONE_STATUS)
 
     return setup
 

@@ -328,3 +328,17 @@ def test_container_dies_with_its_init(sim: Sim, client: HostClient, add_rootfs: 
     while _alive(orphan) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not _alive(orphan)
+
+
+def test_processes_die_with_a_killed_sim(short_tmp: Path, add_rootfs: AddRootfs) -> None:
+    with start_sim(short_tmp) as s, s.client() as c:
+        add_rootfs(s, "c1")
+        start_pod(c)
+        c.ok(Code.NEWCONTAINER, container("c1", process(["sleep", "30"], 3, 4, user="nobody")))
+        (pid,) = _pids(c, "c1")
+        s.proc.kill()  # SIGKILL: no clean-up code runs in the simulator
+        s.proc.wait()
+        deadline = time.monotonic() + 5
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _alive(pid)
