@@ -18,12 +18,12 @@ import logging
 import os
 import signal
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
-from anyio.abc import SocketListener, SocketStream, TaskGroup
+from anyio.abc import SocketListener, SocketStream, TaskGroup, TaskStatus
 
 from hyperd.sim.agent import Agent
 from hyperd.sim.faults import GARBAGE, Action, FaultPlan, Recorder
@@ -113,11 +113,15 @@ class _Port:
         self.scope: anyio.CancelScope | None = None
         self.lock = anyio.Lock()
 
-    async def send(self, data: bytes) -> None:
-        """Write ``data`` whole to the connected host; dropped when nobody is connected."""
+    async def send(self, data: bytes, to: SocketStream | None = None) -> None:
+        """Write ``data`` whole to the connected host; dropped when nobody is connected.
+
+        With ``to``, only while that connection is still the current one (a reply never goes to
+        a host other than the one that sent the command).
+        """
         async with self.lock:
             stream = self.stream
-            if stream is None:
+            if stream is None or (to is not None and stream is not to):
                 return
             try:
                 await stream.send(data)
@@ -188,7 +192,7 @@ class Simulator:
                     chroot=os.geteuid() == 0,
                     netns_fd=netns_fd,
                 )
-                tg.start_soon(self._watch_signals)
+                await tg.start(self._watch_signals)
                 tg.start_soon(self._accept, ctl_listener, self._ctl, self._serve_ctl, tg)
                 tg.start_soon(self._accept, tty_listener, self._tty, self._serve_tty, tg)
                 log.info(
@@ -206,8 +210,9 @@ class Simulator:
             self._recorder.close()
         return self._status
 
-    async def _watch_signals(self) -> None:
+    async def _watch_signals(self, *, task_status: TaskStatus[None]) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()  # handlers are installed before anyone hears "ready"
             async for signum in signals:
                 log.info("got %s: shutting down", signal.Signals(signum).name)
                 self.stop(0)
@@ -217,7 +222,7 @@ class Simulator:
         self,
         listener: SocketListener,
         port: _Port,
-        serve: Callable[[SocketStream], object],
+        serve: Callable[[SocketStream], Awaitable[None]],
         tg: TaskGroup,
     ) -> None:
         while True:
@@ -242,11 +247,11 @@ class Simulator:
         port: _Port,
         stream: SocketStream,
         scope: anyio.CancelScope,
-        serve: Callable[[SocketStream], object],
+        serve: Callable[[SocketStream], Awaitable[None]],
     ) -> None:
         try:
             with scope:
-                await serve(stream)  # type: ignore[misc]
+                await serve(stream)
         except ProtocolError as exc:
             log.warning("%s: %s; closing the connection", port.name, exc)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
@@ -271,12 +276,14 @@ class Simulator:
                 return
             for piece in splitter.split(chunk) if self._hyper else [chunk]:
                 if self._hyper and not self._faults.silent:
-                    await self._ctl.send(conn.send_next(len(piece)))
+                    await self._ctl.send(conn.send_next(len(piece)), stream)
                 conn.receive_data(piece)
                 while isinstance(frame := conn.next_event(), CtlFrame):
-                    await self._command(conn, frame)
+                    await self._command(stream, conn, frame)
 
-    async def _command(self, conn: AgentCtlConnection, frame: CtlFrame) -> None:
+    async def _command(
+        self, stream: SocketStream, conn: AgentCtlConnection, frame: CtlFrame
+    ) -> None:
         assert self.agent is not None
         action = self._faults.next_command()
         name = self.dialect.name_of(frame.code)
@@ -298,10 +305,10 @@ class Simulator:
         if self._faults.delay:
             await anyio.sleep(self._faults.delay)
         if action is Action.GARBAGE:
-            await self._ctl.send(GARBAGE)
+            await self._ctl.send(GARBAGE, stream)
             return
         await self._ctl.send(
-            conn.send_ack(answer.payload) if answer.ok else conn.send_error(answer.payload)
+            conn.send_ack(answer.payload) if answer.ok else conn.send_error(answer.payload), stream
         )
 
     # -- tty -----------------------------------------------------------------------------------

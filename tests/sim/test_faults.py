@@ -130,3 +130,12 @@ def test_oversized_frame_closes_ctl_only(sim: Sim) -> None:
         c.wait_for(lambda: c.ctl_closed, what="ctl closed")
     with HostClient(sim.ctl, sim.tty, CC) as again:
         assert again.command(Code.PING).ok
+
+
+def test_sigterm_right_after_ready_is_clean(short_tmp: Path) -> None:
+    for i in range(3):
+        base = short_tmp / str(i)
+        base.mkdir()
+        with start_sim(base) as s:
+            assert s.stop() == 0
+            assert not s.ctl.exists() and not s.tty.exists()
