@@ -17,13 +17,12 @@ import anyio
 import msgspec
 
 from hyperd import agent
-from hyperd.daemon import launcher
+from hyperd.daemon import launcher, netprobe
 from hyperd.daemon.model import ContainerRecord, ExecRecord, MountRecord, PodRecord, PodState
 from hyperd.daemon.vmlink import AgentLink
 from hyperd.errors import HyperdError, InvalidParams, InvalidState, ProxyError, VMUnavailable
 from hyperd.host.model import HostNetwork, SharedMount
 from hyperd.host.mounts import SharedDir
-from hyperd.host.netns import discover_network as _discover
 from protocol import LocalProtocolError
 from protocol.hyperstart import (
     DIALECTS,
@@ -170,7 +169,8 @@ async def tokens(pod: PodRecord, link: AgentLink, count: int) -> list[str]:
 
 
 async def discover_network(netns: str) -> HostNetwork:
-    return await _discover(netns)
+    """Read the pod's netns in a child process (see :mod:`hyperd.daemon.netprobe` for why)."""
+    return await netprobe.discover_network(netns)
 
 
 def shared_dir(pod: PodRecord) -> tuple[SharedDir, str]:
