@@ -458,7 +458,7 @@ class Agent:
         self, container: ContainerRecord, rec: ProcessRecord, failure: OSError | None
     ) -> int:
         if rec.proc is not None:
-            on_exit = container.kill_all if rec is container.init else None
+            on_exit = container.on_init_exit if rec is container.init else None
             raw = await rec.proc.run(self._send_output, rec.stdio, rec.stderr, on_exit)
             status = exit_status(raw, signal_status_zero=self._hyper)
         else:
@@ -473,15 +473,31 @@ class Agent:
         await self._channels.send_tty(encode_tty(seq, data))
 
     async def _finish(self, container: ContainerRecord, rec: ProcessRecord, status: int) -> None:
+        """Report a finished process: EOF on its stdio seq, then its status.
+
+        hyperhq orders deaths caused by an init's exit as all EOFs first, then the events, init's
+        first; the other processes' events wait for the init's, and the init's waits for the
+        others' EOFs.
+        """
+        is_init = rec is container.init
+        others = [p for p in container.live() if p is not rec] if is_init else []
         rec.status = status
         self.registry.unregister(rec)
         log.info("%s/%s exited with status %d", rec.container, rec.id, status)
-        if rec is container.init:
+        if is_init:
+            container.dying = True
             container.kill_all()  # a container dies with its init, as a pid namespace does
             if self._hyper and self.registry.containers.get(container.id) is container:
                 del self.registry.containers[container.id]
         await self._channels.send_tty(encode_tty(rec.stdio, b""))
+        rec.eof_sent.set()
         if self._hyper:
+            with anyio.move_on_after(KILL_WAIT):
+                if is_init:
+                    for other in others:
+                        await other.eof_sent.wait()
+                elif container.dying:
+                    await container.init.finished.wait()
             await self._channels.send_event(
                 ProcessAsyncEvent(
                     container=rec.container, process=rec.id, event="finished", status=status

@@ -24,8 +24,9 @@ class ProcessRecord:
     terminal: bool
     explicit_id: bool  # the host sent process.id (hyperhq crashes on EXECCMD otherwise)
     proc: SimProcess | None = None  # None: the exec failed (hyper reports it like a process)
-    status: int | None = None  # set once finished (EOF and status sent)
-    finished: anyio.Event = field(default_factory=anyio.Event)
+    status: int | None = None  # set once it has exited
+    eof_sent: anyio.Event = field(default_factory=anyio.Event)
+    finished: anyio.Event = field(default_factory=anyio.Event)  # EOF and status sent
 
     @property
     def running(self) -> bool:
@@ -45,10 +46,16 @@ class ContainerRecord:
     init: ProcessRecord
     processes: dict[str, ProcessRecord] = field(default_factory=dict)
     pgids: set[int] = field(default_factory=set)  # process groups started in it, live or not
+    dying: bool = False  # its init has exited: every other process is being killed
 
     @property
     def running(self) -> bool:
         return self.init.running
+
+    def on_init_exit(self) -> None:
+        """The init has exited: the container dies (called before its output is drained)."""
+        self.dying = True
+        self.kill_all()
 
     def kill_all(self) -> None:
         """SIGKILL every process group started in the container (its pid namespace dies)."""

@@ -192,6 +192,9 @@ def test_exec_terminal_winsize_and_signals(
     assert client.wait_event("init").status == 0
     assert client.wait_event("ex5").status == 0
     assert client.output(1).eof and client.output(13).eof
+    # all EOFs first, then the events, init's first (as recorded from the real agent)
+    assert client.tty_eofs[-2:] == [1, 13]
+    assert [e.process for e in client.events[-2:]] == ["init", "ex5"]
 
 
 def test_exec_of_missing_binary_exits_127(
