@@ -30,6 +30,7 @@ from protocol.hyperstart import (
     AgentCtlConnection,
     CtlFrame,
     Dialect,
+    ProcessAsyncEvent,
     TtyDecoder,
     TtyFrame,
     encode_ctl,
@@ -289,6 +290,7 @@ class Agent:
     send_ready: bool = True
     send_next: bool = True
     commands: list[CtlFrame] = field(default_factory=list)
+    reads: list[int] = field(default_factory=list)  # sizes of the ctl reads
     stdin: list[TtyFrame] = field(default_factory=list)
     answers: dict[int, Answer] = field(default_factory=dict)
     ctl: Pipe | None = None
@@ -316,6 +318,7 @@ class Agent:
                 data = await self.ctl.receive()
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 return
+            self.reads.append(len(data))
             if self.send_next:
                 # hyperstart: one NEXT per read
                 await self.ctl.send(conn.send_next(len(data)))
@@ -347,6 +350,12 @@ class Agent:
     async def reply(self, code: int, payload: bytes = b"") -> None:
         assert self.ctl is not None
         await self.ctl.send(encode_ctl(code, payload))
+
+    async def event(self, container: str, process: str, status: int) -> None:
+        """The dialect's PROCESSASYNCEVENT: ``process`` of ``container`` finished."""
+        assert self.ctl is not None
+        finished = ProcessAsyncEvent(container, process, "finished", status=status)
+        await self.ctl.send(AgentCtlConnection(self.dialect).send_event(finished))
 
     async def output(self, seq: int, data: bytes) -> None:
         assert self.tty is not None
