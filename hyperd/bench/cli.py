@@ -27,6 +27,7 @@ import anyio
 
 from hyperd.bench.latency import LatencySettings, latency
 from hyperd.bench.lifecycle import LifecycleSettings, lifecycle
+from hyperd.bench.scale import ScaleSettings, scale
 from hyperd.bench.stats import Section, render
 from hyperd.bench.throughput import ThroughputSettings, throughput
 from hyperd.bench.topology import Workspace
@@ -44,11 +45,7 @@ class Settings:
 
     throughput: ThroughputSettings = field(default_factory=ThroughputSettings)
     latency: LatencySettings = field(default_factory=LatencySettings)
-    scale_sizes: Sequence[int] = (1, 100, 1000)
-    scale_calls: int = 2000
-    scale_repetitions: int = 3
-    scale_process_limit: int = 100
-    """Pod counts above this use in-process agent endpoints instead of hyperd-sim processes."""
+    scale: ScaleSettings = field(default_factory=ScaleSettings)
     lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
 
 
@@ -56,10 +53,7 @@ DEFAULT = Settings()
 QUICK = Settings(
     throughput=ThroughputSettings(commands=300, seed_commands=60, repetitions=2, warmup=50),
     latency=LatencySettings(calls=60, repetitions=2, warmup=10),
-    scale_sizes=(1, 20),
-    scale_calls=200,
-    scale_repetitions=1,
-    scale_process_limit=4,
+    scale=ScaleSettings(sizes=(1, 20), calls=200, repetitions=1, process_limit=4),
     lifecycle=LifecycleSettings(containers=3, repetitions=1, warmup=1),
 )
 
@@ -91,22 +85,29 @@ def settings_from(args: argparse.Namespace) -> Settings:
             raise ValueError("--repetitions must be >= 1")
         s = replace(s, throughput=replace(s.throughput, repetitions=n),
                     latency=replace(s.latency, repetitions=n),
-                    scale_repetitions=n, lifecycle=replace(s.lifecycle, repetitions=n))
+                    scale=replace(s.scale, repetitions=n),
+                    lifecycle=replace(s.lifecycle, repetitions=n))
     if args.scale:
         sizes = tuple(int(x) for x in args.scale.split(",") if x.strip())
         if not sizes or min(sizes) < 1:
             raise ValueError("--scale needs positive pod counts")
-        s = replace(s, scale_sizes=sizes)
+        s = replace(s, scale=replace(s.scale, sizes=sizes))
     return s
 
 
-def _header(args: argparse.Namespace, only: Sequence[str]) -> list[str]:
+def _load() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _header(args: argparse.Namespace, only: Sequence[str], load_before: str) -> list[str]:
     return [
         f"hyperd bench ({'quick' if args.quick else 'default'} settings, scenarios "
         f"{','.join(only)}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"machine: {os.cpu_count()} CPUs, {platform.machine()}, Linux {platform.release()}, "
         f"Python {platform.python_version()}, uvloop; medians of n repetitions, "
         "ratios of medians from this run",
+        f"load average (1/5/15 min) before: {load_before}, after: {_load()} "
+        "(other work on the machine skews absolute figures; ratios less so)",
     ]
 
 
@@ -123,7 +124,10 @@ def _scenarios() -> dict[str, Scenario]:
     async def four(ws: Workspace, s: Settings) -> Section:
         return await lifecycle(ws, s.lifecycle)
 
-    table: dict[str, Scenario] = {"1": one, "2": two, "4": four}
+    async def three(ws: Workspace, s: Settings) -> Section:
+        return await scale(ws, s.scale)
+
+    table: dict[str, Scenario] = {"1": one, "2": two, "3": three, "4": four}
     return table
 
 
@@ -179,12 +183,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections: list[Section] = []
     failures: list[str] = []
     started = time.monotonic()
+    load_before = _load()
     try:
         anyio.run(_run, only, settings, sections, failures,
                   backend="asyncio", backend_options={"use_uvloop": True})
     except KeyboardInterrupt:
         failures.append("interrupted")
-    header = _header(args, only)
+    header = _header(args, only, load_before)
     header.append(f"total wall time {time.monotonic() - started:.1f} s")
     print(render(sections, header))
     for failure in failures:

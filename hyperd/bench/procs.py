@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from typing import Final
+from typing import IO, Final
 
 from hyperd.procs import ProcessIdentity, identify, is_same_process
 
@@ -32,6 +32,8 @@ STOP_GRACE: Final = 5.0
 """Seconds between SIGTERM and SIGKILL when stopping a helper and its descendants."""
 POLL_INTERVAL: Final = 0.02
 PR_SET_PDEATHSIG: Final = 1
+LOG_DIR_ENV: Final = "HYPERD_BENCH_LOG_DIR"
+"""When set, each helper's stderr is appended to a file in this directory (debugging)."""
 
 
 class HelperError(RuntimeError):
@@ -99,6 +101,7 @@ class Processes:
 
     def __init__(self) -> None:
         self._procs: list[subprocess.Popen[bytes]] = []
+        self._started = 0
 
     def spawn(
         self,
@@ -108,54 +111,95 @@ class Processes:
         ready: bool = True,
         ready_timeout: float = READY_TIMEOUT,
         env: dict[str, str] | None = None,
-        stdout: int | None = subprocess.DEVNULL,
     ) -> subprocess.Popen[bytes]:
         """Start ``argv`` (+ ``--ready-fd N`` when ``ready``) and wait for its ready line.
 
-        stderr is kept in a pipe only until the program is ready (for the error message), then
-        sent to /dev/null by the program's own logging level choice: pass ``--log-level error``
-        or similar in ``argv`` to keep helpers quiet.
+        stdout and stderr go to /dev/null (stderr to a file in ``$HYPERD_BENCH_LOG_DIR`` when
+        set): pass a quiet ``--log-level`` in ``argv``.
+        Raises :class:`HelperError` (after stopping it) if it is not ready in time.
         """
-        read_fd, write_fd = os.pipe() if ready else (-1, -1)
-        full = [*argv, "--ready-fd", str(write_fd)] if ready else list(argv)
-        try:
-            proc = subprocess.Popen(
-                full,
-                pass_fds=(write_fd,) if ready else (),
-                stdin=subprocess.DEVNULL,
-                stdout=stdout,
-                stderr=subprocess.DEVNULL,
-                env={**os.environ, **(env or {})},
-                start_new_session=True,
-                preexec_fn=_set_pdeathsig,  # the main thread spawns: the death signal follows it
-            )
-        finally:
-            if ready:
-                os.close(write_fd)
-        self._procs.append(proc)
         if not ready:
-            return proc
+            return self._start(argv, env, None)
+        return self.spawn_many([argv], what=what, ready_timeout=ready_timeout, env=env)[0]
+
+    def spawn_many(
+        self,
+        argvs: Sequence[Sequence[str]],
+        *,
+        what: str,
+        ready_timeout: float = READY_TIMEOUT,
+        env: dict[str, str] | None = None,
+    ) -> list[subprocess.Popen[bytes]]:
+        """Start every ``argv`` at once (each with ``--ready-fd``), then wait for all of them."""
+        started: list[tuple[subprocess.Popen[bytes], int, list[str]]] = []
         try:
-            line = b""
+            for argv in argvs:
+                read_fd, write_fd = os.pipe()
+                full = [*argv, "--ready-fd", str(write_fd)]
+                try:
+                    proc = self._start(full, env, write_fd)
+                except BaseException:
+                    os.close(read_fd)
+                    raise
+                finally:
+                    os.close(write_fd)
+                started.append((proc, read_fd, full))
             deadline = time.monotonic() + ready_timeout
-            while not line.endswith(b"\n"):
+            lines = {fd: b"" for _, fd, _ in started}
+            waiting = set(lines)
+            while waiting:
                 left = deadline - time.monotonic()
-                readable, _, _ = select.select([read_fd], [], [], max(left, 0))
+                readable, _, _ = select.select(list(waiting), [], [], max(left, 0))
                 if not readable:
                     break
-                chunk = os.read(read_fd, 64)
-                if not chunk:
-                    break
-                line += chunk
+                for fd in readable:
+                    chunk = os.read(fd, 64)
+                    lines[fd] += chunk
+                    if not chunk or lines[fd].endswith(b"\n"):
+                        waiting.discard(fd)
+            for proc, fd, full in started:
+                if lines[fd] != READY_LINE:
+                    self.stop(proc)
+                    raise HelperError(
+                        f"{what} did not get ready within {ready_timeout:g} s "
+                        f"(exit status {proc.returncode}, wrote {lines[fd]!r}): {' '.join(full)}"
+                    )
         finally:
-            os.close(read_fd)
-        if line != READY_LINE:
-            self.stop(proc)
-            raise HelperError(
-                f"{what} did not get ready within {ready_timeout:g} s "
-                f"(exit status {proc.returncode}, wrote {line!r}): {' '.join(full)}"
-            )
+            for _, fd, _ in started:
+                os.close(fd)
+        return [proc for proc, _, _ in started]
+
+    def _start(self, argv: Sequence[str], env: dict[str, str] | None, ready_fd: int | None
+               ) -> subprocess.Popen[bytes]:
+        log_dir = os.environ.get(LOG_DIR_ENV)
+        if log_dir:
+            self._started += 1
+            name = os.path.basename(argv[2] if len(argv) > 2 else argv[0]).replace("/", "_")
+            err: int | IO[bytes] = open(  # noqa: SIM115 - the child keeps it
+                os.path.join(log_dir, f"{self._started:04d}-{name}.log"), "ab")
+        else:
+            err = subprocess.DEVNULL
+        try:
+            proc = self._popen(argv, env, ready_fd, err)
+        finally:
+            if not isinstance(err, int):
+                err.close()
+        self._procs.append(proc)
         return proc
+
+    @staticmethod
+    def _popen(argv: Sequence[str], env: dict[str, str] | None, ready_fd: int | None,
+               err: int | IO[bytes]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            list(argv),
+            pass_fds=(ready_fd,) if ready_fd is not None else (),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+            preexec_fn=_set_pdeathsig,  # the main thread spawns: the death signal follows it
+        )
 
     def stop(self, proc: subprocess.Popen[bytes], grace: float = STOP_GRACE) -> None:
         """SIGTERM ``proc``; SIGKILL it and whatever it started that outlives ``grace``."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -17,7 +18,8 @@ from typing import Final
 from hyperd.bench.procs import Processes, python_argv
 from hyperd.host.mountsys import MNT_DETACH, MountError, read_mountinfo, umount
 
-HELPER_LOG_LEVEL: Final = "error"
+HELPER_LOG_LEVEL: Final = os.environ.get("HYPERD_BENCH_HELPER_LOG_LEVEL", "error")
+"""Log level of every helper (``$HYPERD_BENCH_HELPER_LOG_LEVEL``, for debugging)."""
 WORKDIR_PREFIX: Final = "hb-"
 
 
@@ -53,20 +55,29 @@ class Workspace:
 
     def start_sim(self, name: str, share: str | None = None) -> SimVM:
         """Start a simulated VM (CC dialect) listening on ``<name>.ctl`` / ``<name>.tty``."""
-        name = self.unique(name)
-        share_dir = share or self.path(f"{name}.share")
-        os.makedirs(share_dir, exist_ok=True)
-        vm = SimVM(name, self.path(f"{name}.ctl"), self.path(f"{name}.tty"), share_dir)
-        argv = [*python_argv("hyperd.sim"), "--ctl", vm.ctl, "--tty", vm.tty,
-                "--share", share_dir, "--log-level", HELPER_LOG_LEVEL.upper()]
-        self.procs.spawn(argv, what=f"hyperd-sim {name}")
-        return vm
+        return self.start_sims([name], [share])[0]
 
-    def start_proxy(self, name: str) -> str:
+    def start_sims(self, names: Sequence[str], shares: Sequence[str | None] | None = None
+                   ) -> list[SimVM]:
+        """Start several simulated VMs at once (in parallel) and wait until all listen."""
+        vms, argvs = [], []
+        for i, wanted in enumerate(names):
+            name = self.unique(wanted)
+            share_dir = (shares[i] if shares else None) or self.path(f"{name}.share")
+            os.makedirs(share_dir, exist_ok=True)
+            vm = SimVM(name, self.path(f"{name}.ctl"), self.path(f"{name}.tty"), share_dir)
+            vms.append(vm)
+            argvs.append([*python_argv("hyperd.sim"), "--ctl", vm.ctl, "--tty", vm.tty,
+                          "--share", share_dir, "--log-level", HELPER_LOG_LEVEL.upper()])
+        self.procs.spawn_many(argvs, what="hyperd-sim")
+        return vms
+
+    def start_proxy(self, name: str, *extra: str) -> str:
         """Start ``hyperd-proxy`` in system mode; returns its socket path."""
         name = self.unique(name)
         sock = self.path(f"{name}.sock")
-        argv = [*python_argv("hyperd.proxy"), "--socket", sock, "--log-level", HELPER_LOG_LEVEL]
+        argv = [*python_argv("hyperd.proxy"), "--socket", sock, "--log-level", HELPER_LOG_LEVEL,
+                *extra]
         self.procs.spawn(argv, what=f"hyperd-proxy {name}")
         return sock
 
