@@ -101,6 +101,7 @@ class ClientConnection(asyncio.Protocol):
         self._pumping = False
         self._paused = False
         self._task: asyncio.Task[None] | None = None
+        self._hyper_done = self._answer(Command.HYPER)  # reused: no closure per command
 
     # -- transport -------------------------------------------------------------------------------
 
@@ -319,7 +320,7 @@ class ClientConnection(asyncio.Protocol):
         if total is not None:
             raise texts.CommandError(texts.message_too_long(total))
         if session is None:
-            vm.request(name, code, data, self._answer(Command.HYPER))
+            vm.request(name, code, data, self._hyper_done)
             return _ASYNC
         session.used = True
         session.container_id = relocated.container_id

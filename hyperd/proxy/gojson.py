@@ -355,31 +355,10 @@ def type_error(cls: type[msgspec.Struct], data: bytes) -> str | None:
     return None
 
 
-def go_quote(text: str) -> bytes:
-    """``text`` as a JSON string, escaped as Go's encoder does (``<``, ``>``, ``&``...)."""
-    out = msgspec.json.encode(text)
-    if (
-        b"<" in out
-        or b">" in out
-        or b"&" in out
-        or "\u2028".encode() in out
-        or "\u2029".encode() in out
-    ):
-        out = (
-            out.replace(b"<", b"\\u003c")
-            .replace(b">", b"\\u003e")
-            .replace(b"&", b"\\u0026")
-            .replace("\u2028".encode(), b"\\u2028")
-            .replace("\u2029".encode(), b"\\u2029")
-        )
-    return out
-
-
 __all__ = [
     "END_OF_INPUT",
     "GoDecodeError",
     "decode",
-    "go_quote",
     "quote_char",
     "syntax_error",
     "type_error",

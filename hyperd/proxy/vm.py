@@ -69,7 +69,7 @@ class _Request:
     code: int
     payload: bytes
     callback: ReplyCallback | None  # None once answered (timeout, loss): the reply is discarded
-    timer: asyncio.TimerHandle | None = None
+    deadline: float = 0.0
 
 
 class _Channel(asyncio.Protocol):
@@ -123,6 +123,7 @@ class AgentVM:
         self._acked = 0
         self._paced = False  # the agent sends NEXT: pace ctl writes by it
         self._ready: asyncio.Future[None] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
         self.lost = False
         self.lost_event = asyncio.Event()
         self.unregistered = False
@@ -241,9 +242,11 @@ class AgentVM:
             self._inflight.append(req)
             self._live += 1
             if self._agent_timeout:
-                req.timer = asyncio.get_running_loop().call_later(
-                    self._agent_timeout, self._timed_out, req
-                )
+                # one watchdog per VM instead of a timer per command: cheap per ping
+                loop = asyncio.get_running_loop()
+                req.deadline = loop.time() + self._agent_timeout
+                if self._watchdog is None:
+                    self._watchdog = loop.call_at(req.deadline, self._check_deadlines)
             if self._paced and self.dialect is HYPER and len(frame) > HYPER_CHUNK:
                 self._partial = (req, frame, 0)
                 self._write_chunk()
@@ -264,16 +267,23 @@ class AgentVM:
 
     def _answer(self, req: _Request, reply: Reply | None, error: str | None) -> None:
         callback, req.callback = req.callback, None
-        if req.timer is not None:
-            req.timer.cancel()
-            req.timer = None
         if callback is not None:
             callback(reply, error)
 
-    def _timed_out(self, req: _Request) -> None:
-        req.timer = None
-        if req.callback is None:
+    def _check_deadlines(self) -> None:
+        """The watchdog: time out overdue commands, re-arm for the next deadline."""
+        self._watchdog = None
+        if self.lost:
             return
+        now = asyncio.get_running_loop().time()
+        for req in list(self._inflight):
+            if req.callback is not None and req.deadline <= now:
+                self._timed_out(req)
+        pending = [r.deadline for r in self._inflight if r.callback is not None]
+        if pending:
+            self._watchdog = asyncio.get_running_loop().call_at(min(pending), self._check_deadlines)
+
+    def _timed_out(self, req: _Request) -> None:
         assert self._agent_timeout is not None
         self._live -= 1
         self._answer(req, None, texts.agent_timeout(req.name, self._agent_timeout))
@@ -444,6 +454,9 @@ class AgentVM:
         for channel in (self._ctl_channel, self._tty_channel):
             if channel is not None and channel.transport is not None:
                 channel.transport.close()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         pending = list(self._inflight) + list(self._queue)
         self._inflight.clear()
         self._queue.clear()
