@@ -291,6 +291,7 @@ class Agent:
     send_next: bool = True
     commands: list[CtlFrame] = field(default_factory=list)
     reads: list[int] = field(default_factory=list)  # sizes of the ctl reads
+    batches: list[int] = field(default_factory=list)  # commands completed by each ctl read
     stdin: list[TtyFrame] = field(default_factory=list)
     answers: dict[int, Answer] = field(default_factory=dict)
     ctl: Pipe | None = None
@@ -323,7 +324,9 @@ class Agent:
                 # hyperstart: one NEXT per read
                 await self.ctl.send(conn.send_next(len(data)))
             conn.receive_data(data)
+            self.batches.append(0)
             while isinstance(frame := conn.next_event(), CtlFrame):
+                self.batches[-1] += 1
                 self.commands.append(frame)
                 self.got_command.set()
                 self.got_command = anyio.Event()
