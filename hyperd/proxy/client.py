@@ -176,8 +176,8 @@ class ClientConnection(asyncio.Protocol):
 
     # -- shim output (ShimPeer) ------------------------------------------------------------------
 
-    def send_output(self, stream: int, data: bytes) -> None:
-        self.write(self.conn.send_stream(Stream(stream), data))
+    def send_output(self, stream: Stream, data: bytes) -> None:
+        self.write(self.conn.send_stream(stream, data))
 
     def send_exited(self, status: int) -> None:
         self.write(self.conn.send_process_exited(status))
@@ -219,6 +219,11 @@ class ClientConnection(asyncio.Protocol):
             result = _HANDLERS[command](self, payload)
         except texts.CommandError as exc:
             self.write(self.conn.send_error(command, exc.message))
+            result = None
+        except Exception as exc:  # a bug: answer rather than take the connection down
+            log.exception("%s failed", command.name)
+            if not self.closed:
+                self.write(self.conn.send_error(command, str(exc) or type(exc).__name__))
             result = None
         if result is None:
             self.busy = False

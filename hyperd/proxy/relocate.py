@@ -20,6 +20,7 @@ import msgspec
 
 from hyperd.proxy import texts
 from hyperd.proxy.gojson import syntax_error
+from protocol import ProtocolError
 from protocol.hyperstart import (
     HYPER,
     Container,
@@ -93,7 +94,7 @@ def relocate(name: str, data: bytes, io_base: int, dialect: Dialect) -> Relocate
         container_id = command.container
     try:
         payload = encode_message(body, dialect)
-    except ValueError as exc:  # LocalProtocolError: not representable in the dialect
+    except ProtocolError as exc:  # not representable in the dialect
         raise texts.CommandError(str(exc)) from None
     return Relocated(payload, container_id, process.id, process.terminal)
 

@@ -16,6 +16,8 @@ import base64
 import os
 from typing import TYPE_CHECKING, Final, Protocol
 
+from protocol.ccproxy import Stream
+
 if TYPE_CHECKING:
     from hyperd.proxy.vm import AgentVM
 
@@ -28,7 +30,7 @@ NULL_IO_BASE: Final = 1
 class ShimPeer(Protocol):
     """What a session needs from the shim connection that claimed it."""
 
-    def send_output(self, stream: int, data: bytes) -> None: ...
+    def send_output(self, stream: Stream, data: bytes) -> None: ...
     def send_exited(self, status: int) -> None: ...
     def close(self) -> None: ...
 

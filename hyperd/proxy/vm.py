@@ -30,7 +30,7 @@ from typing import Final, cast
 from hyperd.proxy import texts
 from hyperd.proxy.sessions import FIRST_IO_BASE, IO_STEP, NULL_IO_BASE, IOSession
 from protocol import NEED_DATA, ProtocolError, _NeedData
-from protocol.ccproxy import Stream
+from protocol.ccproxy import MAX_PAYLOAD, Stream
 from protocol.hyperstart import (
     CC,
     HYPER,
@@ -55,6 +55,7 @@ from protocol.hyperstart import (
 
 log = logging.getLogger("hyperd.proxy.vm")
 
+MAX_AGENT_FRAME: Final = MAX_PAYLOAD + 8  # an ACK payload must fit in one response frame
 EXIT_GRACE: Final = 1.0  # hyperhq: seconds to wait for the stdio EOF after the exit event
 _U32: Final = struct.Struct(">I")
 _VERSION_SIZE: Final = 4  # GETVERSION's ACK payload: u32 APIVERSION
@@ -111,7 +112,7 @@ class AgentVM:
         self._detect = dialect is None
         self._agent_timeout = agent_timeout
         self._on_lost_cb = on_lost
-        self._ctl = HostCtlConnection(self.dialect)
+        self._ctl = HostCtlConnection(self.dialect, max_frame=MAX_AGENT_FRAME)
         self._tty = HostTtyConnection(exit_status_frames=self.dialect is not HYPER)
         self._ctl_channel: _Channel | None = None
         self._tty_channel: _Channel | None = None
@@ -268,7 +269,10 @@ class AgentVM:
     def _answer(self, req: _Request, reply: Reply | None, error: str | None) -> None:
         callback, req.callback = req.callback, None
         if callback is not None:
-            callback(reply, error)
+            try:
+                callback(reply, error)
+            except Exception:  # a bug in a client must not take the VM's reader down
+                log.exception("VM %s: reply callback for %s failed", self.id, req.name)
 
     def _check_deadlines(self) -> None:
         """The watchdog: time out overdue commands, re-arm for the next deadline."""
