@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import Final
 
+import anyio
+import msgspec
+
 from hyperd import agent
 from hyperd.bench import wire
 from hyperd.bench.daemon import SLEEP_ARGS, busybox_rootfs, start_daemon
@@ -29,6 +32,7 @@ from hyperd.bench.topology import Workspace
 from hyperd.host.mountsys import MNT_DETACH, MS_BIND, umount
 from hyperd.host.mountsys import mount as sys_mount
 from hyperd.spec import DirRootfs, ProcessSpec
+from hyperd.store import StateStore
 from protocol.hyperstart import encode_message
 
 POD: Final = "lc"
@@ -36,6 +40,11 @@ SEED_VM: Final = "lc-seed"
 SIGKILL: Final = 9
 MS: Final = 1e3
 PHASES: Final = ("create", "start", "kill", "exit", "stop")
+RECORD_BYTES: Final = 2048  # about the size of a pod record with one container
+SAVE_SAMPLES: Final = 20
+SAVES_PER_LIFECYCLE: Final = 4
+"""hyperd persists the pod on container.create (1), container.start (2: mounts made, running)
+and container.stop (1); the seed-pattern driver keeps no durable state."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +149,22 @@ class SeedDriver:
         return t
 
 
+class _Record(msgspec.Struct):
+    blob: str
+
+
+def durable_save_ms(directory: str, count: int) -> list[float]:
+    """Durations of ``hyperd.store.StateStore.save`` of a pod-sized record (fsync'd twice)."""
+    store = StateStore(directory)
+    record = _Record(blob="x" * RECORD_BYTES)
+    samples = []
+    for _ in range(count):
+        start = perf_counter()
+        store.save("bench", "pod", record)
+        samples.append((perf_counter() - start) * MS)
+    return samples
+
+
 def _record(sec: Section, key: str, label: str, runs: list[Phases]) -> None:
     totals = [sum(r.values()) for r in runs]
     sec.add(f"{key}_p50", f"{label}: lifecycle p50", "ms", percentile(totals, 50))
@@ -181,6 +206,11 @@ async def lifecycle(ws: Workspace, s: LifecycleSettings) -> Section:
         await both(s.warmup, record=False)
         for _ in range(s.repetitions):
             await both(s.containers, record=True)
+            saves = await anyio.to_thread.run_sync(durable_save_ms, ws.path("store"), SAVE_SAMPLES)
+            sec.add("save", f"one StateStore.save ({RECORD_BYTES} B, 2 fsyncs) p50", "ms",
+                    percentile(saves, 50))
+            sec.add("saves", f"{SAVES_PER_LIFECYCLE} saves (hyperd's per lifecycle) at that p50",
+                    "ms", SAVES_PER_LIFECYCLE * percentile(saves, 50))
     finally:
         rpc.close()
     sec.ratio("containers/s hyperd / seed", "hyperd_rate", "seed_rate")

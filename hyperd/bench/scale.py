@@ -38,6 +38,7 @@ from hyperd.bench.topology import Workspace
 US: Final = 1e6
 CONTAINER: Final = "c"
 SEED: Final = 6  # the load's pod choice is reproducible
+WARMUP_POD: Final = "warm"
 SIM_RSS_MIB: Final = 28  # measured: one idle hyperd-sim process (VmRSS)
 SIM_START_CPU: Final = 0.1  # measured: CPU seconds for one hyperd-sim to get ready
 
@@ -71,32 +72,30 @@ async def _pool(clients: list[wire.RpcWire], items: list[Any],
 def _endpoints(ws: Workspace, n: int, s: ScaleSettings, shared: str,
                pods: list[str]) -> tuple[list[tuple[str, str]], str]:
     """ctl/tty paths of N VMs, and what provides them."""
-    if n <= s.process_limit:
+    if n <= s.process_limit + 1:  # + the warm-up pod
         vms = ws.start_sims([f"s{n}v{i}" for i in range(n)],
                             [f"{shared}/{pod}" for pod in pods])
-        return [(vm.ctl, vm.tty) for vm in vms], f"{n} hyperd-sim processes"
+        return [(vm.ctl, vm.tty) for vm in vms], "hyperd-sim processes (one per VM)"
     directory = ws.path(ws.unique(f"farm{n}"))
     os.makedirs(directory)
     ws.procs.spawn([*python_argv("hyperd.bench.farm"), "--dir", directory, "--count", str(n)],
                    what="agent farm")
     return ([farm.socket_paths(directory, i) for i in range(n)],
-            f"lightweight agent endpoints, all {n} in one process (hyperd.bench.farm: ACKs "
-            f"only); hyperd-sim processes are used up to {s.process_limit} VMs "
-            f"(~{SIM_RSS_MIB} MiB and ~{SIM_START_CPU} s CPU each: {n} would exhaust the machine)")
+            "lightweight agent endpoints, all in one process (hyperd.bench.farm: ACKs only); "
+            f"hyperd-sim processes are used up to {s.process_limit} VMs (each ~{SIM_RSS_MIB} "
+            f"MiB RSS and ~{SIM_START_CPU} s CPU to start: a thousand would not fit this machine)")
 
 
 async def scale_one(ws: Workspace, s: ScaleSettings, n: int, sec: Section, rootfs: str) -> None:
-    pods = [f"p{i}" for i in range(n)]
+    """One size: a warm-up pod (index 0, excluded from the figures) and N measured pods."""
+    pods = [WARMUP_POD] + [f"p{i}" for i in range(n)]
     daemon = start_daemon(ws, f"hd{n}", stop_pods=False)
     proxy = ws.start_proxy(f"sp{n}", "--agent-dialect", "cc")
-    endpoints, what = _endpoints(ws, n, s, f"{daemon.base}/shared", pods)
+    endpoints, what = _endpoints(ws, n + 1, s, f"{daemon.base}/shared", pods)
     clients = [await wire.RpcWire.open(daemon.socket)
                for _ in range(max(s.concurrency, s.create_concurrency))]
     containers: list[RunningContainer] = []
     try:
-        await clients[0].call("hyperd.version")
-        rss0 = daemon.rss_kib()
-
         async def create(client: wire.RpcWire, i: int) -> None:
             ctl, tty = endpoints[i]
             await client.call("pod.create", {
@@ -104,16 +103,21 @@ async def scale_one(ws: Workspace, s: ScaleSettings, n: int, sec: Section, rootf
                 "proxy": {"mode": "system", "url": f"unix://{proxy}"}, "agent_dialect": "cc"})
             await client.call("pod.start", {"id": pods[i]})
 
-        elapsed = await _pool(clients[: s.create_concurrency], list(range(n)), create)
+        async def add_container(client: wire.RpcWire, i: int) -> None:
+            containers.append(await start_container(client, pods[i], CONTAINER, rootfs))
+
+        # the warm-up pod pays for first-use imports and allocations, outside the figures
+        await create(clients[0], 0)
+        await add_container(clients[0], 0)
+        rss0 = daemon.rss_kib()
+        measured = list(range(1, n + 1))
+        elapsed = await _pool(clients[: s.create_concurrency], measured, create)
         sec.add(f"start{n}", f"N={n}: create+start N pods", "s", elapsed)
         sec.add(f"startrate{n}", f"N={n}: pods started per second", "/s", n / elapsed)
         rss1 = daemon.rss_kib()
         sec.add(f"rss{n}", f"N={n}: hyperd RSS growth per VM", "KiB", (rss1 - rss0) / n)
 
-        async def add_container(client: wire.RpcWire, i: int) -> None:
-            containers.append(await start_container(client, pods[i], CONTAINER, rootfs))
-
-        elapsed = await _pool(clients[: s.create_concurrency], list(range(n)), add_container)
+        elapsed = await _pool(clients[: s.create_concurrency], measured, add_container)
         sec.add(f"cstart{n}", f"N={n}: create+start one container per pod", "s", elapsed)
         rss2 = daemon.rss_kib()
         sec.add(f"rssc{n}", f"N={n}: hyperd RSS per VM incl. 1 container", "KiB",
@@ -127,7 +131,7 @@ async def scale_one(ws: Workspace, s: ScaleSettings, n: int, sec: Section, rootf
 
             async def call(client: wire.RpcWire, k: int, all_calls: list[float] = all_calls,
                            agent_calls: list[float] = agent_calls) -> None:
-                pod = pods[rng.randrange(n)]
+                pod = pods[1 + rng.randrange(n)]
                 kind = k % 4
                 start = perf_counter()
                 if kind < 2:
@@ -150,7 +154,7 @@ async def scale_one(ws: Workspace, s: ScaleSettings, n: int, sec: Section, rootf
             sec.add(f"p99k_{n}", f"N={n}: mixed load p99 (container.kill)", "us",
                     percentile(agent_calls, 99))
             sec.add(f"rate{n}", f"N={n}: mixed load calls/s", "/s", s.calls / elapsed)
-        sec.notes.append(f"N={n}: VMs are {what}")
+        sec.notes.append(f"N={n}: VMs are {what}; RSS figures exclude a warm-up pod")
     finally:
         for c in containers:
             c.shim.close()
