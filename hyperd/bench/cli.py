@@ -31,6 +31,7 @@ from hyperd.bench.latency import LatencySettings, latency
 from hyperd.bench.lifecycle import LifecycleSettings, lifecycle
 from hyperd.bench.scale import ScaleSettings, scale
 from hyperd.bench.stats import Section, render
+from hyperd.bench.summary import summary
 from hyperd.bench.throughput import ThroughputSettings, throughput
 from hyperd.bench.topology import Workspace
 
@@ -231,6 +232,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     header = _header(args, only, load_before)
     header.append(f"total wall time {time.monotonic() - started:.1f} s")
     print(render(sections, header))
+    closing = summary(sections)
+    if closing:
+        print("\n== summary")
+        for line in closing:
+            print(f"  {line}")
     for warning in warnings:
         print(f"warning: {warning}")
     for failure in failures:
