@@ -41,6 +41,7 @@ def plot(sections: Sequence[Section], path: str) -> str | None:
             ax.axhline(sec.value(key), linestyle="--", linewidth=1, label=label,
                        color=f"C{1 + BASELINES.index((key, label))}")
     ax.set_xscale("log", base=2)
+    ax.set_xticks([p[0] for p in points], [str(p[0]) for p in points])
     ax.set_xlabel("concurrent callers")
     ax.set_ylabel("commands/s (median)")
     ax.set_title("Hyper ping throughput on one VM")
