@@ -4,17 +4,22 @@ Variants, each run once per repetition, interleaved so that drift hits them all 
 
 - ``A`` the seed's pattern: connect, AttachVM, ping, disconnect, for every command;
 - ``B`` one connection, one command at a time;
+  (A, B and the agent alone use blocking sockets, as a Go client would: the event loop of the
+  runner is idle meanwhile, so nothing of the runner's own runs between client and wire);
 - ``hyperd xN``: :class:`hyperd.vm.VMSession` (persistent connection, pipelined FIFO queue)
   driven by N concurrent callers;
+- ``reference``: a bare ``asyncio.Protocol`` client with the same N callers (futures matched
+  FIFO, nothing else): how much of hyperd's gap to ``raw`` any event-loop client pays;
 - ``raw``: every ping written back to back in one write on one connection (the limit of this
   proxy and agent);
 - ``agent``: the agent round trip alone, pings one at a time straight on a second simulated
   VM's ctl channel (the sim takes one host connection per socket, hence a second VM), so that the
-  proxy's own cost per command is ``1/raw - 1/agent``.
+  proxy's own cost per command is the raw time per command minus the agent round trip.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from time import perf_counter
@@ -26,6 +31,7 @@ from hyperd.bench import wire
 from hyperd.bench.stats import Section
 from hyperd.bench.topology import Workspace
 from hyperd.vm import VMConfig, VMSession
+from protocol.ccproxy import Command
 
 VM_ID: Final = "bench-vm"
 IDLE_PING: Final = 3600.0
@@ -66,29 +72,48 @@ async def run_session_load(url: str, vm: str, callers: int, total: int) -> float
     return elapsed * total / (per_caller * callers)
 
 
-async def run_one_at_a_time(sock: str, vm: str, total: int) -> float:
-    conn = await wire.ProxyWire.open(sock)
+async def run_protocol_load(sock: str, vm: str, callers: int, total: int) -> float:
+    """``total`` pings from ``callers`` tasks on one :class:`wire.PipelineProtocol`."""
+    per_caller = max(1, total // callers)
+    proto = await wire.PipelineProtocol.open(sock, vm)
     try:
-        await conn.attach(vm)
+        async def caller() -> None:
+            for _ in range(per_caller):
+                await proto.command(Command.HYPER, wire.PING_PAYLOAD)
+
+        start = perf_counter()
+        await asyncio.gather(*(caller() for _ in range(callers)))
+        elapsed = perf_counter() - start
+    finally:
+        proto.close()
+    return elapsed * total / (per_caller * callers)
+
+
+def run_one_at_a_time(sock: str, vm: str, total: int) -> float:
+    """Baseline B on a blocking socket; seconds taken."""
+    conn = wire.BlockingProxy(sock)
+    try:
+        conn.attach(vm)
         start = perf_counter()
         for _ in range(total):
-            await conn.hyper(wire.PING_NAME)
+            conn.ping()
         return perf_counter() - start
     finally:
         conn.close()
 
 
-async def run_seed_pattern(sock: str, vm: str, total: int) -> float:
+def run_seed_pattern(sock: str, vm: str, total: int) -> float:
+    """Baseline A on blocking sockets; seconds taken."""
     start = perf_counter()
     for _ in range(total):
-        await wire.seed_command(sock, vm, wire.PING_NAME)
+        wire.blocking_seed_ping(sock, vm)
     return perf_counter() - start
 
 
-async def run_agent_direct(agent: wire.AgentWire, total: int) -> float:
+def run_agent_direct(agent: wire.BlockingAgent, total: int) -> float:
     start = perf_counter()
     for _ in range(total):
-        await agent.ping()
+        agent.ping()
     return perf_counter() - start
 
 
@@ -99,29 +124,33 @@ async def throughput(ws: Workspace, s: ThroughputSettings) -> Section:
     url = f"unix://{sock}"
     registrar = await wire.ProxyWire.open(sock)
     direct_vm = ws.start_sim("tp-agent")
-    agent = await wire.AgentWire.open(direct_vm.ctl, direct_vm.tty)
+    agent = wire.BlockingAgent(direct_vm.ctl, direct_vm.tty)
     try:
         await registrar.register(VM_ID, vm.ctl, vm.tty)
         # warm-up: first connections, code paths, allocator
-        await run_seed_pattern(sock, VM_ID, s.warmup // 4)
-        await run_one_at_a_time(sock, VM_ID, s.warmup)
+        run_seed_pattern(sock, VM_ID, s.warmup // 4)
+        run_one_at_a_time(sock, VM_ID, s.warmup)
         await wire.raw_pipelined(sock, VM_ID, s.warmup)
         await run_session_load(url, VM_ID, max(s.callers), s.warmup)
-        await run_agent_direct(agent, s.warmup)
+        await run_protocol_load(sock, VM_ID, max(s.callers), s.warmup)
+        run_agent_direct(agent, s.warmup)
         for _ in range(s.repetitions):
-            t = await run_seed_pattern(sock, VM_ID, s.seed_commands)
+            t = run_seed_pattern(sock, VM_ID, s.seed_commands)
             sec.add("A", "A  seed pattern (connect+attach+cmd+close)", "cmd/s",
                     s.seed_commands / t)
-            t = await run_one_at_a_time(sock, VM_ID, s.commands)
+            t = run_one_at_a_time(sock, VM_ID, s.commands)
             sec.add("B", "B  one connection, one at a time", "cmd/s", s.commands / t)
             for n in s.callers:
                 t = await run_session_load(url, VM_ID, n, s.commands)
                 sec.add(f"hyperd{n}", f"hyperd VMSession, {n} callers", "cmd/s", s.commands / t)
+            t = await run_protocol_load(sock, VM_ID, max(s.callers), s.commands)
+            sec.add("proto", f"reference: bare asyncio.Protocol client, {max(s.callers)} callers",
+                    "cmd/s", s.commands / t)
             t_raw = await wire.raw_pipelined(sock, VM_ID, s.commands)
             sec.add("raw", "raw limit (one write, pipelined)", "cmd/s", s.commands / t_raw)
             sec.add("raw_us", "raw limit: time per command (Go cc-proxy: ~80 us)", "us",
                     t_raw / s.commands * US)
-            t_agent = await run_agent_direct(agent, s.commands)
+            t_agent = run_agent_direct(agent, s.commands)
             sec.add("agent", "agent alone (ctl socket, no proxy)", "cmd/s", s.commands / t_agent)
             sec.add("agent_us", "agent round trip", "us", t_agent / s.commands * US)
             sec.add("proxy_us", "proxy's own cost per command (raw - agent)", "us",

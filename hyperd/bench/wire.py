@@ -1,15 +1,19 @@
 """Lean protocol clients for the baselines: no hyperd code on the path, only ``protocol``.
 
-Everything here runs on the event loop's low-level socket calls (``sock_sendall`` /
+The async ones run on the event loop's low-level socket calls (``sock_sendall`` /
 ``sock_recv`` on a non-blocking socket), so that the baselines measure the proxy and the agent,
 not a heavy client:
 
-- :class:`ProxyWire` — a cc-proxy runtime connection, one command at a time (baselines A and B,
-  and the direct-to-proxy reference of the latency scenario);
+- :class:`ProxyWire` — a cc-proxy runtime connection, one command at a time (the seed-pattern
+  lifecycle driver and the direct-to-proxy reference of the latency scenario);
 - :func:`raw_pipelined` — the raw limit: N frames written back to back in one write, the N
   responses counted as they come;
-- :class:`AgentWire` — the host side of a simulated VM's ctl channel without any proxy (the raw
-  agent round trip);
+- :class:`BlockingProxy` / :class:`BlockingAgent` — one-at-a-time clients on blocking sockets
+  for the throughput baselines and the agent alone (the host side of a simulated VM's ctl
+  channel, no proxy): no event loop between the client and the wire, as with a Go client;
+- :class:`PipelineProtocol` — a minimal pipelined client on an ``asyncio.Protocol`` (one future
+  per command, replies matched FIFO): what an event-loop client with concurrent callers costs
+  at the least, a reference for :class:`hyperd.vm.VMConnection`;
 - :class:`ShimWire` — what a shim does: ConnectShim with a token, then wait for the exit status;
 - :class:`RpcWire` — a JSON-RPC connection to hyperd, one call at a time (newline framing).
 """
@@ -18,8 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections import deque
 from time import perf_counter
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import msgspec
 
@@ -170,60 +175,51 @@ async def raw_pipelined(path: str, vm: str, count: int) -> float:
         wire.close()
 
 
-class AgentWire:
-    """The host side of a simulated VM's ctl (and tty) channel, with no proxy in between."""
+class PipelineProtocol(asyncio.Protocol):
+    """The least an asyncio client with concurrent callers can do: write each command frame as
+    it comes, resolve the oldest future per response frame. No deadlines, no reconnection."""
 
-    def __init__(self, ctl: socket.socket, tty: socket.socket) -> None:
-        self._ctl = ctl
-        self._tty = tty
+    def __init__(self) -> None:
+        self._decoder = FrameDecoder()
+        self._waiting: deque[asyncio.Future[bytes]] = deque()
+        self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
-        self._conn = HostCtlConnection(CC)
 
     @classmethod
-    async def open(cls, ctl: str, tty: str) -> AgentWire:
-        """Connect both channels and wait for READY."""
-        ctl_sock = await _connect_unix(ctl)
-        try:
-            tty_sock = await _connect_unix(tty)
-        except BaseException:
-            ctl_sock.close()
-            raise
-        wire = cls(ctl_sock, tty_sock)
-        try:
-            async with asyncio.timeout(READY_TIMEOUT):
-                while not isinstance(await wire._next(), Ready):
-                    pass
-        except BaseException:
-            wire.close()
-            raise
-        return wire
+    async def open(cls, path: str, vm: str) -> PipelineProtocol:
+        """Connect and AttachVM."""
+        _, proto = await asyncio.get_running_loop().create_unix_connection(cls, path)
+        await proto.command(Command.ATTACH_VM, encode_payload(AttachVM(containerId=vm)))
+        return proto
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        while self._waiting:
+            future = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(WireError("proxy closed the connection"))
+
+    def data_received(self, data: bytes) -> None:
+        self._decoder.feed(data)
+        while (frame := self._decoder.next_frame()) is not None:
+            future = self._waiting.popleft()
+            if frame.error:
+                future.set_exception(WireError(frame.payload[:200].decode(errors="replace")))
+            else:
+                future.set_result(frame.payload)
+
+    def command(self, opcode: Command, payload: bytes) -> asyncio.Future[bytes]:
+        assert self._transport is not None
+        self._transport.write(encode_frame(Frame(FrameType.COMMAND, opcode, payload)))
+        future = self._loop.create_future()
+        self._waiting.append(future)
+        return future
 
     def close(self) -> None:
-        self._ctl.close()
-        self._tty.close()
-
-    async def _next(self) -> object:
-        while True:
-            event = self._conn.next_event()
-            if event is not NEED_DATA:
-                return event
-            data = await self._loop.sock_recv(self._ctl, RECEIVE_SIZE)
-            if not data:
-                raise WireError("the agent closed its ctl channel")
-            self._conn.receive_data(data)
-
-    async def command(self, code: int, payload: bytes = b"") -> bytes:
-        """One agent command, waiting for its ACK (NEXT frames are skipped)."""
-        await self._loop.sock_sendall(self._ctl, self._conn.send_command(code, payload))
-        while True:
-            event = await self._next()
-            if isinstance(event, Reply):
-                if not event.ok:
-                    raise WireError(f"agent ERROR for code {code}: {event.payload[:200]!r}")
-                return event.payload
-
-    async def ping(self) -> bytes:
-        return await self.command(Code.PING)
+        if self._transport is not None:
+            self._transport.close()
 
 
 class ShimWire:
@@ -322,3 +318,95 @@ class RpcWire:
             if "error" in message:
                 raise RpcError(message["error"])
             return message.get("result")
+
+
+class BlockingProxy:
+    """A cc-proxy runtime connection on a blocking socket: the lean one-at-a-time client.
+
+    Used for baselines A and B (the seed is a Go client blocking in ``read``): no event loop
+    between the client and the wire. Call only while nothing else needs the event loop.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.connect(path)
+        except BaseException:
+            self.sock.close()
+            raise
+        self._conn = ClientConnection("runtime")
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def call(self, command: Command, payload: bytes | msgspec.Struct = b"") -> bytes:
+        self.sock.sendall(self._conn.send_command(command, payload))
+        while True:
+            event = self._conn.next_event()
+            if event is NEED_DATA:
+                data = self.sock.recv(RECEIVE_SIZE)
+                if not data:
+                    raise WireError(f"proxy closed the connection during {command.name}")
+                self._conn.receive_data(data)
+            elif isinstance(event, Response):
+                return event.payload
+            elif isinstance(event, ErrorReply):
+                raise WireError(f"{command.name}: {event.message}")
+
+    def attach(self, vm: str) -> bytes:
+        return self.call(Command.ATTACH_VM, AttachVM(containerId=vm))
+
+    def ping(self) -> bytes:
+        return self.call(Command.HYPER, PING_PAYLOAD)
+
+
+def blocking_seed_ping(path: str, vm: str) -> bytes:
+    """The seed's ``sendCmd`` for a ping on blocking sockets: connect, attach, ping, close."""
+    conn = BlockingProxy(path)
+    try:
+        conn.attach(vm)
+        return conn.ping()
+    finally:
+        conn.close()
+
+
+class BlockingAgent:
+    """The host side of a simulated VM's ctl channel on blocking sockets (the agent alone)."""
+
+    def __init__(self, ctl: str, tty: str) -> None:
+        self._ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._tty = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._conn = HostCtlConnection(CC)
+        try:
+            self._ctl.connect(ctl)
+            self._tty.connect(tty)
+            self._ctl.settimeout(READY_TIMEOUT)
+            while not isinstance(self._next(), Ready):
+                pass
+            self._ctl.settimeout(None)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._ctl.close()
+        self._tty.close()
+
+    def _next(self) -> object:
+        while True:
+            event = self._conn.next_event()
+            if event is not NEED_DATA:
+                return event
+            data = self._ctl.recv(RECEIVE_SIZE)
+            if not data:
+                raise WireError("the agent closed its ctl channel")
+            self._conn.receive_data(data)
+
+    def ping(self) -> bytes:
+        self._ctl.sendall(self._conn.send_command(Code.PING))
+        while True:
+            event = self._next()
+            if isinstance(event, Reply):
+                if not event.ok:
+                    raise WireError(f"agent ERROR for PING: {event.payload[:200]!r}")
+                return event.payload
