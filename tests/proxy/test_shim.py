@@ -248,6 +248,7 @@ async def test_shim_reconnects_after_plain_close(anyio_backend: object, short_tm
         assert await again.frame() == stream(Stream.STDOUT, b"hi")
         await again.aclose()
         p.proxy.clients.remove(again)
+        await anyio.sleep(0.2)  # the proxy notices the close before the process exits
         await p.agent.output(3, b"")
         await p.agent.output(3, bytes([7]))
         await anyio.sleep(0.1)
