@@ -8,11 +8,18 @@ no reply ever reaches the wrong caller.
 
 Cost model (the hot path): a command costs one payload encode, one future and one heap push
 (deadlines are served by one timer per connection, not a cancel scope per command); no task is
-created per command. Frames are appended to an output buffer and flushed by a loop
-callback scheduled once per event-loop iteration, so the frames of every caller that enqueued in
-the same iteration go out in one ``send()``, whole frames only (the reference proxy reads a
-header with a single ``read()``). Only when the socket buffer is full does the writer task take
-over. One reader task owns ``receive()`` and resolves the callers' futures directly.
+created per command. Frames are appended to an output buffer and flushed by a loop callback
+scheduled once per event-loop iteration, so the frames of every caller that enqueued in the same
+iteration go out in one transport write, whole frames only (the reference proxy reads a header
+with a single ``read()``).
+
+The byte driver is an asyncio protocol on the event loop's own transport (C in uvloop): its
+``data_received`` is the one reader -- it feeds the sans-IO ``ClientConnection`` and resolves the
+callers' futures directly, without a task switch -- and the transport serializes and buffers
+writes. This replaced a reader task over anyio's raw-socket stream: cancelling a task blocked in
+that stream's ``receive()`` while the socket turns readable makes asyncio log (and anyio's test
+runner raise) ``InvalidStateError``, and the callback path is faster. :meth:`VMConnection.run`
+still owns the connection's lifetime in the caller's task group.
 """
 
 from __future__ import annotations
@@ -21,14 +28,12 @@ import asyncio
 import heapq
 import logging
 import math
-import socket
 from collections import deque
 from time import monotonic
-from typing import Final
+from typing import Final, cast
 
 import anyio
 import msgspec
-from anyio.abc import SocketAttribute, SocketStream
 
 from hyperd.errors import (
     AgentError,
@@ -43,9 +48,6 @@ from protocol import NEED_DATA, LocalProtocolError, RemoteProtocolError
 from protocol.ccproxy import ClientConnection, Command, ErrorReply, Response
 
 log = logging.getLogger(__name__)
-
-RECEIVE_SIZE: Final = 256 * 1024
-"""Bytes asked of one ``receive()``: large enough to take many pipelined replies in one call."""
 
 COMPACT_FACTOR: Final = 2
 COMPACT_SLACK: Final = 64
@@ -98,28 +100,24 @@ class VMConnection:
     fails every caller still waiting and makes :meth:`run` return.
     """
 
-    def __init__(
-        self, stream: SocketStream, *, vm_id: str, counters: Counters | None = None
-    ) -> None:
+    def __init__(self, *, vm_id: str, counters: Counters | None = None) -> None:
+        """Use :meth:`connect`; the transport is attached when the connection is made."""
         self.vm_id = vm_id
-        self._stream = stream
-        self._sock: socket.socket = stream.extra(SocketAttribute.raw_socket)
         self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
         self._protocol = ClientConnection("runtime")
         self._counters = counters if counters is not None else Counters()
         self._slots: deque[_Slot] = deque()
         self._outbuf: list[bytes] = []
         self._unwritten = 0  # slots at the tail of _slots whose frames are still in _outbuf
         self._flush_scheduled = False
-        self._backlog: bytes | None = None  # bytes the writer task is pushing; None = idle
-        self._writer_wakeup = anyio.Event()
         self._deadlines: list[tuple[float, int, _Slot]] = []
         self._sequence = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         self._closed = False
         self._closed_event = anyio.Event()
-        self._run_scope: anyio.CancelScope | None = None
+        self._transport_lost = anyio.Event()
         self.close_reason: str | None = None
         self.last_receive = monotonic()
         """``time.monotonic()`` of the last bytes received (or of creation)."""
@@ -129,8 +127,9 @@ class VMConnection:
         cls, path: str, *, vm_id: str, counters: Counters | None = None
     ) -> VMConnection:
         """Connect to the proxy socket at ``path``; raises ``OSError`` as the connect does."""
-        stream = await anyio.connect_unix(path)
-        return cls(stream, vm_id=vm_id, counters=counters)
+        conn = cls(vm_id=vm_id, counters=counters)
+        await conn._loop.create_unix_connection(lambda: _Driver(conn), path)
+        return conn
 
     # -- state -------------------------------------------------------------------------------
 
@@ -270,67 +269,35 @@ class VMConnection:
         return data
 
     def _flush(self) -> None:
-        """Loop callback: write everything queued in this iteration with one ``send()``."""
+        """Loop callback: write everything queued in this iteration with one write."""
         self._flush_scheduled = False
-        if self._closed or self._backlog is not None:
-            return  # the writer task picks the buffer up after its current backlog
+        if self._closed or self._transport is None:
+            return
         data = self._take_output()
-        if data is None:
-            return
-        try:
-            sent = self._sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            self.close(f"connection to proxy lost (write failed: {exc})")
-            return
-        if sent < len(data):
-            self._backlog = data[sent:]
-            self._writer_wakeup.set()
+        if data is not None:
+            self._transport.write(data)
 
-    async def _write_loop(self) -> None:
-        """Push backlog the socket could not take at once; owns writes while one is pending."""
-        while True:
-            await self._writer_wakeup.wait()
-            self._writer_wakeup = anyio.Event()
-            while self._backlog is not None:
-                try:
-                    await self._stream.send(self._backlog)
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                    self.close(f"connection to proxy lost (write failed: {exc!r})")
-                    return
-                self._backlog = self._take_output()
+    # -- reading (called by the driver) -----------------------------------------------------
 
-    # -- reading -----------------------------------------------------------------------------
-
-    async def _read_loop(self) -> None:
-        receive = self._stream.receive
+    def _received(self, data: bytes) -> None:
+        if self._closed:
+            return  # closed locally: whatever was still buffered has no caller left
+        self.last_receive = monotonic()
         protocol = self._protocol
-        while True:
-            try:
-                data = await receive(RECEIVE_SIZE)
-            except anyio.EndOfStream:
-                self.close("connection to proxy lost (closed by the proxy)")
-                return
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                self.close(f"connection to proxy lost (read failed: {exc!r})")
-                return
-            self.last_receive = monotonic()
-            protocol.receive_data(data)
-            try:
-                while True:
-                    event = protocol.next_event()
-                    if event is NEED_DATA:
-                        break
-                    if isinstance(event, Response):
-                        self._deliver(event.payload, None)
-                    elif isinstance(event, ErrorReply):
-                        self._deliver(b"", event.message)
-                    else:  # the runtime role refuses these already; never trust that silently
-                        raise RemoteProtocolError(f"unexpected {type(event).__name__} frame")
-            except RemoteProtocolError as exc:
-                self.close(f"connection to proxy lost (protocol error: {exc})")
-                return
+        protocol.receive_data(data)
+        try:
+            while True:
+                event = protocol.next_event()
+                if event is NEED_DATA:
+                    return
+                if isinstance(event, Response):
+                    self._deliver(event.payload, None)
+                elif isinstance(event, ErrorReply):
+                    self._deliver(b"", event.message)
+                else:  # the runtime role refuses these already; never trust that silently
+                    raise RemoteProtocolError(f"unexpected {type(event).__name__} frame")
+        except RemoteProtocolError as exc:
+            self.close(f"connection to proxy lost (protocol error: {exc})")
 
     def _deliver(self, payload: bytes, error: str | None) -> None:
         slot = self._slots.popleft()
@@ -355,23 +322,20 @@ class VMConnection:
     # -- lifetime ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Drive the connection (reader and writer) until it closes; then close the socket.
+        """Own the connection until it closes (by either side); cancellation closes it.
 
         Never raises for I/O or protocol errors: they close the connection, and
-        :attr:`close_reason` says why. Cancellation closes the connection too.
+        :attr:`close_reason` says why.
         """
         try:
-            async with anyio.create_task_group() as tg:
-                self._run_scope = tg.cancel_scope
-                if self._closed:
-                    tg.cancel_scope.cancel()
-                tg.start_soon(self._write_loop)
-                await self._read_loop()
-                tg.cancel_scope.cancel()
+            await self._closed_event.wait()
         finally:
             self.close("connection closed")
-            with anyio.CancelScope(shield=True):
-                await self._stream.aclose()
+            if self._transport is not None:
+                # The transport finishes closing in a later loop iteration; wait for it so that
+                # nothing is left half-closed (uvloop refuses to close a loop with it).
+                with anyio.CancelScope(shield=True):
+                    await self._transport_lost.wait()
 
     def close(self, reason: str) -> None:
         """Close the connection (idempotent, sync) and fail every caller still waiting.
@@ -405,10 +369,30 @@ class VMConnection:
             self._timer = None
         self._outbuf.clear()
         self._unwritten = 0
-        self._backlog = None
-        if self._run_scope is not None:
-            self._run_scope.cancel()
-        else:  # run() never started: nobody else will close the socket
-            self._sock.close()
+        if self._transport is not None:
+            self._transport.abort()  # nothing queued matters any more: every caller has failed
         self._closed_event.set()
         log.debug("VM %s: proxy connection closed: %s", self.vm_id, reason)
+
+
+class _Driver(asyncio.Protocol):
+    """Moves bytes between the event loop's transport and a :class:`VMConnection`."""
+
+    def __init__(self, conn: VMConnection) -> None:
+        self._conn = conn
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self._conn._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._conn._received(data)
+
+    def eof_received(self) -> bool:
+        self._conn.close("connection to proxy lost (closed by the proxy)")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        cause = f"{exc}" if exc is not None else "closed by the proxy"
+        self._conn.close(f"connection to proxy lost ({cause})")
+        self._conn._transport_lost.set()

@@ -392,7 +392,7 @@ class VMSession:
             conn.close(f"handshake failed ({exc})")
             if isinstance(exc, VMUnavailable):
                 raise
-            raise VMUnavailable(f"VM {self.vm_id}: {exc}") from exc
+            raise VMUnavailable(exc.message, **exc.data) from exc
         except BaseException:
             conn.close("handshake cancelled")
             raise

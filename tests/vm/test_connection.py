@@ -50,15 +50,20 @@ async def test_frames_queued_together_go_out_in_one_write(
     anyio_backend: Any, short_tmp: Path
 ) -> None:
     async with serving(short_tmp) as proxy, connected(proxy) as conn:
-        sock = conn._sock
+        transport = conn._transport
+        assert transport is not None
+        write = transport.write
         writes: list[int] = []
 
-        class CountingSocket:
-            def send(self, data: bytes) -> int:
+        class CountingTransport:
+            def write(self, data: bytes) -> None:
                 writes.append(len(data))
-                return sock.send(data)
+                write(data)
 
-        conn._sock = CountingSocket()  # type: ignore[assignment]
+            def __getattr__(self, name: str) -> Any:
+                return getattr(transport, name)
+
+        conn._transport = CountingTransport()  # type: ignore[assignment]
         async with anyio.create_task_group() as tg:
             for i in range(50):
                 tg.start_soon(partial(conn.command, Command.HYPER, echo(i), timeout=5))
