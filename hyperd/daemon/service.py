@@ -19,6 +19,7 @@ import contextlib
 import functools
 import logging
 import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,17 @@ MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes including the NUL
 DEFAULT_SHARE_TAG = "hyperShared"  # the VM's 9p mount tag, as in the seed
 MAX_HOSTNAME = 64  # hyperstart truncates longer hostnames; the seed cuts them first
 TEST_RECORD_ENV = "HYPERD_TEST_SIM_RECORD_DIR"  # test hook: sims record ctl commands there
+TEST_CRASH_ENV = "HYPERD_TEST_CRASH_AT"  # test hook: SIGKILL the daemon at this crash point
+
+
+def crash_point(name: str) -> None:
+    """Test-only fault hook: die by SIGKILL here when ``$HYPERD_TEST_CRASH_AT`` names ``name``.
+
+    Points: ``pod.start:vm-launched``, ``pod.start:registered``, ``container.start:mounted``.
+    """
+    if os.environ.get(TEST_CRASH_ENV) == name:
+        log.warning("test fault hook: SIGKILL at %s", name)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -318,6 +330,7 @@ class Daemon:
                 argv, what=f"simulated VM of pod {pod.id!r}", deadline=deadline
             )
             await self.save(pod)
+            crash_point("pod.start:vm-launched")
         if pod.proxy.mode == "pod":
             sock = os.path.join(pod.run_dir, "proxy.sock")
             pod.proxy_url = f"unix://{sock}"
@@ -331,6 +344,7 @@ class Daemon:
         link = await self._open_link(pod, rt, attach=False)
         pod.proxy_url = link.proxy_url
         await self.save(pod)
+        crash_point("pod.start:registered")
         pod.dialect = pod.agent_dialect or await detect_dialect(link)
         message = bridge.pod_message(pod, network)
         await bridge.call(pod, link, "startpod", message)

@@ -48,12 +48,12 @@ class Hyperd:
     def socket(self) -> str:
         return str(self.base / "hyperd.sock")
 
-    def start(self, *, stop_pods_on_exit: bool = True) -> None:
+    def start(self, *, stop_pods_on_exit: bool = True, env: dict[str, str] | None = None) -> None:
         notify_path = str(self.base.parent / f"n-{secrets.token_hex(4)}")
         ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         ns.bind(notify_path)
         ns.settimeout(READY_TIMEOUT)
-        env = dict(
+        full_env = dict(
             os.environ, NOTIFY_SOCKET=notify_path, HYPERD_TEST_SIM_RECORD_DIR=str(self.record_dir)
         )
         argv = [
@@ -71,7 +71,7 @@ class Hyperd:
             argv.append("--stop-pods-on-exit")
         self.log = self.base.parent / "hyperd.log"
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
+            self.proc = subprocess.Popen(argv, env=full_env, stdout=log, stderr=log)
         try:
             while True:
                 try:

@@ -1,0 +1,96 @@
+"""``kill -9`` of hyperd in the middle of pod and container start: a clean state after restart.
+
+The daemon is started with the test-only fault hook ``HYPERD_TEST_CRASH_AT`` naming a crash
+point; it SIGKILLs itself there. The restarted daemon must show a consistent pod (no orphaned
+mount, no helper process left behind, nothing that cannot be started again or deleted).
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import anyio
+import pytest
+
+from hyperd.cli.client import ConnectionClosed, RPCError
+from tests.e2e.conftest import Hyperd, create_and_start, process_alive, rpc, start_pod
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.root]
+
+CRASH = "HYPERD_TEST_CRASH_AT"
+
+
+def _wait_killed(hyperd: Hyperd) -> None:
+    assert hyperd.proc is not None
+    assert hyperd.proc.wait(30) == -signal.SIGKILL
+
+
+def _helper_pids(base: Path) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(base).encode() in cmdline and b"hyperd." in cmdline:
+                pids.append(int(entry.name))
+    return [p for p in pids if process_alive(p)]
+
+
+@pytest.mark.parametrize("point", ["pod.start:vm-launched", "pod.start:registered"])
+async def test_crash_during_pod_start(
+    hyperd_factory: Hyperd, busybox_rootfs: Path, point: str
+) -> None:
+    hyperd_factory.start(env={CRASH: point})
+    with anyio.fail_after(60):
+        async with rpc(hyperd_factory.socket) as c:
+            await c.call("pod.create", {"id": "half"})
+            with pytest.raises((ConnectionClosed, RPCError)):
+                await c.call("pod.start", {"id": "half"})
+        await anyio.to_thread.run_sync(_wait_killed, hyperd_factory)
+        assert _helper_pids(hyperd_factory.base)  # the crash left helpers behind
+
+        hyperd_factory.start()
+        assert _helper_pids(hyperd_factory.base) == []
+        assert hyperd_factory.mounts_under_base() == []
+        async with rpc(hyperd_factory.socket) as c:
+            info = await c.call("pod.inspect", {"id": "half"})
+            assert info["state"] == "created"
+            assert info["vm_pid"] is None and info["proxy_pid"] is None
+            # the half-started pod starts cleanly now, runs a container, and goes away
+            await c.call("pod.start", {"id": "half"})
+            ran = await create_and_start(c, "half", "c", busybox_rootfs, ["echo", "ok"])
+            assert await ran.wait() == 0 and ran.stdout == b"ok\n"
+            await c.call("pod.stop", {"id": "half"})
+            await c.call("pod.delete", {"id": "half"})
+        assert hyperd_factory.mounts_under_base() == []
+
+
+async def test_crash_during_container_start(hyperd_factory: Hyperd, busybox_rootfs: Path) -> None:
+    hyperd_factory.start(env={CRASH: "container.start:mounted"}, stop_pods_on_exit=False)
+    with anyio.fail_after(60):
+        async with rpc(hyperd_factory.socket) as c:
+            pod = await start_pod(c, "p")
+            with pytest.raises((ConnectionClosed, RPCError)):
+                await create_and_start(c, "p", "c", busybox_rootfs, ["echo", "never"])
+        await anyio.to_thread.run_sync(_wait_killed, hyperd_factory)
+        rootfs_mount = str(hyperd_factory.base / "shared" / "p" / "c" / "rootfs")
+        assert rootfs_mount in hyperd_factory.mounts_under_base()  # the crash left it mounted
+
+        hyperd_factory.start()
+        assert hyperd_factory.mounts_under_base() == []
+        async with rpc(hyperd_factory.socket) as c:
+            info = await c.call("pod.inspect", {"id": "p"})
+            assert info["state"] == "running"
+            assert info["vm_pid"] == pod["vm_pid"]  # the pod itself was re-adopted
+            assert (await c.call("container.inspect", {"pod": "p", "id": "c"}))["state"] == (
+                "created"
+            )
+            ran = await create_and_start(c, "p", "c2", busybox_rootfs, ["echo", "fine"])
+            assert await ran.wait() == 0 and ran.stdout == b"fine\n"
+            await c.call("pod.stop", {"id": "p"})
+            await c.call("pod.delete", {"id": "p"})
+        assert hyperd_factory.mounts_under_base() == []
+        assert _helper_pids(hyperd_factory.base) == []
