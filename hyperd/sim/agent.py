@@ -142,7 +142,7 @@ class Agent:
         netns_fd: int | None = None,
     ) -> None:
         self.dialect = dialect
-        self.share = share
+        self.share = share.resolve()  # chroot and mounts happen in a child with another cwd
         self.chroot = chroot
         self.netns_fd = netns_fd
         self.pod: Pod | None = None

@@ -22,6 +22,7 @@ from protocol.hyperstart import DIALECTS
 __all__ = ["USAGE_ERROR", "main", "parse_args"]
 
 USAGE_ERROR = 2  # argparse's exit status, reused for start-up failures
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMAT = "%(asctime)s hyperd-sim[%(process)d] %(levelname)s %(name)s: %(message)s"
 
 log = logging.getLogger("hyperd.sim")
@@ -82,15 +83,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--ready-fd", type=int, metavar="FD", help="write 'ready\\n' to FD once listening"
     )
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default="INFO",
+        help="log verbosity on stderr (default INFO)",
+    )
     return p.parse_args(argv)
 
 
 def _signal_ready(fd: int | None) -> None:
+    """Tell the spawner we listen; a spawner that went away is not our problem."""
     if fd is None:
         return
     try:
         os.write(fd, b"ready\n")
+    except OSError as exc:
+        log.warning("cannot write to --ready-fd %d: %s", fd, exc)
     finally:
         os.close(fd)
 
@@ -98,10 +108,16 @@ def _signal_ready(fd: int | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the simulator until SIGTERM/SIGINT or a crash fault; return the exit status."""
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    logging.basicConfig(level=args.log_level, format=LOG_FORMAT, stream=sys.stderr)
     if not args.share.is_dir():
         log.error("shared directory %s does not exist", args.share)
         return USAGE_ERROR
+    if args.ready_fd is not None:
+        try:
+            os.fstat(args.ready_fd)
+        except OSError as exc:
+            log.error("--ready-fd %d: %s", args.ready_fd, exc)
+            return USAGE_ERROR
     if args.netns is not None and not args.netns.exists():
         log.error("network namespace %s does not exist", args.netns)
         return USAGE_ERROR

@@ -55,3 +55,12 @@ def test_defaults() -> None:
     assert args.dialect == "cc"
     assert args.delay == 0.0
     assert args.silent_after is None and args.crash_after is None and args.garbage_after is None
+
+
+def test_bad_ready_fd_is_a_usage_error(short_tmp: Path) -> None:
+    r = _run(
+        "--ctl", str(short_tmp / "c"), "--tty", str(short_tmp / "t"),
+        "--share", str(short_tmp), "--ready-fd", "99",
+    )  # fmt: skip
+    assert r.returncode == USAGE_ERROR and b"--ready-fd 99" in r.stderr
+    assert not (short_tmp / "c").exists()
