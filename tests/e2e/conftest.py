@@ -56,6 +56,7 @@ class Hyperd:
         full_env = dict(
             os.environ, NOTIFY_SOCKET=notify_path, HYPERD_TEST_SIM_RECORD_DIR=str(self.record_dir)
         )
+        full_env.update(env or {})
         argv = [
             sys.executable,
             "-m",
@@ -240,8 +241,12 @@ async def create_and_start(
         {"pod": pod, "id": cid, "rootfs": {"path": str(rootfs)}, "process": {"args": args}},
     )
     shim = await ShimClient.connect(created["proxy_url"], created["token"])
-    await shim.wait_connected()
-    await client.call("container.start", {"pod": pod, "id": cid})
+    try:
+        await shim.wait_connected()
+        await client.call("container.start", {"pod": pod, "id": cid})
+    except BaseException:
+        await shim.aclose()
+        raise
     return Started(shim)
 
 

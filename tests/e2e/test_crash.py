@@ -73,7 +73,7 @@ async def test_crash_during_container_start(hyperd_factory: Hyperd, busybox_root
     with anyio.fail_after(60):
         async with rpc(hyperd_factory.socket) as c:
             pod = await start_pod(c, "p")
-            with pytest.raises((ConnectionClosed, RPCError)):
+            with pytest.raises((ConnectionClosed, RPCError, anyio.BrokenResourceError)):
                 await create_and_start(c, "p", "c", busybox_rootfs, ["echo", "never"])
         await anyio.to_thread.run_sync(_wait_killed, hyperd_factory)
         rootfs_mount = str(hyperd_factory.base / "shared" / "p" / "c" / "rootfs")
