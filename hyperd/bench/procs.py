@@ -202,7 +202,8 @@ class Processes:
         )
 
     def stop(self, proc: subprocess.Popen[bytes], grace: float = STOP_GRACE) -> None:
-        """SIGTERM ``proc``; SIGKILL it and whatever it started that outlives ``grace``."""
+        """SIGTERM ``proc`` and, once it is gone, whatever it started that is still there;
+        SIGKILL for anything that outlives ``grace``."""
         if proc.poll() is None:
             tree = descendants(proc.pid)
             with contextlib.suppress(OSError):
@@ -211,13 +212,16 @@ class Processes:
                 proc.wait(grace)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(OSError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    os.killpg(proc.pid, signal.SIGKILL)  # not reaped yet: still our group
                 proc.kill()
                 proc.wait()
-            if not _wait_gone(tree, grace):
-                for ident in tree:
+            left = [ident for ident in tree if is_same_process(ident)]
+            for ident in left:
+                _signal(ident, signal.SIGTERM)
+            if not _wait_gone(left, grace):
+                for ident in left:
                     _signal(ident, signal.SIGKILL)
-                _wait_gone(tree, grace)
+                _wait_gone(left, grace)
         if proc in self._procs:
             self._procs.remove(proc)
 

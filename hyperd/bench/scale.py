@@ -9,7 +9,9 @@ Measured:
 - hyperd's RSS growth per VM (pods started), and per VM with one running container each;
 - a mixed RPC load across all pods from ``concurrency`` clients, one call at a time each:
   half ``container.kill`` (SIGCONT, an agent round trip), a quarter ``pod.inspect``, a quarter
-  ``container.list``; p50/p99 of all calls and p99 of the agent calls, calls/s.
+  ``container.list``; p50/p99 of all calls and p99 of the agent calls, calls/s;
+- a burst of ``container.kill`` only from ``burst_clients`` clients: agent commands per second
+  through one daemon across all N VMs (one VM is bound by its agent round trip).
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class ScaleSettings:
     repetitions: int = 3
     process_limit: int = 100
     create_concurrency: int = 16
+    burst_clients: int = 64
+    """Clients of the agent-command burst: the many-VM throughput through one daemon."""
 
 
 async def _pool(clients: list[wire.RpcWire], items: list[Any],
@@ -93,7 +97,7 @@ async def scale_one(ws: Workspace, s: ScaleSettings, n: int, sec: Section, rootf
     proxy = ws.start_proxy(f"sp{n}", "--agent-dialect", "cc")
     endpoints, what = _endpoints(ws, n + 1, s, f"{daemon.base}/shared", pods)
     clients = [await wire.RpcWire.open(daemon.socket)
-               for _ in range(max(s.concurrency, s.create_concurrency))]
+               for _ in range(max(s.concurrency, s.create_concurrency, s.burst_clients))]
     containers: list[RunningContainer] = []
     try:
         async def create(client: wire.RpcWire, i: int) -> None:
@@ -154,6 +158,20 @@ async def scale_one(ws: Workspace, s: ScaleSettings, n: int, sec: Section, rootf
             sec.add(f"p99k_{n}", f"N={n}: mixed load p99 (container.kill)", "us",
                     percentile(agent_calls, 99))
             sec.add(f"rate{n}", f"N={n}: mixed load calls/s", "/s", s.calls / elapsed)
+
+            kills: list[float] = []
+
+            async def kill(client: wire.RpcWire, k: int, kills: list[float] = kills) -> None:
+                pod = pods[1 + rng.randrange(n)]
+                start = perf_counter()
+                await client.call("container.kill",
+                                  {"pod": pod, "id": CONTAINER, "signal": KILL_SIGNAL_NAME})
+                kills.append((perf_counter() - start) * US)
+
+            elapsed = await _pool(clients[: s.burst_clients], list(range(s.calls)), kill)
+            sec.add(f"burst{n}", f"N={n}: agent commands/s, {s.burst_clients} clients "
+                    "(container.kill only)", "/s", s.calls / elapsed)
+            sec.add(f"burst99_{n}", f"N={n}: p99 of those", "us", percentile(kills, 99))
         sec.notes.append(f"N={n}: VMs are {what}; RSS figures exclude a warm-up pod")
     finally:
         for c in containers:
@@ -172,5 +190,7 @@ async def scale(ws: Workspace, s: ScaleSettings) -> Section:
     sec.notes.append(
         f"mixed load: {s.calls} calls per repetition from {s.concurrency} clients, "
         "1/2 container.kill (agent round trip), 1/4 pod.inspect, 1/4 container.list, "
-        "random pods")
+        "random pods; then the same number of container.kill calls from "
+        f"{s.burst_clients} clients (one VM allows one agent command at a time: many VMs "
+        "show how far one hyperd scales past that)")
     return sec

@@ -41,10 +41,10 @@ US: Final = 1e6
 
 @dataclass(frozen=True)
 class ThroughputSettings:
-    commands: int = 2000
-    seed_commands: int = 400
+    commands: int = 3000
+    seed_commands: int = 600
     callers: Sequence[int] = (1, 8, 64)
-    repetitions: int = 7
+    repetitions: int = 9
     warmup: int = 200
 
 
