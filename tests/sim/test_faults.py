@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,9 @@ import pytest
 from protocol import ProtocolError
 from protocol.hyperstart import (
     CC,
+    HYPER,
     Code,
+    Dialect,
     PsCommand,
     encode_ctl,
 )
@@ -139,3 +142,31 @@ def test_sigterm_right_after_ready_is_clean(short_tmp: Path) -> None:
         with start_sim(base) as s:
             assert s.stop() == 0
             assert not s.ctl.exists() and not s.tty.exists()
+
+
+@pytest.mark.parametrize("dialect", [CC, HYPER], ids=["cc", "hyper"])
+def test_random_input_never_kills_the_sim(short_tmp: Path, dialect: Dialect) -> None:
+    rng = random.Random(20261127)
+    keys = [b'"id"', b'"container"', b'"process"', b'"args"', b'"seq"', b'"signal"', b'"stdio"']
+    values = [b"1", b'"c1"', b"null", b"[]", b"{}", b'["sh"]', b"-1", b"1e999", b'"\\u0000"']
+    with start_sim(short_tmp, dialect=dialect) as s:
+        with s.client() as c:
+            c.wait_ready()
+            for _ in range(200):
+                code = rng.randrange(0, 30)
+                fields = [rng.choice(keys) + b":" + rng.choice(values) for _ in range(3)]
+                body = rng.choice([b"{" + b",".join(fields) + b"}", rng.randbytes(12), b""])
+                c.send(code, body)
+            c.wait_for(lambda: len(c.replies) == 200, what="200 replies")
+            c.replies.clear()
+            for _ in range(50):
+                c.stdin(rng.randrange(0, 10), rng.randbytes(rng.randrange(0, 64)))
+            assert c.command(Code.PING).ok
+        for _ in range(5):  # raw garbage: at worst a logged close of that connection
+            with s.client() as c:
+                c.ctl_sock.sendall(rng.randbytes(64))
+                c.tty_sock.sendall(rng.randbytes(64))
+                c.settle(0.05)
+        with s.client() as c:
+            assert c.command(Code.PING).ok
+        assert s.proc.poll() is None
