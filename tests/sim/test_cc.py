@@ -342,3 +342,27 @@ def test_processes_die_with_a_killed_sim(short_tmp: Path, add_rootfs: AddRootfs)
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert not _alive(pid)
+
+
+def test_no_fd_leak_over_many_processes(
+    sim: Sim, client: HostClient, add_rootfs: AddRootfs
+) -> None:
+    add_rootfs(sim, "c1")
+    start_pod(client)
+    client.ok(Code.NEWCONTAINER, container("c1", process(["sleep", "30"], 3, 4)))
+    fds = f"/proc/{sim.proc.pid}/fd"
+
+    def batch(first_seq: int) -> None:
+        for i in range(10):
+            seq = first_seq + 2 * i
+            term = i % 2 == 0
+            proc = process(["echo", str(i)], seq, 0 if term else seq + 1, terminal=term)
+            client.ok(Code.EXECCMD, ExecCommand(container="c1", process=proc))
+        for i in range(10):
+            client.wait_exit(first_seq + 2 * i)
+
+    batch(100)
+    before = len(os.listdir(fds))
+    batch(200)
+    batch(300)
+    assert len(os.listdir(fds)) == before
