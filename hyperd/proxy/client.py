@@ -27,7 +27,7 @@ from hyperd.proxy.gojson import GoDecodeError, decode
 from hyperd.proxy.relocate import PROCESS_COMMANDS, relocate
 from hyperd.proxy.sessions import IOSession
 from hyperd.proxy.vm import AgentVM
-from protocol import NEED_DATA, ProtocolError
+from protocol import ProtocolError
 from protocol.ccproxy import (
     AttachVM,
     Command,
@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hyperd.proxy.client")
 
 MAX_QUEUED: Final = 256  # frames read ahead of the one being handled; reading pauses beyond
+MAX_QUEUED_BYTES: Final = 1 << 20  # ... or payload bytes read ahead
 RESUME_QUEUED: Final = 64
 MAX_WRITE_BUFFER: Final = 64 << 20  # bytes queued to a client that does not read: drop it
 SIGNAL_LIMIT: Final = 31  # Go's SIGUNUSED on linux/amd64: 0 <= n < 31
@@ -100,6 +101,7 @@ class ClientConnection(asyncio.Protocol):
         self.session: IOSession | None = None
         self._pumping = False
         self._paused = False
+        self._queued_bytes = 0
         self._task: asyncio.Task[None] | None = None
         self._hyper_done = self._answer(Command.HYPER)  # reused: no closure per command
 
@@ -117,7 +119,11 @@ class ClientConnection(asyncio.Protocol):
         try:
             while True:
                 event = conn.next_event()
-                if event is NEED_DATA:
+                if type(event) is CommandReceived:
+                    self._queued_bytes += len(event.payload)
+                elif type(event) is StreamReceived:
+                    self._queued_bytes += len(event.data)
+                else:
                     break
                 queue.append(event)
         except ProtocolError as exc:
@@ -125,7 +131,7 @@ class ClientConnection(asyncio.Protocol):
             queue.append(_CLOSE)
             self._pause()
         else:
-            if len(queue) > MAX_QUEUED:
+            if len(queue) > MAX_QUEUED or self._queued_bytes > MAX_QUEUED_BYTES:
                 self._pause()
         if not self.busy:
             self._pump()
@@ -197,11 +203,18 @@ class ClientConnection(asyncio.Protocol):
                     return
                 self.busy = True
                 if type(event) is CommandReceived:
+                    self._queued_bytes -= len(event.payload)
                     self._command(event.command, event.payload)
                 else:
                     assert isinstance(event, StreamReceived)
+                    self._queued_bytes -= len(event.data)
                     self._stream(event.stream, event.data)
-            if self._paused and len(queue) < RESUME_QUEUED and not self.closed:
+            if (
+                self._paused
+                and len(queue) < RESUME_QUEUED
+                and self._queued_bytes < MAX_QUEUED_BYTES // 2
+                and not self.closed
+            ):
                 self._paused = False
                 if self.transport is not None:
                     self.transport.resume_reading()
@@ -493,8 +506,9 @@ class ClientConnection(asyncio.Protocol):
                 if session.freed:
                     self.close()
                     return
-                session.vm.write_stdin(session, data)
-                self.busy = False
+                # hold further frames while the agent's tty channel is backed up
+                if session.vm.write_stdin(session, data, self._resume):
+                    self.busy = False
                 return
             self._task = asyncio.get_running_loop().create_task(self._stdin_later(session, data))
             return
@@ -517,8 +531,8 @@ class ClientConnection(asyncio.Protocol):
         if session.freed:
             self.close()
             return
-        session.vm.write_stdin(session, data)
-        self._resume()
+        if session.vm.write_stdin(session, data, self._resume):
+            self._resume()
 
     def _log(self, data: bytes) -> None:
         try:

@@ -80,6 +80,17 @@ class _Channel(asyncio.Protocol):
         self._on_data = on_data
         self._on_lost = on_lost
         self.transport: asyncio.Transport | None = None
+        self.blocked = False  # the agent is not reading fast enough (write buffer full)
+        self.writable: list[Callable[[], None]] = []  # called once it drains
+
+    def pause_writing(self) -> None:
+        self.blocked = True
+
+    def resume_writing(self) -> None:
+        self.blocked = False
+        waiting, self.writable = self.writable, []
+        for callback in waiting:
+            callback()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its interface
@@ -154,9 +165,11 @@ class AgentVM:
                 if self._detect:
                     await self._detect_dialect()
         except TimeoutError:
+            self._ready.cancel()
             self.close()
             raise texts.CommandError(texts.READY_TIMEOUT) from None
         except BaseException:
+            self._ready.cancel()  # nobody will look at it again
             self.close()
             raise
 
@@ -404,11 +417,15 @@ class AgentVM:
         session.grace = None
         session.exited(session.pending_status or 0)
 
-    def write_stdin(self, session: IOSession, data: bytes) -> None:
-        """Forward stdin of ``session``; ``b""`` is EOF (``^D`` for a hyperhq terminal)."""
+    def write_stdin(self, session: IOSession, data: bytes, on_drained: Callable[[], None]) -> bool:
+        """Forward stdin of ``session``; ``b""`` is EOF (``^D`` for a hyperhq terminal).
+
+        Returns False when the agent's tty channel is backed up: ``on_drained`` is then called
+        once it has drained (or the VM is lost), and the caller should hold further input.
+        """
         channel = self._tty_channel
         if channel is None or channel.transport is None or self.lost:
-            return
+            return True
         if self.dialect is HYPER:
             if not data and session.terminal:
                 data = b"\x04"
@@ -416,6 +433,10 @@ class AgentVM:
         else:
             frames = self._tty.send_stdin(session.io_base, data, max_frame=MAX_CTL_FRAME)
         channel.transport.write(frames)
+        if channel.blocked:
+            channel.writable.append(on_drained)
+            return False
+        return True
 
     # -- sessions --------------------------------------------------------------------------------
 
@@ -458,6 +479,8 @@ class AgentVM:
         for channel in (self._ctl_channel, self._tty_channel):
             if channel is not None and channel.transport is not None:
                 channel.transport.close()
+            if channel is not None:
+                channel.resume_writing()
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None

@@ -299,11 +299,15 @@ class Agent:
     connected: anyio.Event = field(default_factory=anyio.Event)
     got_command: anyio.Event = field(default_factory=anyio.Event)
     got_stdin: anyio.Event = field(default_factory=anyio.Event)
+    tty_gate: anyio.Event = field(default_factory=anyio.Event)  # set: the tty is read
+    hold_tty: bool = False  # do not read the tty until tty_gate is set
 
     async def run(self, ctl_listener: PipeListener, tty_listener: PipeListener) -> None:
         self.ctl = await ctl_listener.accept()
         self.tty = await tty_listener.accept()
         self.connected.set()
+        if not self.hold_tty:
+            self.tty_gate.set()
         if self.send_ready:
             await self.ctl.send(AgentCtlConnection(self.dialect).send_ready())
         async with anyio.create_task_group() as tg:
@@ -340,6 +344,7 @@ class Agent:
         assert self.tty is not None
         decoder = TtyDecoder()
         while True:
+            await self.tty_gate.wait()
             try:
                 data = await self.tty.receive()
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):

@@ -342,3 +342,37 @@ async def test_waiters_are_answered_when_the_vm_dies(
         with anyio.fail_after(3):
             frame = await p.runtime.frame()
         assert frame.error and frame.payload == b'{"msg":"No multicast available for CTL channel"}'
+
+
+async def test_stdin_backpressure(anyio_backend: object, short_tmp: Path) -> None:
+    """An agent that does not read its tty holds the shim back (the proxy stops reading it)
+    instead of buffering without bound; everything arrives, in order, once the agent reads."""
+    async with (
+        proxied(short_tmp, *CC) as proxy,
+        agent_running(short_tmp, hold_tty=True) as agent,
+    ):
+        runtime = await proxy.connect()
+        tokens = await register(runtime, "pod", agent, 1)
+        p = Pod(proxy, agent, runtime, tokens)
+        shim = await p.shim(tokens[0])
+        await p.start(tokens[0])
+        chunk = bytes(range(256)) * 256  # 64 KiB
+        total = 256  # 16 MiB
+        sent = 0
+
+        async def feed() -> None:
+            nonlocal sent
+            for _ in range(total):
+                await shim.stream_frame(Stream.STDIN, chunk)
+                sent += 1
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(feed)
+            await anyio.sleep(1.0)
+            assert sent < total // 2, "the proxy kept reading stdin nobody consumed"
+            agent.tty_gate.set()
+            with anyio.fail_after(20):
+                while sum(len(f.data) for f in agent.stdin) < total * len(chunk):
+                    await agent.got_stdin.wait()
+        data = b"".join(f.data for f in agent.stdin)
+        assert data == chunk * total
