@@ -130,3 +130,38 @@ async def test_kill_before_start_signals_the_shim_pid(hyperd: Hyperd, busybox_ro
                 fake_shim.kill()
                 fake_shim.wait()
             await c.call("pod.stop", {"id": "p2"})
+
+
+async def test_hyperhq_dialect_pod(hyperd: Hyperd, busybox_rootfs: Path) -> None:
+    """A sim speaking the hyperhq dialect: detected via GETVERSION, strict messages, process ids,
+    and a container freed by its init's exit can still be stopped."""
+    with anyio.fail_after(DEADLINE):
+        async with rpc(hyperd.socket) as c:
+            pod = await start_pod(c, "hq", vm={"backend": "sim", "dialect": "hyper"})
+            assert pod["dialect"] == "hyper"
+            short = await create_and_start(
+                c, "hq", "c1", busybox_rootfs, ["sh", "-c", "echo hq; exit 2"]
+            )
+            assert await short.wait() == 2
+            assert short.stdout == b"hq\n"
+            long = await create_and_start(c, "hq", "c2", busybox_rootfs, ["sleep", "1000"])
+            ex = await exec_and_start(c, "hq", "c2", ["echo", "in-exec"])
+            assert await ex.wait() == 0
+            assert ex.stdout == b"in-exec\n"
+            with pytest.raises(RPCError) as err:
+                await c.call("container.ps", {"pod": "hq", "id": "c2"})
+            assert err.value.kind == "invalid_state" and "hyperhq" in err.value.message
+            newcontainers = [r for r in hyperd.records("hq") if r["name"] == "newcontainer"]
+            assert [r["payload"]["process"]["id"] for r in newcontainers] == ["init", "init"]
+            assert all("systemMountsInfo" not in r["payload"] for r in newcontainers)
+            for cid in ("c1", "c2"):  # c1 was freed by its exit, c2 still runs
+                assert (await c.call("container.stop", {"pod": "hq", "id": cid}))[
+                    "state"
+                ] == "stopped"
+            await long.wait()
+            await c.call("pod.stop", {"id": "hq"})
+            await c.call("pod.start", {"id": "hq"})  # a stopped pod starts again
+            assert (await c.call("pod.inspect", {"id": "hq"}))["state"] == "running"
+            await c.call("pod.stop", {"id": "hq"})
+            await c.call("pod.delete", {"id": "hq"})
+        assert hyperd.mounts_under_base() == []
