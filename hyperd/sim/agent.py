@@ -198,7 +198,7 @@ class Agent:
 
     async def stdin(self, frame: TtyFrame) -> None:
         """Deliver one host tty frame (stdin data, or EOF when empty) to its process."""
-        rec = self.registry.by_seq(frame.seq)
+        rec = self.registry.by_seq(frame.seq) if frame.seq else None  # seq 0 is never a stream
         if rec is None or not rec.running or rec.proc is None:
             if self._hyper:  # hyperstart says goodbye to an unknown or finished seq
                 await self._channels.send_tty(encode_tty(frame.seq, b""))
