@@ -1,7 +1,7 @@
 """``python -m hyperd.bench`` / ``hyperd bench``: run the scenarios and print the table.
 
-    python -m hyperd.bench [--quick] [--only 1,2,3,4] [--repetitions N] [--plot FILE.png]
-                           [--json FILE] [--scale 1,100,1000]
+    python -m hyperd.bench [--quick] [--only 1,2,3,4] [--repetitions N] [--scale 1,100,1000]
+                           [--plot FILE.png] [--json FILE] [--profile DIR]
 
 Every process the run starts (proxies, simulated VMs, the daemon and what the daemon starts) is
 stopped before it returns, also on an error, ^C or SIGTERM; SIGKILL of the runner reaches them
@@ -29,6 +29,7 @@ import anyio
 
 from hyperd.bench.latency import LatencySettings, latency
 from hyperd.bench.lifecycle import LifecycleSettings, lifecycle
+from hyperd.bench.profile import Profiler
 from hyperd.bench.scale import ScaleSettings, scale
 from hyperd.bench.stats import Section, render
 from hyperd.bench.summary import summary
@@ -76,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png",
                    help="plot throughput vs concurrency (needs matplotlib)")
     p.add_argument("--json", metavar="FILE", help="also write every sample as JSON")
+    p.add_argument("--profile", metavar="DIR",
+                   help="sample every helper process with py-spy (if installed) into DIR, "
+                   "with a top-functions summary per process (sampling slows the helpers: "
+                   "use it to see where time goes, not for the figures)")
     p.add_argument("--log-level", default="warning", help="runner log level")
     return p
 
@@ -156,12 +161,12 @@ class _CallbackErrors:
 
 
 async def _run(only: Sequence[str], settings: Settings, sections: list[Section],
-               failures: list[str], warnings: list[str]) -> None:
+               failures: list[str], warnings: list[str], profiler: Profiler | None) -> None:
     scenarios = _scenarios()
     handler = _CallbackErrors()
     asyncio.get_running_loop().set_exception_handler(handler)
     try:
-        await _run_scenarios(only, settings, scenarios, sections, failures)
+        await _run_scenarios(only, settings, scenarios, sections, failures, profiler)
     finally:
         if handler.count:
             warnings.append(
@@ -172,7 +177,7 @@ async def _run(only: Sequence[str], settings: Settings, sections: list[Section],
 
 async def _run_scenarios(only: Sequence[str], settings: Settings,
                          scenarios: dict[str, Scenario], sections: list[Section],
-                         failures: list[str]) -> None:
+                         failures: list[str], profiler: Profiler | None) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM) as signals:
         async with anyio.create_task_group() as tg:
 
@@ -188,7 +193,7 @@ async def _run_scenarios(only: Sequence[str], settings: Settings,
                 if scenario is None:
                     failures.append(f"scenario {key}: not available in this build")
                     continue
-                ws = Workspace()
+                ws = Workspace(profiler=profiler)
                 started = time.monotonic()
                 try:
                     sections.append(await scenario(ws, settings))
@@ -201,6 +206,8 @@ async def _run_scenarios(only: Sequence[str], settings: Settings,
                 finally:
                     with anyio.CancelScope(shield=True):
                         await anyio.to_thread.run_sync(ws.close)
+                        if profiler is not None:
+                            await anyio.to_thread.run_sync(profiler.finish)
             tg.cancel_scope.cancel()
 
 
@@ -222,13 +229,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections: list[Section] = []
     failures: list[str] = []
     warnings: list[str] = []
+    profiler = Profiler(args.profile) if args.profile else None
+    if profiler is not None and not profiler.available:
+        warnings.append("--profile: py-spy is not installed (pip install py-spy); no profiles")
+        profiler = None
     started = time.monotonic()
     load_before = _load()
     try:
-        anyio.run(_run, only, settings, sections, failures, warnings,
+        anyio.run(_run, only, settings, sections, failures, warnings, profiler,
                   backend="asyncio", backend_options={"use_uvloop": True})
     except KeyboardInterrupt:
         failures.append("interrupted")
+    finally:
+        if profiler is not None:
+            profiler.stop_all()
     header = _header(args, only, load_before)
     header.append(f"total wall time {time.monotonic() - started:.1f} s")
     print(render(sections, header))
@@ -247,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                         "samples": r.samples}
                                                     for k, r in s.rows.items()},
                         "ratios": s.ratios, "notes": s.notes} for s in sections], f, indent=1)
+    if profiler is not None:
+        print(f"profiles: {args.profile}/*.top.txt (raw stacks: *.raw)")
     if args.plot:
         from hyperd.bench.plot import plot
 

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, Final
 
 from hyperd.procs import ProcessIdentity, identify, is_same_process
@@ -99,9 +99,13 @@ def _wait_gone(idents: Sequence[ProcessIdentity], timeout: float) -> bool:
 class Processes:
     """The helpers of one run; :meth:`stop_all` is idempotent and safe to call from anywhere."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, on_start: Callable[[subprocess.Popen[bytes], Sequence[str]], None] | None = None
+    ) -> None:
         self._procs: list[subprocess.Popen[bytes]] = []
         self._started = 0
+        self._on_start = on_start
+        """Called with each process just started (``--profile`` attaches py-spy there)."""
 
     def spawn(
         self,
@@ -185,6 +189,8 @@ class Processes:
             if not isinstance(err, int):
                 err.close()
         self._procs.append(proc)
+        if self._on_start is not None:
+            self._on_start(proc, argv)
         return proc
 
     @staticmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Final
 
 from hyperd.bench.procs import Processes, python_argv
+from hyperd.bench.profile import Profiler
 from hyperd.host.mountsys import MNT_DETACH, MountError, read_mountinfo, umount
 
 HELPER_LOG_LEVEL: Final = os.environ.get("HYPERD_BENCH_HELPER_LOG_LEVEL", "error")
@@ -36,10 +38,17 @@ class SimVM:
 class Workspace:
     """A temporary directory and the helper processes of one run (see module docstring)."""
 
-    def __init__(self, base: str | None = None) -> None:
+    def __init__(self, base: str | None = None, profiler: Profiler | None = None) -> None:
         self.root = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX, dir=base or "/tmp"))
-        self.procs = Processes()
+        self.profiler = profiler
+        self.procs = Processes(on_start=self._profile if profiler is not None else None)
         self._names: set[str] = set()
+
+    def _profile(self, proc: subprocess.Popen[bytes], argv: Sequence[str]) -> None:
+        assert self.profiler is not None
+        module = argv[2] if len(argv) > 2 and argv[1] == "-m" else os.path.basename(argv[0])
+        # the daemon starts per-pod proxies and VMs: sample them with it
+        self.profiler.attach(proc.pid, module, subprocesses=module == "hyperd")
 
     def path(self, name: str) -> str:
         return str(self.root / name)
