@@ -64,6 +64,20 @@ DEFAULT_SHARE_TAG = "hyperShared"  # the VM's 9p mount tag, as in the seed
 MAX_HOSTNAME = 64  # hyperstart truncates longer hostnames; the seed cuts them first
 TEST_RECORD_ENV = "HYPERD_TEST_SIM_RECORD_DIR"  # test hook: sims record ctl commands there
 TEST_CRASH_ENV = "HYPERD_TEST_CRASH_AT"  # test hook: SIGKILL the daemon at this crash point
+TEST_SIM_ARGS_ENV = "HYPERD_TEST_SIM_ARGS"  # test hook: {"<pod>": [extra sim args]} (faults)
+
+
+def _test_sim_args(pod_id: str) -> list[str]:
+    """Extra simulator arguments from the test hooks (none outside tests)."""
+    extra: list[str] = []
+    record_dir = os.environ.get(TEST_RECORD_ENV)
+    if record_dir:
+        extra += ["--record", os.path.join(record_dir, f"{pod_id}.jsonl")]
+    per_pod = os.environ.get(TEST_SIM_ARGS_ENV)
+    if per_pod:
+        args = msgspec.json.decode(per_pod, type=dict[str, list[str]]).get(pod_id, [])
+        extra += args
+    return extra
 
 
 def crash_point(name: str) -> None:
@@ -323,9 +337,7 @@ class Daemon:
                 argv += ["--dialect", pod.vm.dialect]
             if pod.netns:
                 argv += ["--netns", pod.netns]
-            record_dir = os.environ.get(TEST_RECORD_ENV)
-            if record_dir:
-                argv += ["--record", os.path.join(record_dir, f"{pod.id}.jsonl")]
+            argv += _test_sim_args(pod.id)
             pod.vm_process = await launcher.launch(
                 argv, what=f"simulated VM of pod {pod.id!r}", deadline=deadline
             )
