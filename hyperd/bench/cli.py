@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
 import logging
 import os
@@ -195,8 +196,17 @@ async def _run_scenarios(only: Sequence[str], settings: Settings,
                     continue
                 ws = Workspace(profiler=profiler)
                 started = time.monotonic()
+                own = cProfile.Profile() if profiler is not None else None
                 try:
-                    sections.append(await scenario(ws, settings))
+                    if own is not None:
+                        own.enable()  # the runner itself: hyperd.vm's client side in scenario 1
+                    try:
+                        sections.append(await scenario(ws, settings))
+                    finally:
+                        if own is not None:
+                            own.disable()
+                            assert profiler is not None
+                            profiler.write_own(f"runner-scenario{key}", own)
                     sections[-1].notes.append(
                         f"scenario wall time {time.monotonic() - started:.1f} s")
                 except Exception as exc:

@@ -4,7 +4,8 @@ Each helper the run starts (proxy, simulated VM, daemon — with ``--subprocesse
 daemon, so the proxies and VMs it starts are sampled too) gets a ``py-spy record`` in raw
 (collapsed stacks) format; py-spy writes its file when the process it samples exits. After the
 run, :func:`summarize` turns each file into the functions with the most samples, by own time
-and including callees, written next to it as ``<name>.top.txt``.
+and including callees, written next to it as ``<name>.top.txt``. The runner itself (which hosts
+hyperd.vm's client side in scenario 1) is profiled with cProfile: ``runner-scenario<N>.top.txt``.
 
 py-spy is optional (``pip install py-spy``); without it the run says so and goes on.
 """
@@ -12,7 +13,10 @@ py-spy is optional (``pip install py-spy``); without it the run says so and goes
 from __future__ import annotations
 
 import contextlib
+import cProfile
+import io
 import os
+import pstats
 import shutil
 import signal
 import subprocess
@@ -77,6 +81,16 @@ class Profiler:
                 summaries.append(top)
         self._samplers.clear()
         return summaries
+
+    def write_own(self, name: str, profile: cProfile.Profile) -> Path:
+        """The runner's own cProfile (it hosts hyperd.vm's client side): top functions."""
+        out = self.directory / f"{name}.top.txt"
+        text = io.StringIO()
+        stats = pstats.Stats(profile, stream=text)
+        stats.sort_stats("tottime").print_stats(TOP)
+        stats.sort_stats("cumulative").print_stats(TOP)
+        out.write_text(text.getvalue())
+        return out
 
     def stop_all(self) -> None:
         """Kill every sampler still running (error paths)."""
