@@ -173,8 +173,14 @@ class Simulator:
         if self._root is not None:
             self._root.cancel()
 
-    async def run(self, ready: Callable[[], None] | None = None) -> int:
-        """Serve both sockets until stopped; return the exit status."""
+    async def run(
+        self, ready: Callable[[], None] | None = None, *, handle_signals: bool = True
+    ) -> int:
+        """Serve both sockets until stopped; return the exit status.
+
+        ``handle_signals``: SIGTERM/SIGINT stop the simulator (turn off when embedding it in a
+        program that handles its own signals, and call :meth:`stop`).
+        """
         cfg = self.config
         netns_fd = os.open(cfg.netns, os.O_RDONLY | os.O_CLOEXEC) if cfg.netns else None
         try:
@@ -192,7 +198,8 @@ class Simulator:
                     chroot=os.geteuid() == 0,
                     netns_fd=netns_fd,
                 )
-                await tg.start(self._watch_signals)
+                if handle_signals:
+                    await tg.start(self._watch_signals)
                 tg.start_soon(self._accept, ctl_listener, self._ctl, self._serve_ctl, tg)
                 tg.start_soon(self._accept, tty_listener, self._tty, self._serve_tty, tg)
                 log.info(
