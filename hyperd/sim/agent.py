@@ -20,21 +20,18 @@ Two dialects (spec §0):
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import signal
-import struct
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Protocol, TypeVar
+from typing import Any
 
 import anyio
 import msgspec
 from anyio.abc import TaskGroup
 
-from hyperd.sim import ps
-from hyperd.sim.containers import ContainerRecord, ProcessRecord, Registry
+from hyperd.sim.base import Answer, Channels, Handler, Refused, log
+from hyperd.sim.containers import ContainerRecord, ProcessRecord
+from hyperd.sim.control import ControlCommands
 from hyperd.sim.process import LaunchSpec, exit_status, spawn
 from hyperd.sim.rootfs import (
     IdentityError,
@@ -43,93 +40,37 @@ from hyperd.sim.rootfs import (
     container_root,
     resolve_identity,
 )
-from protocol import ProtocolError
 from protocol.hyperstart import (
     Code,
     Container,
     CtlFrame,
     Dialect,
     ExecCommand,
-    FileCommand,
-    KillCommand,
-    NetworkIface,
     Pod,
     Process,
     ProcessAsyncEvent,
-    PsCommand,
-    RemoveCommand,
-    RouteList,
-    SignalCommand,
     TtyFrame,
-    WindowSize,
-    WindowSizeMessage,
-    decode_message,
     encode_tty,
 )
 
-__all__ = ["HYPER_API_VERSION", "Agent", "Answer", "Channels"]
+__all__ = ["Agent", "Answer", "Channels"]
 
-log = logging.getLogger(__name__)
-
-HYPER_API_VERSION = 4244  # hyperhq/hyperstart v1.0.0+ GETVERSION answer
 DESTROY_TIMEOUT = 10.0  # seconds DESTROYPOD waits for processes before SIGKILL
 KILL_WAIT = 5.0  # seconds to wait for processes after SIGKILL
 EXIT_STATUS_MASK = 0xFF  # the CC status frame carries one byte
 EXEC_FAILED_STATUS = {errno.ENOENT: 127, errno.EACCES: 126}  # hyperstart's exec failure codes
 SETUP_FAILED_STATUS = 125  # hyperstart: any other process setup failure
 SIGTERM_IGNORED = 1 << (signal.SIGTERM - 1)  # bit of SIGTERM in /proc/<pid>/status SigIgn
-HYPER_DEPRECATED = frozenset(
-    {Code.GETPOD, Code.STOPPOD, Code.RESTARTCONTAINER, Code.CMDFINISHED, Code.PODFINISHED}
-)
 # The keys hyperhq's process parser knows; any other one derails it (conformance note 3).
 HYPER_PROCESS_KEYS = frozenset(
-    {
-        "id",
-        "user",
-        "group",
-        "additionalGroups",
-        "terminal",
-        "stdio",
-        "stderr",
-        "args",
-        "envs",
-        "workdir",
-    }
+    {"id", "user", "group", "additionalGroups", "terminal", "stdio", "stderr", "args", "envs"}
+    | {"workdir"}
 )
 HYPER_STDIN_BUFFER = 512  # hyperstart keeps this much pending stdin per process, drops the rest
 
-M = TypeVar("M", bound=msgspec.Struct)
 
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """The answer to one command: ACK (``ok``) or ERROR, with its payload."""
-
-    ok: bool
-    payload: bytes = b""
-
-
-class Channels(Protocol):
-    """Where the agent's unsolicited output goes; a channel with no host drops it."""
-
-    async def send_tty(self, data: bytes) -> None: ...
-
-    async def send_event(self, event: ProcessAsyncEvent) -> None: ...
-
-
-class Refused(Exception):
-    """A command is answered with ERROR and ``payload``; ``message`` is for the log."""
-
-    def __init__(self, message: str, payload: bytes) -> None:
-        super().__init__(message)
-        self.payload = payload
-
-
-Handler = Callable[[bytes], Awaitable[bytes]]
-
-
-class Agent:
-    """The state of one simulated guest: the pod, its containers and their processes."""
+class Agent(ControlCommands):
+    """One simulated guest agent. Process supervisors run in ``task_group``."""
 
     def __init__(
         self,
@@ -141,15 +82,10 @@ class Agent:
         chroot: bool,
         netns_fd: int | None = None,
     ) -> None:
-        self.dialect = dialect
-        self.share = share.resolve()  # chroot and mounts happen in a child with another cwd
-        self.chroot = chroot
-        self.netns_fd = netns_fd
-        self.pod: Pod | None = None
-        self.registry = Registry()
-        self._channels = channels
+        super().__init__(
+            dialect=dialect, share=share, channels=channels, chroot=chroot, netns_fd=netns_fd
+        )
         self._tg = task_group
-        self._hyper = dialect.name == "hyper"
         common: dict[int, Handler] = {
             Code.STARTPOD: self._startpod,
             Code.DESTROYPOD: self._destroypod,
@@ -218,37 +154,6 @@ class Agent:
                 rec.proc.kill_group_quietly()
 
     # -- helpers -------------------------------------------------------------------------------
-
-    def _refuse(self, message: str, hyper: bytes | None = b"") -> NoReturn:
-        """Answer ERROR: CC sends ``message``; HYPER sends ``hyper`` (None: the message too)."""
-        if self._hyper and hyper is not None:
-            raise Refused(message, hyper)
-        raise Refused(message, message.encode())
-
-    def _unknown(self, code: int) -> NoReturn:
-        if self._hyper and code in HYPER_DEPRECATED:
-            self._refuse(f"get abandoned command {code}")
-        if code == Code.VERSION:
-            self._refuse('No callback found for command "version": cc-agent has no GETVERSION')
-        self._refuse(f"unknown command code {code}")
-
-    def _decode(self, cls: type[M], payload: bytes) -> M:
-        try:
-            return decode_message(cls, payload, self.dialect)
-        except ProtocolError as exc:
-            self._refuse(str(exc))
-
-    def _container(self, cid: str) -> ContainerRecord:
-        c = self.registry.containers.get(cid)
-        if c is None:
-            self._refuse(f"container {cid!r} not found")
-        return c
-
-    async def _ack(self, payload: bytes) -> bytes:
-        return b""
-
-    async def _version(self, payload: bytes) -> bytes:
-        return struct.pack(">I", HYPER_API_VERSION)
 
     # -- pod -----------------------------------------------------------------------------------
 
@@ -506,135 +411,6 @@ class Agent:
         else:
             await self._channels.send_tty(encode_tty(rec.stdio, bytes([status & EXIT_STATUS_MASK])))
         rec.finished.set()
-
-    # -- signals, winsize, ps, remove ----------------------------------------------------------
-
-    @staticmethod
-    def _signal_quietly(rec: ProcessRecord, signum: int) -> None:
-        if rec.proc is not None and rec.running:
-            try:
-                rec.proc.signal(signum)
-            except OSError:
-                pass
-
-    async def _killcontainer(self, payload: bytes) -> bytes:
-        cmd = self._decode(KillCommand, payload)  # lenient in both dialects (parson in C)
-        container = self.registry.containers.get(cmd.container)
-        if container is None:
-            self._refuse(f"container {cmd.container!r} not found", b"no such container\0")
-        if cmd.signal not in signal.valid_signals() or cmd.signal == 0:
-            self._refuse(f"invalid signal {cmd.signal}", b"invalid signal\0")
-        if not container.running:
-            if self._hyper:
-                self._refuse("no such process", b"no such process\0")
-            return b""  # cc-agent: killing a stopped container is a no-op
-        targets = container.live() if cmd.all_processes and not self._hyper else [container.init]
-        for rec in targets:
-            if rec.proc is None:
-                continue
-            try:
-                if cmd.all_processes and not self._hyper:
-                    rec.proc.signal_group(cmd.signal)
-                else:
-                    rec.proc.signal(cmd.signal)
-            except ProcessLookupError:
-                if self._hyper:
-                    self._refuse("no such process", b"no such process\0")
-            except PermissionError:
-                self._refuse("no permission", b"no permission\0")
-            except OSError as exc:
-                self._refuse(f"kill failed: {exc}", b"kill failed\0")
-        return b""
-
-    async def _signalprocess(self, payload: bytes) -> bytes:
-        cmd = self._decode(SignalCommand, payload)
-        rec = self.registry.find_process(cmd.container, cmd.process)
-        if rec is None or not rec.running or rec.proc is None:
-            self._refuse(f"process {cmd.container}/{cmd.process} not found")
-        try:
-            rec.proc.signal_group(cmd.signal)
-        except (OSError, ValueError) as exc:
-            self._refuse(f"signal {cmd.signal} to {cmd.container}/{cmd.process}: {exc}")
-        return b""
-
-    async def _winsize(self, payload: bytes) -> bytes:
-        if self._hyper:
-            msg = self._decode(WindowSizeMessage, payload)
-            rec = self.registry.find_process(msg.container, msg.process)
-            if rec is None or not rec.running:
-                self._refuse(f"process {msg.container}/{msg.process} not found")
-            rows, columns = msg.row, msg.column
-        else:
-            size = self._decode(WindowSize, payload)
-            found = self.registry.by_seq(size.seq)
-            if found is None or not found.running:
-                return b""  # cc-agent: unknown seq or stopped process -> silent ACK
-            rec, rows, columns = found, size.row, size.column
-        if not rec.terminal or rec.proc is None:
-            self._refuse(f"process {rec.container}/{rec.id} has no terminal")
-        try:
-            rec.proc.resize(rows, columns)
-        except OSError as exc:
-            self._refuse(f"cannot resize the terminal of {rec.container}/{rec.id}: {exc}")
-        return b""
-
-    async def _pscontainer(self, payload: bytes) -> bytes:
-        cmd = self._decode(PsCommand, payload)
-        container = self._container(cmd.container)
-        if not container.running:
-            self._refuse(f"container {cmd.container!r} is not running")
-        if cmd.format not in ("", "table", "json"):
-            self._refuse("invalid format option")
-        roots = [rec.pid for rec in container.live() if rec.pid is not None]
-        # synchronous on purpose: a few ms of /proc reads, and no worker thread exists when
-        # spawn() forks with a pre-exec hook
-        procs = ps.container_pids(roots)
-        return ps.format_json(procs) if cmd.format == "json" else ps.format_table(procs)
-
-    async def _removecontainer(self, payload: bytes) -> bytes:
-        cmd = self._decode(RemoveCommand, payload)
-        container = self._container(cmd.container)
-        if container.running:
-            self._refuse(f"container {cmd.container!r} is running, stop it first")
-        del self.registry.containers[cmd.container]
-        return b""
-
-    # -- hyperstart-only extras ----------------------------------------------------------------
-
-    async def _setupinterface(self, payload: bytes) -> bytes:
-        iface = self._decode(NetworkIface, payload)
-        log.info("interface %s recorded (not applied)", iface.new_device_name or iface.device)
-        return b""
-
-    async def _setuproute(self, payload: bytes) -> bytes:
-        self._decode(RouteList, payload)
-        return b""
-
-    def _container_file(self, payload: bytes) -> tuple[Path, bytes]:
-        end = payload.find(b"}")  # hyperstart: the JSON ends at the first '}', data follows
-        if end < 0:
-            self._refuse("file command without a JSON header")
-        cmd = self._decode(FileCommand, payload[: end + 1])
-        container = self._container(cmd.container)
-        path = (container.root / cmd.file.lstrip("/")).resolve()
-        if not path.is_relative_to(container.root.resolve()):
-            self._refuse(f"file {cmd.file!r} is outside the container")
-        return path, payload[end + 1 :]
-
-    async def _writefile(self, payload: bytes) -> bytes:
-        path, data = self._container_file(payload)
-        try:
-            path.write_bytes(data)
-        except OSError as exc:
-            self._refuse(f"cannot write {path.name}: {exc}")
-        return b""
-
-    async def _readfile(self, payload: bytes) -> bytes:
-        path, _ = self._container_file(payload)
-        try:
-            return path.read_bytes()
-        except OSError as exc:
-            self._refuse(f"cannot read {path.name}: {exc}")
 
 
 async def _wait_all(records: list[ProcessRecord]) -> None:
