@@ -15,6 +15,10 @@ Two dialects (spec §0):
   when their init exits, terminal input ended by ^D only. Where the real agent crashes or hangs
   (an unknown key inside ``process``, EXECCMD while an id-less process runs) the simulator
   answers ERROR with a message instead.
+
+This module starts and reaps processes (STARTPOD, NEWCONTAINER, EXECCMD, DESTROYPOD, stdin);
+:mod:`hyperd.sim.control` holds the commands on existing containers, :mod:`hyperd.sim.base` the
+state and the ERROR conventions.
 """
 
 from __future__ import annotations
@@ -63,8 +67,7 @@ SETUP_FAILED_STATUS = 125  # hyperstart: any other process setup failure
 SIGTERM_IGNORED = 1 << (signal.SIGTERM - 1)  # bit of SIGTERM in /proc/<pid>/status SigIgn
 # The keys hyperhq's process parser knows; any other one derails it (conformance note 3).
 HYPER_PROCESS_KEYS = frozenset(
-    {"id", "user", "group", "additionalGroups", "terminal", "stdio", "stderr", "args", "envs"}
-    | {"workdir"}
+    "id user group additionalGroups terminal stdio stderr args envs workdir".split()
 )
 HYPER_STDIN_BUFFER = 512  # hyperstart keeps this much pending stdin per process, drops the rest
 
