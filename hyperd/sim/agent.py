@@ -67,7 +67,18 @@ SETUP_FAILED_STATUS = 125  # hyperstart: any other process setup failure
 SIGTERM_IGNORED = 1 << (signal.SIGTERM - 1)  # bit of SIGTERM in /proc/<pid>/status SigIgn
 # The keys hyperhq's process parser knows; any other one derails it (conformance note 3).
 HYPER_PROCESS_KEYS = frozenset(
-    "id user group additionalGroups terminal stdio stderr args envs workdir".split()
+    [
+        "id",
+        "user",
+        "group",
+        "additionalGroups",
+        "terminal",
+        "stdio",
+        "stderr",
+        "args",
+        "envs",
+        "workdir",
+    ]
 )
 HYPER_STDIN_BUFFER = 512  # hyperstart keeps this much pending stdin per process, drops the rest
 
