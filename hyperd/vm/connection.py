@@ -56,6 +56,9 @@ COMPACT_SLACK: Final = 64
 AGENT_ERROR_PREFIX: Final = "ERROR received from VM agent"
 """How the proxy words an agent's ERROR reply (ccproxy spec §9); anything else is the proxy's."""
 
+VM_GONE: Final = "No multicast available for CTL channel"
+"""The proxy's answer when the VM's agent channel is gone (ccproxy spec §9): the VM is lost."""
+
 COMMAND_LABELS: Final[dict[Command, str]] = {
     Command.REGISTER_VM: "RegisterVM",
     Command.UNREGISTER_VM: "UnregisterVM",
@@ -175,12 +178,14 @@ class VMConnection:
     ) -> bytes:
         """Send ``command`` and return the payload of its success response.
 
-        Raises :class:`AgentError` (the agent answered ERROR), :class:`ProxyError` (any other
-        error response), :class:`Timeout` (no reply within ``timeout`` seconds; the reply is
-        discarded when it comes), :class:`ConnectionLost` (the connection closed after the
-        command was written: its outcome is unknown), :class:`VMUnavailable` (closed before it
-        was written), :class:`InvalidParams` (the payload cannot be encoded). ``label`` names
-        the command in error messages (default: the opcode name).
+        Raises :class:`AgentError` (the agent answered ERROR); :class:`VMUnavailable` with
+        ``data["proxy_message"]`` (the proxy says the VM's agent is gone); :class:`ProxyError`
+        (any other error response); :class:`Timeout` (no reply within ``timeout`` seconds; the
+        reply is discarded when it comes); :class:`ConnectionLost` (the connection closed after
+        the command was written: its outcome is unknown); :class:`VMUnavailable` (closed before
+        it was written); :class:`InvalidParams` (the payload cannot be encoded). ``label`` names
+        the command in error messages (default: the opcode name). Proxy and agent errors carry
+        the proxy's text as ``data["proxy_message"]``.
         """
         name = label if label is not None else COMMAND_LABELS[command]
         if self._closed:
@@ -313,6 +318,13 @@ class VMConnection:
         if error.startswith(AGENT_ERROR_PREFIX):
             future.set_exception(
                 AgentError(f"VM {self.vm_id}: {slot.label}: {error}", proxy_message=error)
+            )
+        elif error.startswith(VM_GONE):
+            future.set_exception(
+                VMUnavailable(
+                    f"VM {self.vm_id}: {slot.label}: the VM is gone (proxy: {error})",
+                    proxy_message=error,
+                )
             )
         else:
             future.set_exception(

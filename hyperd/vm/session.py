@@ -184,12 +184,17 @@ class VMSession:
                 raw = msgspec.Raw(_JSON.encode(data))
             except (TypeError, ValueError, OverflowError) as exc:
                 raise InvalidParams(f"VM {self.vm_id}: {name}: cannot encode data: {exc}") from None
-        return await conn.command(
-            Command.HYPER,
-            Hyper(hyperName=name, tokens=tokens, data=raw),
-            timeout=self._config.command_timeout if timeout is None else timeout,
-            label=name,
-        )
+        try:
+            return await conn.command(
+                Command.HYPER,
+                Hyper(hyperName=name, tokens=tokens, data=raw),
+                timeout=self._config.command_timeout if timeout is None else timeout,
+                label=name,
+            )
+        except VMUnavailable as exc:
+            if "proxy_message" in exc.data:  # the proxy says the VM is gone: do not wait for a ping
+                self._lose(conn, f"{name}: {_proxy_message(exc)}")
+            raise
 
     async def new_tokens(self, count: int = 1) -> list[str]:
         """Allocate ``count`` I/O tokens (AttachVM with numIOStreams on the session connection).
@@ -492,10 +497,9 @@ class VMSession:
         except Timeout:
             self._lose(conn, f"no answer to a liveness ping within {timeout:g}s")
             return False
-        except ProxyError as exc:
-            self._lose(conn, f"liveness ping failed: {_proxy_message(exc)}")
-            return False
-        except VMUnavailable:
+        except (ProxyError, VMUnavailable) as exc:
+            if "proxy_message" in exc.data:  # the proxy answered: the VM is not usable
+                self._lose(conn, f"liveness ping failed: {_proxy_message(exc)}")
             return False
         return True
 

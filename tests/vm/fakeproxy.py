@@ -49,7 +49,7 @@ class FakeProxy:
     received: list[Received] = field(default_factory=list)
     registered: set[str] = field(default_factory=set)
     ping_error: str | None = None
-    """When set, ``ping`` is answered with this proxy error (e.g. the VM is gone)."""
+    """When set, every Hyper is answered with this proxy error (e.g. the VM is gone)."""
     chunks: int = 0
     """Number of ``receive()`` calls that returned data, over all connections."""
     accepted: int = 0
@@ -192,9 +192,9 @@ class FakeProxy:
             delay = self.delays.get(hyper.hyperName, 0.0)
             if delay:
                 await anyio.sleep(delay)
+            if self.ping_error is not None:
+                return conn.send_error(command, self.ping_error)
             if hyper.hyperName == "ping":
-                if self.ping_error is not None:
-                    return conn.send_error(command, self.ping_error)
                 return conn.send_response(command)
             if hyper.hyperName == "echo":
                 data = b"" if isinstance(hyper.data, msgspec.UnsetType) else bytes(hyper.data)

@@ -35,11 +35,12 @@ SLACK = 1.0
 """Scheduling allowance (two real processes) on top of a liveness deadline."""
 
 
-def spawn(module: str, *args: str) -> subprocess.Popen[bytes]:
-    """Start ``python -m module args --ready-fd FD`` and wait for its ``ready`` line."""
+def spawn(module: str, *args: str, log: Path) -> subprocess.Popen[bytes]:
+    """Start ``python -m module args --ready-fd FD`` (stderr to ``log``), wait for ``ready``."""
     read_fd, write_fd = os.pipe()
     argv = [sys.executable, "-m", module, *args, "--ready-fd", str(write_fd)]
-    proc = subprocess.Popen(argv, pass_fds=(write_fd,), stderr=subprocess.DEVNULL)
+    with log.open("ab") as stderr:
+        proc = subprocess.Popen(argv, pass_fds=(write_fd,), stderr=stderr)
     os.close(write_fd)
     try:
         ready, _, _ = select.select([read_fd], [], [], READY_DEADLINE)
@@ -49,7 +50,7 @@ def spawn(module: str, *args: str) -> subprocess.Popen[bytes]:
     if line != b"ready\n":
         proc.kill()
         proc.wait()
-        raise RuntimeError(f"{module} did not get ready: {line!r}")
+        raise RuntimeError(f"{module} did not get ready: {line!r}; stderr: {log.read_text()}")
     return proc
 
 
@@ -64,14 +65,15 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 class Pair:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *sim_args: str) -> None:
         self.ctl = str(tmp / "ctl.sock")
         self.tty = str(tmp / "tty.sock")
         self.proxy_sock = str(tmp / "proxy.sock")
         share = tmp / "share"
         share.mkdir()
-        self.sim = spawn("hyperd.sim", "--ctl", self.ctl, "--tty", self.tty, "--share", str(share))
-        self.proxy = spawn("hyperd.proxy", "--socket", self.proxy_sock)
+        where = ("--ctl", self.ctl, "--tty", self.tty, "--share", str(share))
+        self.sim = spawn("hyperd.sim", *where, *sim_args, log=tmp / "sim.log")
+        self.proxy = spawn("hyperd.proxy", "--socket", self.proxy_sock, log=tmp / "proxy.log")
 
     @property
     def url(self) -> str:
@@ -83,8 +85,8 @@ class Pair:
 
 
 @contextmanager
-def real_pair(tmp: Path) -> Iterator[Pair]:
-    pair = Pair(tmp)
+def real_pair(tmp: Path, *sim_args: str) -> Iterator[Pair]:
+    pair = Pair(tmp, *sim_args)
     try:
         yield pair
     finally:
@@ -153,3 +155,34 @@ async def test_killed_sim_makes_callers_fail_within_the_liveness_deadline(
             assert not s.statistics().reachable
             await s.unregister()  # the proxy still answers: the VM can be unregistered
             assert "reachable" not in events.kinds()
+
+
+async def test_killed_sim_fails_in_flight_callers(anyio_backend: Any, short_tmp: Path) -> None:
+    events = EventLog()
+    with real_pair(short_tmp, "--delay", "0.5") as pair:
+        async with anyio.create_task_group() as tg:
+            s = pair.session(events)
+            await tg.start(s.run)
+            errors: list[Exception] = []
+
+            async def call() -> None:
+                try:
+                    await s.hyper("ping", timeout=30)
+                except VMUnavailable as exc:
+                    errors.append(exc)
+
+            deadline = LIVENESS.ping_interval + LIVENESS.ping_timeout + SLACK
+            async with anyio.create_task_group() as callers:
+                for _ in range(5):
+                    callers.start_soon(call)
+                await anyio.sleep(0.2)  # the agent holds the first ping for 0.5 s
+                pair.sim.kill()
+                pair.sim.wait()
+                killed = monotonic()
+            assert monotonic() - killed <= deadline
+            assert len(errors) == 5
+            await events.wait("unreachable", within=deadline)
+            assert not s.reachable
+            with anyio.fail_after(0.1), pytest.raises(VMUnavailable):
+                await s.hyper("ping")
+            await s.close()
