@@ -27,26 +27,35 @@ config=VMConfig(), on_event=None)``
     - ``await session.unregister()`` (UnregisterVM, then close); ``await session.close()``.
 
 ``VMConnection`` (:mod:`hyperd.vm.connection`)
-    One socket to a proxy: ``await VMConnection.connect(path, vm_id=...)``, run ``conn.run()``
-    in a task group, then ``await conn.command(Command.X, payload, timeout=..., label=None)``
-    from any number of tasks; ``conn.close(reason)``; ``conn.statistics()``.
+    One socket to a proxy: ``conn = await VMConnection.connect(path, vm_id=...)``, run
+    ``conn.run()`` in a task group for the connection's lifetime, then
+    ``await conn.command(Command.X, payload, timeout=..., label=None) -> bytes`` from any number
+    of tasks; ``conn.close(reason)`` (sync); ``conn.statistics() -> ConnectionStatistics``.
+    The session uses it; the daemon normally does not need it.
 
-Errors (:mod:`hyperd.errors`): ``VMUnavailable`` (unreachable, closed, or the command was never
-written), ``ConnectionLost`` (the connection dropped after the command was written: outcome
-unknown), ``Timeout`` (the caller's deadline passed; the late reply is discarded),
-``AgentError`` (the agent answered ERROR) and ``ProxyError`` (any other error response); both
-carry the proxy's text as ``exc.data["proxy_message"]``. Messages name the VM, the command and
-the cause.
+Errors (:mod:`hyperd.errors`): ``VMUnavailable`` (unreachable, closed, the command was never
+written, or the proxy answered that the VM's agent is gone -- "No multicast available for CTL
+channel" -- which also marks the VM unreachable at once), ``ConnectionLost`` (subclass of
+``VMUnavailable``: the connection dropped after the command was written, outcome unknown),
+``Timeout`` (the caller's deadline passed; the late reply is discarded), ``AgentError`` (the agent
+answered ERROR) and ``ProxyError`` (any other error response). Errors built from a proxy answer
+carry its text as ``exc.data["proxy_message"]``. Messages name the VM, the command and the cause.
 
 Events (``on_event``, called synchronously): ``VMEvent(vm_id, kind, reason)`` with ``kind``
 ``"unreachable"`` (connection lost, liveness ping failed or timed out, the proxy left a reply
-owed past its deadline, or ``mark_unreachable``), ``"reconnected"`` (a new connection is
+owed ``ping_timeout`` past its caller's deadline, the proxy said the VM is gone, or
+``mark_unreachable``), ``"reconnected"`` (a new connection is
 attached after a loss) then ``"reachable"`` (the VM answered a ping on it).
 
 Semantics: any number of concurrent callers; commands are written in arrival order and
-pipelined; replies are matched to callers in FIFO order (the proxy answers in order and carries
-no request id). A caller that times out or is cancelled keeps its slot, so later replies still
-reach their own callers.
+pipelined (frames enqueued in one loop iteration go out in one write); replies are matched to
+callers in FIFO order (the proxy answers in order and carries no request id). A caller that times
+out or is cancelled keeps its slot, so later replies still reach their own callers. Liveness: a
+connection idle for ``ping_interval`` sends a Hyper ``ping`` that must be answered within
+``ping_timeout``; while replies are owed, the VM is declared unreachable once the oldest is
+``ping_timeout`` past its caller's deadline with nothing received since. Losing reachability
+closes the connection; the session reconnects (capped exponential backoff), re-attaches,
+pings, and reports ``reconnected`` + ``reachable``.
 """
 
 from hyperd.vm.connection import VMConnection

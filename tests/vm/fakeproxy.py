@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import os
+import random
 from dataclasses import dataclass, field
 
 import anyio
@@ -48,6 +49,8 @@ class FakeProxy:
     """Per hyperName: seconds to wait before answering (other commands still queue behind)."""
     received: list[Received] = field(default_factory=list)
     registered: set[str] = field(default_factory=set)
+    jitter: float = 0.0
+    """Each Hyper reply waits a random time up to this many seconds (in order: it queues)."""
     ping_error: str | None = None
     """When set, every Hyper is answered with this proxy error (e.g. the VM is gone)."""
     chunks: int = 0
@@ -189,7 +192,7 @@ class FakeProxy:
             return conn.send_response(command)
         if command is Command.HYPER:
             hyper = decode_payload(Hyper, payload)
-            delay = self.delays.get(hyper.hyperName, 0.0)
+            delay = self.delays.get(hyper.hyperName, 0.0) + random.random() * self.jitter
             if delay:
                 await anyio.sleep(delay)
             if self.ping_error is not None:

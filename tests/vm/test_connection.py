@@ -216,3 +216,41 @@ async def test_each_caller_has_its_own_deadline(anyio_backend: Any, short_tmp: P
         # the four late replies are discarded; the next caller still gets its own
         assert await conn.command(Command.HYPER, echo("own"), timeout=5) == b'"own"'
         assert conn.statistics().discarded == 4
+
+
+async def test_no_reply_reaches_the_wrong_caller_under_timeouts_and_cancellations(
+    anyio_backend: Any, short_tmp: Path
+) -> None:
+    async with serving(short_tmp, jitter=0.002) as proxy, connected(proxy) as conn:
+        outcomes: dict[str, int] = {"ok": 0, "timeout": 0, "cancelled": 0}
+        rng = random.Random(7)
+
+        async def call(i: int, limit: float, cancel_after: float | None) -> None:
+            with anyio.CancelScope() as scope:
+                if cancel_after is not None:
+                    scope.deadline = anyio.current_time() + cancel_after
+                try:
+                    reply = await conn.command(Command.HYPER, echo(i), timeout=limit)
+                except Timeout:
+                    outcomes["timeout"] += 1
+                    return
+                assert reply == str(i).encode()  # its own reply, never a neighbour's
+                outcomes["ok"] += 1
+            if scope.cancelled_caught:
+                outcomes["cancelled"] += 1
+
+        async with anyio.create_task_group() as tg:
+            for i in range(300):
+                limit = rng.choice((0.01, 0.05, 5.0))
+                cancel_after = rng.choice((None, None, 0.02))
+                tg.start_soon(call, i, limit, cancel_after)
+                if i % 10 == 0:
+                    await anyio.sleep(0.001)
+        assert sum(outcomes.values()) == 300
+        assert outcomes["ok"] and outcomes["timeout"] and outcomes["cancelled"]
+        # the connection is still in step: every owed reply was consumed or discarded
+        assert await conn.command(Command.HYPER, echo("last"), timeout=5) == b'"last"'
+        stats = conn.statistics()
+        assert stats.in_flight == 0 and stats.timed_out == outcomes["timeout"]
+        # a cancellation can land just after its reply was delivered: then nothing is discarded
+        assert outcomes["timeout"] <= stats.discarded <= outcomes["timeout"] + outcomes["cancelled"]
