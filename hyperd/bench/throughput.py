@@ -148,7 +148,7 @@ async def throughput(ws: Workspace, s: ThroughputSettings) -> Section:
                     "cmd/s", s.commands / t)
             t_raw = await wire.raw_pipelined(sock, VM_ID, s.commands)
             sec.add("raw", "raw limit (one write, pipelined)", "cmd/s", s.commands / t_raw)
-            sec.add("raw_us", "raw limit: time per command (Go cc-proxy: ~80 us)", "us",
+            sec.add("raw_us", "raw limit: time per command", "us",
                     t_raw / s.commands * US)
             t_agent = run_agent_direct(agent, s.commands)
             sec.add("agent", "agent alone (ctl socket, no proxy)", "cmd/s", s.commands / t_agent)
