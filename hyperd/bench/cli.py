@@ -7,6 +7,10 @@ Every process the run starts (proxies, simulated VMs, the daemon and what the da
 stopped before it returns, also on an error, ^C or SIGTERM; SIGKILL of the runner reaches them
 through ``PR_SET_PDEATHSIG``. Exit status: 0 after printing the table, 1 when a scenario failed
 (the table of what did run is still printed), 2 for bad arguments.
+
+Debugging: ``HYPERD_BENCH_LOG_DIR=DIR`` keeps each helper's stderr in a file there, and
+``HYPERD_BENCH_HELPER_LOG_LEVEL=debug`` makes them talk. Needs root (bind mounts of container
+root filesystems in scenarios 2-4) and a static busybox (``busybox-static``) for the containers.
 """
 
 from __future__ import annotations
@@ -68,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="hyperd bench",
         description="hyperd benchmarks: throughput, latency, scale and container lifecycle, "
         "against the seed's one-connection-per-command pattern, measured in the same run",
+        epilog="HYPERD_BENCH_LOG_DIR=DIR keeps the helpers' stderr; "
+        "HYPERD_BENCH_HELPER_LOG_LEVEL sets their log level",
     )
     p.add_argument("--quick", action="store_true", help="small counts (CI smoke test, < 1 min)")
     p.add_argument("--only", default=",".join(SCENARIOS),
