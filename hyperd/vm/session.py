@@ -115,6 +115,7 @@ class VMSession:
         self._run_scope: anyio.CancelScope | None = None
         self._reconnect_scope: anyio.CancelScope | None = None
         self._stopped = anyio.Event()
+        self._ping_warned: VMConnection | None = None
 
     # -- public state ------------------------------------------------------------------------
 
@@ -493,7 +494,10 @@ class VMSession:
         try:
             await conn.command(Command.HYPER, PING_PAYLOAD, timeout=timeout, label=PING)
         except AgentError as exc:
-            log.warning("VM %s: liveness ping answered with an agent error: %s", self.vm_id, exc)
+            # The agent answered, so the VM is alive; say so once per connection, not per ping.
+            if conn is not self._ping_warned:
+                self._ping_warned = conn
+                log.warning("VM %s: the agent answers pings with an error: %s", self.vm_id, exc)
         except Timeout:
             self._lose(conn, f"no answer to a liveness ping within {timeout:g}s")
             return False

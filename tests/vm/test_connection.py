@@ -254,3 +254,11 @@ async def test_no_reply_reaches_the_wrong_caller_under_timeouts_and_cancellation
         assert stats.in_flight == 0 and stats.timed_out == outcomes["timeout"]
         # a cancellation can land just after its reply was delivered: then nothing is discarded
         assert outcomes["timeout"] <= stats.discarded <= outcomes["timeout"] + outcomes["cancelled"]
+
+
+async def test_deadline_bookkeeping_stays_bounded(anyio_backend: Any, short_tmp: Path) -> None:
+    async with serving(short_tmp) as proxy, connected(proxy) as conn:
+        for i in range(500):
+            assert await conn.command(Command.HYPER, echo(i), timeout=30) == str(i).encode()
+        # answered commands with far deadlines do not pile up in the deadline heap
+        assert len(conn._deadlines) <= 2 * conn.owed + 64 + 1

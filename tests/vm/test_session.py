@@ -13,7 +13,7 @@ import pytest
 from hyperd.errors import ConnectionLost, ProxyError, Timeout, VMUnavailable
 from hyperd.vm import VMConfig, VMSession
 from protocol.ccproxy import Command, RegisterVM, decode_payload
-from tests.vm.fakeproxy import FakeProxy
+from tests.vm.fakeproxy import AGENT_ERROR, FakeProxy
 from tests.vm.helpers import VM, EventLog, serving
 
 pytestmark = pytest.mark.anyio
@@ -350,4 +350,17 @@ async def test_vm_gone_answer_fails_callers_and_marks_unreachable(
         proxy.ping_error = None
         await events.wait("reachable")
         assert await s.hyper("echo", 3) == b"3"
+        await s.close()
+
+
+async def test_agent_error_to_ping_keeps_the_vm_reachable(
+    anyio_backend: Any, short_tmp: Path
+) -> None:
+    events = EventLog()
+    async with serving(short_tmp) as proxy, anyio.create_task_group() as tg:
+        s = session(proxy, events)
+        await tg.start(s.run)
+        proxy.ping_error = AGENT_ERROR  # the agent answers, if with ERROR: it is alive
+        await proxy.wait_for(lambda: proxy.names().count("ping") >= 3, within=2)
+        assert s.reachable and events.kinds() == []
         await s.close()
