@@ -87,7 +87,16 @@ def _endpoints(ws: Workspace, n: int, s: ScaleSettings, shared: str,
     return ([farm.socket_paths(directory, i) for i in range(n)],
             "lightweight agent endpoints, all in one process (hyperd.bench.farm: ACKs only); "
             f"hyperd-sim processes are used up to {s.process_limit} VMs (each ~{SIM_RSS_MIB} "
-            f"MiB RSS and ~{SIM_START_CPU} s CPU to start: a thousand would not fit this machine)")
+            f"MiB RSS and ~{SIM_START_CPU} s CPU to start: {n - 1} would need "
+            f"~{(n - 1) * SIM_RSS_MIB / 1024:.0f} GiB, this machine has {_ram_gib():.0f} GiB)")
+
+
+def _ram_gib() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / (1024 * 1024)
+    return float("nan")
 
 
 async def scale_one(ws: Workspace, s: ScaleSettings, n: int, sec: Section, rootfs: str) -> None:
