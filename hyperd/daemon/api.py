@@ -1,6 +1,54 @@
 """The RPC API v1: params Structs and the method table that maps each method to the daemon.
 
-Method names and parameter names are the public contract (see the README's RPC reference).
+JSON-RPC 2.0, one JSON text per line, on hyperd's unix socket; batches and notifications work.
+Params are by name; unknown keys are refused. Every application error carries ``data.kind``:
+``not_found``, ``already_exists``, ``invalid_state``, ``invalid_params``, ``vm_unavailable``,
+``timeout``, ``agent_error``, ``proxy_error`` (``unauthorized`` at connect time); its message
+names the object and the cause.
+
+Methods (``params`` → ``result``):
+
+- ``hyperd.version {}`` → ``{version, api, dialects}``
+- ``hyperd.health {}`` → ``{status: "ok"|"degraded", pods: {state: count}, unreachable: [pod],
+  subscribers}``
+- ``hyperd.stats {}`` → ``{vms: {pod: {queued, in_flight, sent, failed, timed_out, reconnects,
+  last_rtt, reachable}}}``
+- ``pod.create {id, hostname?, vm?: {backend: "sim", dialect?: "cc"|"hyper"} |
+  {backend: "external", ctl, tty, console?}, proxy?: {mode: "pod"} | {mode: "system", url},
+  netns?, share_dir?, share_tag?, agent_dialect?: "cc"|"hyper"}`` → the pod (as ``pod.inspect``),
+  state ``created``; nothing is started yet.
+- ``pod.start {id}``: start the sim VM and per-pod proxy when hyperd runs them, RegisterVM,
+  detect the agent dialect (Hyper ``version``), read the netns, STARTPOD → the pod, ``running``.
+- ``pod.stop {id}``: DESTROYPOD, UnregisterVM, stop what hyperd started, undo every mount →
+  the pod, ``stopped``. Also for ``unreachable`` pods. A stopped pod can be started again.
+- ``pod.delete {id}`` (``created``/``stopped`` only) → ``{id, state: "deleted"}``
+- ``pod.list {}`` → ``{pods: [{id, state, backend, proxy_mode, dialect, containers,
+  created_at}]}``
+- ``pod.inspect {id}`` → ``{id, state, reason, hostname, vm, proxy, proxy_url, netns, share_dir,
+  share_tag, ctl, tty, vm_pid, proxy_pid, dialect, containers: [...], execs: [...]}``
+- ``container.create {pod, id, rootfs: {path, readonly?} | {block: {index, fstype, driver?}},
+  process: {args, env?, cwd?, user?, group?, additional_groups?, terminal?,
+  no_new_privileges?, capabilities?}, mounts?: [{source, destination, type?, options?}],
+  devices?: [{guest_path, container_path, scsi_addr?}], resources?: {cpu_quota?, cpu_period?,
+  cpu_shares?}, bind_mount_dev?, shim_pid?}`` → ``{id, token, proxy_url, state: "created"}``;
+  no agent command yet.
+- ``container.start {pod, id}``: bind mounts, then NEWCONTAINER with the token (the proxy holds
+  it until a shim has claimed the token with ConnectShim) → the container (``container.inspect``)
+- ``container.stop {pod, id}``: REMOVECONTAINER, undo its mounts → the container, ``stopped``
+- ``container.kill {pod, id, signal: int | "TERM" | "SIGKILL", all?}`` →
+  ``{id, signal, target: "agent"|"shim"}`` (before start: the shim's pid is signalled)
+- ``container.ps {pod, id, format?: "table"|"json", args?: [str]}`` → ``{output}`` (CC only)
+- ``container.list {pod}`` → ``{containers: [container]}``
+- ``container.inspect {pod, id}`` → ``{pod, id, state, args, rootfs, token, proxy_url,
+  exit_status, shim_pid, mounts, execs, created_at}``
+- ``exec.create {pod, container, process, exec_id?}`` → ``{exec_id, token, proxy_url, state}``
+- ``exec.start {pod, exec_id}``: EXECCMD with the token → ``{exec_id, container, state}``
+- ``exec.inspect {pod, exec_id}`` → ``{exec_id, container, state, args, exit_status, token,
+  proxy_url}``
+- ``events.subscribe {}`` → ``{subscribed: true}``, then notifications
+  ``{"method": "event", "params": {kind: "pod"|"container"|"exec"|"vm", pod, container?,
+  exec_id?, state, reason?, time}}`` until the connection closes.
+
 Nested process/rootfs/mount/device/resources objects are decoded with :func:`hyperd.spec.parse`
 inside the handler, so that every problem in them becomes an ``invalid_params`` error naming
 the field.
