@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -29,13 +29,23 @@ class EventBus:
 
     def __init__(self) -> None:
         self._subscribers: set[MemoryObjectSendStream[Event]] = set()
+        self._listeners: list[Callable[[Event], object]] = []
         self.published = 0
+
+    def add_listener(self, callback: Callable[[Event], object]) -> None:
+        """Call ``callback(event)`` synchronously for every event (keep it cheap)."""
+        self._listeners.append(callback)
 
     def publish(self, kind: str, pod: str, state: str, **fields: Any) -> Event:
         """Send one event to every subscriber; returns it."""
         event: Event = {"kind": kind, "pod": pod, "state": state, "time": time.time()}
         event.update({k: v for k, v in fields.items() if v is not None})
         self.published += 1
+        for callback in self._listeners:
+            try:
+                callback(event)
+            except Exception:
+                log.exception("event listener failed")
         for send in list(self._subscribers):
             try:
                 send.send_nowait(event)

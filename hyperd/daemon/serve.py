@@ -62,12 +62,6 @@ async def _wait_for_signal(shutdown: anyio.Event) -> None:
             return
 
 
-async def _report_status(daemon: Daemon) -> None:
-    async with daemon.bus.subscribe() as events:
-        async for _ in events:
-            notify.status(daemon.status_line())
-
-
 async def serve(
     config: Config,
     *,
@@ -103,7 +97,7 @@ async def serve(
         await tg.start(server.serve, listener)
         tg.start_soon(_wait_for_signal, shutdown)
         tg.start_soon(notify.watchdog_task)
-        tg.start_soon(_report_status, daemon)
+        daemon.bus.add_listener(lambda _event: notify.status(daemon.status_line()))
         log.info("serving on %s (pid %d): %s", where, os.getpid(), daemon.status_line())
         notify.ready(daemon.status_line())
         task_status.started(daemon)
