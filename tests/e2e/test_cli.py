@@ -125,3 +125,53 @@ async def test_restart_leaves_pods_running(hyperd_factory: Hyperd, busybox_rootf
             await c.call("pod.stop", {"id": "keep"})
         await long.shim.aclose()
     assert not process_alive(pod["vm_pid"]) and not process_alive(pod["proxy_pid"])
+
+
+def test_hyperd_config_commands(tmp_path: Path) -> None:
+    from hyperd.config import parse_config
+
+    out = subprocess.run(
+        [sys.executable, "-m", "hyperd", "config", "default"],
+        capture_output=True,
+        check=True,
+        timeout=CLI_TIMEOUT,
+    ).stdout.decode()
+    assert parse_config(out).vm.backend == "sim"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[timeouts]\nping_interval = -1\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "hyperd", "config", "check", str(bad)],
+        capture_output=True,
+        timeout=CLI_TIMEOUT,
+        check=False,
+    )
+    assert r.returncode == 78
+    assert b"timeouts.ping_interval" in r.stderr
+    good = tmp_path / "good.toml"
+    good.write_text(out)
+    r = subprocess.run(
+        [sys.executable, "-m", "hyperd", "config", "check", str(good)],
+        capture_output=True,
+        timeout=CLI_TIMEOUT,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+
+
+def test_hyperctl_without_a_daemon(short_tmp: Path) -> None:
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hyperd.cli.ctl",
+            "--socket",
+            str(short_tmp / "none"),
+            "pod",
+            "list",
+        ],
+        capture_output=True,
+        timeout=CLI_TIMEOUT,
+        check=False,
+    )
+    assert r.returncode == 1
+    assert b"cannot connect to hyperd" in r.stderr
