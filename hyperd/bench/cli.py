@@ -35,6 +35,7 @@ import anyio
 
 from hyperd.bench.latency import LatencySettings, latency
 from hyperd.bench.lifecycle import LifecycleSettings, lifecycle
+from hyperd.bench.manyvm import ManyVMSettings
 from hyperd.bench.profile import Profiler
 from hyperd.bench.scale import ScaleSettings, scale
 from hyperd.bench.stats import Section, render
@@ -61,7 +62,8 @@ class Settings:
 
 DEFAULT = Settings()
 QUICK = Settings(
-    throughput=ThroughputSettings(commands=300, seed_commands=60, repetitions=2, warmup=50),
+    throughput=ThroughputSettings(commands=300, seed_commands=60, repetitions=2, warmup=50,
+                                  many=ManyVMSettings(vms=(1, 4), commands=400, repetitions=1)),
     latency=LatencySettings(calls=60, repetitions=2, warmup=10),
     scale=ScaleSettings(sizes=(1, 20), calls=200, repetitions=1, process_limit=4),
     lifecycle=LifecycleSettings(containers=3, repetitions=1, warmup=1),
@@ -99,7 +101,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         n = args.repetitions
         if n < 1:
             raise ValueError("--repetitions must be >= 1")
-        s = replace(s, throughput=replace(s.throughput, repetitions=n),
+        s = replace(s, throughput=replace(s.throughput, repetitions=n,
+                                          many=replace(s.throughput.many, repetitions=n)),
                     latency=replace(s.latency, repetitions=n),
                     scale=replace(s.scale, repetitions=n),
                     lifecycle=replace(s.lifecycle, repetitions=n))

@@ -14,20 +14,22 @@ Variants, each run once per repetition, interleaved so that drift hits them all 
   proxy and agent);
 - ``agent``: the agent round trip alone, pings one at a time straight on a second simulated
   VM's ctl channel (the sim takes one host connection per socket, hence a second VM), so that the
-  proxy's own cost per command is the raw time per command minus the agent round trip.
+  proxy's own cost per command is the raw time per command minus the agent round trip;
+- then :mod:`hyperd.bench.manyvm`: the same proxy driving many (ACK-only) VMs at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Final
 
 import anyio
 
 from hyperd.bench import wire
+from hyperd.bench.manyvm import ManyVMSettings, many_vms
 from hyperd.bench.stats import Section
 from hyperd.bench.topology import Workspace
 from hyperd.vm import VMConfig, VMSession
@@ -46,6 +48,7 @@ class ThroughputSettings:
     callers: Sequence[int] = (1, 8, 64)
     repetitions: int = 9
     warmup: int = 200
+    many: ManyVMSettings = field(default_factory=ManyVMSettings)
 
 
 def session_config() -> VMConfig:
@@ -118,7 +121,8 @@ def run_agent_direct(agent: wire.BlockingAgent, total: int) -> float:
 
 
 async def throughput(ws: Workspace, s: ThroughputSettings) -> Section:
-    sec = Section("1. command throughput, one VM (Hyper ping via hyperd-proxy to hyperd-sim)")
+    sec = Section("1. command throughput (Hyper ping via hyperd-proxy to hyperd-sim), one VM, "
+                  "then many")
     vm = ws.start_sim("tp-vm")
     sock = ws.start_proxy("tp-proxy")
     url = f"unix://{sock}"
@@ -155,6 +159,7 @@ async def throughput(ws: Workspace, s: ThroughputSettings) -> Section:
             sec.add("agent_us", "agent round trip", "us", t_agent / s.commands * US)
             sec.add("proxy_us", "proxy's own cost per command (raw - agent)", "us",
                     (t_raw - t_agent) / s.commands * US)
+        await many_vms(ws, sock, sec, s.many)
     finally:
         registrar.close()
         agent.close()
