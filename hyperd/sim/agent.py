@@ -38,10 +38,12 @@ from hyperd.sim.containers import ContainerRecord, ProcessRecord
 from hyperd.sim.control import ControlCommands
 from hyperd.sim.process import LaunchSpec, exit_status, spawn
 from hyperd.sim.rootfs import (
+    BindMount,
     IdentityError,
     RootfsError,
     check_fsmap_source,
     container_root,
+    prepare_bind,
     resolve_identity,
 )
 from protocol.hyperstart import (
@@ -50,6 +52,7 @@ from protocol.hyperstart import (
     CtlFrame,
     Dialect,
     ExecCommand,
+    FsmapDescriptor,
     Pod,
     Process,
     ProcessAsyncEvent,
@@ -255,17 +258,30 @@ class Agent(ControlCommands):
             self._refuse(f"container {spec.id!r} already exists")
         if spec.process is None:
             self._refuse(f"container {spec.id!r} has no process")
+        rec = self._new_record(spec.id, spec.process, in_container=None)
         try:
             root = container_root(self.share, spec.image, spec.rootfs)
-            for m in spec.fsmap:
-                check_fsmap_source(self.share, m.source, m.absolute_path)
+            binds = tuple(self._bind(root, m) for m in spec.fsmap)
         except RootfsError as exc:
             self._refuse(f"container {spec.id!r}: {exc}")
-        rec = self._new_record(spec.id, spec.process, in_container=None)
-        container = ContainerRecord(id=spec.id, root=root, init=rec)
+        container = ContainerRecord(id=spec.id, root=root, init=rec, binds=binds)
         self._launch(container, rec, spec.process)
         self.registry.containers[spec.id] = container
         container.processes[rec.id] = rec
+
+    def _bind(self, root: Path, m: FsmapDescriptor) -> BindMount:
+        """An fsmap entry to mount (chroot mode); without chroot only the source is checked."""
+        if not self.chroot:
+            source = check_fsmap_source(self.share, m.source, m.absolute_path)
+            return BindMount(source, root / m.path.lstrip("/"), m.read_only)
+        return prepare_bind(
+            self.share,
+            root,
+            m.source,
+            m.path,
+            absolute=m.absolute_path,
+            read_only=m.read_only,
+        )
 
     async def _execcmd(self, payload: bytes) -> bytes:
         if self._hyper:
@@ -342,6 +358,7 @@ class Agent(ControlCommands):
             terminal=process.terminal,
             separate_stderr=self._hyper and process.terminal and bool(process.stderr),
             netns_fd=self.netns_fd,
+            binds=container.binds,
         )
         failure: OSError | None = None
         try:

@@ -9,6 +9,7 @@ from pathlib import Path
 import anyio
 
 from hyperd.sim.process import SimProcess, kill_group_quietly
+from hyperd.sim.rootfs import BindMount
 
 __all__ = ["ContainerRecord", "ProcessRecord", "Registry"]
 
@@ -47,6 +48,7 @@ class ContainerRecord:
     processes: dict[str, ProcessRecord] = field(default_factory=dict)
     pgids: set[int] = field(default_factory=set)  # process groups started in it, live or not
     dying: bool = False  # its init has exited: every other process is being killed
+    binds: tuple[BindMount, ...] = ()  # its fsmap, mounted into each of its processes
 
     @property
     def running(self) -> bool:

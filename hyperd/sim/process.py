@@ -26,7 +26,7 @@ from pathlib import Path
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from hyperd.sim.rootfs import Identity
+from hyperd.sim.rootfs import BindMount, Identity
 
 __all__ = ["LaunchSpec", "OutputSink", "SimProcess", "exit_status", "kill_group_quietly", "spawn"]
 
@@ -36,7 +36,9 @@ READ_CHUNK = 4096  # bytes per output read; one tty frame each
 DRAIN_GRACE = 1.0  # seconds to wait for output EOF after exit (a grandchild may hold the pipe)
 CLONE_NEWNET = 0x40000000  # <sched.h>; os.CLONE_NEWNET only exists from Python 3.12
 CLONE_NEWNS = 0x00020000  # <sched.h>: a new mount namespace
-MS_BIND = 0x1000  # <sys/mount.h>
+MS_RDONLY = 0x1  # <sys/mount.h>
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 PR_SET_PDEATHSIG = 1  # <sys/prctl.h>: signal the child when its parent dies
@@ -62,6 +64,7 @@ class LaunchSpec:
     terminal: bool
     separate_stderr: bool  # terminal only: stderr on its own pipe instead of the pty
     netns_fd: int | None = None
+    binds: tuple[BindMount, ...] = ()  # fsmap entries, mounted when chrooting
 
 
 def _libc_check(result: int, what: str) -> None:
@@ -70,8 +73,8 @@ def _libc_check(result: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def _mount_api_filesystems(root: bytes) -> None:
-    """In a private mount namespace of the child, give the container its /dev and /proc.
+def _mount_api_filesystems(root: bytes, binds: tuple[BindMount, ...]) -> None:
+    """In a private mount namespace of the child, give the container /dev, /proc and its fsmap.
 
     The mounts live in the child's own mount namespace, so they vanish with it: nothing to clean
     up, nothing visible on the host. Skipped for a root without those directories.
@@ -83,6 +86,14 @@ def _mount_api_filesystems(root: bytes) -> None:
         _libc_check(_libc.mount(b"/dev", dev, None, MS_BIND | MS_REC, None), "bind /dev")
     if os.path.isdir(proc):
         _libc_check(_libc.mount(b"proc", proc, b"proc", 0, None), "mount /proc")
+    for bind in binds:
+        target = os.fsencode(bind.target)
+        _libc_check(
+            _libc.mount(os.fsencode(bind.source), target, None, MS_BIND | MS_REC, None), "bind"
+        )
+        if bind.read_only:
+            flags = MS_BIND | MS_REMOUNT | MS_RDONLY
+            _libc_check(_libc.mount(None, target, None, flags, None), "remount read-only")
 
 
 def _child_setup(spec: LaunchSpec) -> Callable[[], None]:
@@ -97,7 +108,7 @@ def _child_setup(spec: LaunchSpec) -> Callable[[], None]:
         if spec.terminal:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         if spec.chroot:
-            _mount_api_filesystems(root)
+            _mount_api_filesystems(root, spec.binds)
             os.chroot(root)
             os.chdir(workdir)
         else:

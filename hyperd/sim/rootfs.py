@@ -8,10 +8,20 @@ would inside the guest.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Identity", "IdentityError", "RootfsError", "container_root", "resolve_identity"]
+__all__ = [
+    "BindMount",
+    "Identity",
+    "IdentityError",
+    "RootfsError",
+    "check_fsmap_source",
+    "container_root",
+    "prepare_bind",
+    "resolve_identity",
+]
 
 ROOT_UID = 0
 ROOT_GID = 0
@@ -52,6 +62,37 @@ def check_fsmap_source(share: Path, source: str, absolute: bool) -> Path:
     if not path.exists():
         raise RootfsError(f"fsmap source {source!r} does not exist")
     return path
+
+
+@dataclass(frozen=True, slots=True)
+class BindMount:
+    """An fsmap entry ready to mount: host ``source`` onto ``target`` (a host path in the root)."""
+
+    source: Path
+    target: Path
+    read_only: bool
+
+
+def prepare_bind(
+    share: Path, root: Path, source: str, path: str, *, absolute: bool, read_only: bool
+) -> BindMount:
+    """Check an fsmap entry and create its mount point in the container root; RootfsError.
+
+    The mount point is a directory or an empty file, like the source.
+    """
+    src = check_fsmap_source(share, source, absolute)
+    target = Path(os.path.normpath(root / path.lstrip("/")))
+    if target == root or not target.is_relative_to(root):
+        raise RootfsError(f"fsmap path {path!r} is not inside the container")
+    try:
+        if src.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        elif not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.touch()
+    except OSError as exc:
+        raise RootfsError(f"cannot create mount point {path!r}: {exc.strerror}") from None
+    return BindMount(src, target, read_only)
 
 
 def _table(root: Path, name: str) -> list[list[str]]:

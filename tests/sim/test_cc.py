@@ -366,3 +366,35 @@ def test_no_fd_leak_over_many_processes(
     batch(200)
     batch(300)
     assert len(os.listdir(fds)) == before
+
+
+def test_fsmap_is_mounted_in_the_container(
+    sim: Sim, client: HostClient, add_rootfs: AddRootfs
+) -> None:
+    root = add_rootfs(sim, "c1")
+    vol = sim.share / "vol1"
+    vol.mkdir()
+    (vol / "data.txt").write_text("shared\n")
+    (sim.share / "one.txt").write_text("file\n")
+    script = "cat /data/data.txt /ro/data.txt /etc/one.txt; echo w > /data/new; echo w > /ro/new"
+    spec = container("c1", process(["sh", "-c", script], 3, 4))
+    spec.fsmap.extend(
+        [
+            FsmapDescriptor(source="vol1", path="/data"),
+            FsmapDescriptor(source=str(vol), path="/ro", read_only=True, absolute_path=True),
+            FsmapDescriptor(source="one.txt", path="/etc/one.txt"),
+        ]
+    )
+    start_pod(client)
+    client.ok(Code.NEWCONTAINER, spec)
+    out = client.wait_exit(3)
+    assert bytes(out.data) == b"shared\nshared\nfile\n"
+    assert out.status != 0  # the read-only mount refused the write
+    assert b"Read-only file system" in client.output(4).data
+    assert (vol / "new").read_text() == "w\n"
+    assert (root / "data").is_dir() and not (root / "data" / "data.txt").exists()  # host view
+    client.ok(Code.REMOVECONTAINER, RemoveCommand(container="c1"))
+    outside = container("c1", process(["true"], 5, 6))
+    outside.fsmap.append(FsmapDescriptor(source="vol1", path="/../../x"))
+    refused = client.command(Code.NEWCONTAINER, outside)
+    assert not refused.ok and b"not inside the container" in refused.payload
