@@ -35,7 +35,8 @@ config=VMConfig(), on_event=None)``
 
 Errors (:mod:`hyperd.errors`): ``VMUnavailable`` (unreachable, closed, the command was never
 written, or the proxy answered that the VM's agent is gone -- "No multicast available for CTL
-channel" -- which also marks the VM unreachable at once), ``ConnectionLost`` (subclass of
+channel"; the next liveness ping then marks the VM unreachable, leaving the daemon's own process
+watch time to report the more precise cause first), ``ConnectionLost`` (subclass of
 ``VMUnavailable``: the connection dropped after the command was written, outcome unknown),
 ``Timeout`` (the caller's deadline passed; the late reply is discarded), ``AgentError`` (the agent
 answered ERROR) and ``ProxyError`` (any other error response). Errors built from a proxy answer
@@ -43,9 +44,8 @@ carry its text as ``exc.data["proxy_message"]``. Messages name the VM, the comma
 
 Events (``on_event``, called synchronously): ``VMEvent(vm_id, kind, reason)`` with ``kind``
 ``"unreachable"`` (connection lost, liveness ping failed or timed out, the proxy left a reply
-owed ``ping_timeout`` past its caller's deadline, the proxy said the VM is gone, or
-``mark_unreachable``), ``"reconnected"`` (a new connection is
-attached after a loss) then ``"reachable"`` (the VM answered a ping on it).
+owed ``ping_timeout`` past its caller's deadline, or ``mark_unreachable``), ``"reconnected"``
+(a new connection is attached after a loss) then ``"reachable"`` (the VM answered a ping on it).
 
 Semantics: any number of concurrent callers; commands are written in arrival order and
 pipelined (frames enqueued in one loop iteration go out in one write); replies are matched to

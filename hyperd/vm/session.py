@@ -185,17 +185,12 @@ class VMSession:
                 raw = msgspec.Raw(_JSON.encode(data))
             except (TypeError, ValueError, OverflowError) as exc:
                 raise InvalidParams(f"VM {self.vm_id}: {name}: cannot encode data: {exc}") from None
-        try:
-            return await conn.command(
-                Command.HYPER,
-                Hyper(hyperName=name, tokens=tokens, data=raw),
-                timeout=self._config.command_timeout if timeout is None else timeout,
-                label=name,
-            )
-        except VMUnavailable as exc:
-            if "proxy_message" in exc.data:  # the proxy says the VM is gone: do not wait for a ping
-                self._lose(conn, f"{name}: {_proxy_message(exc)}")
-            raise
+        return await conn.command(
+            Command.HYPER,
+            Hyper(hyperName=name, tokens=tokens, data=raw),
+            timeout=self._config.command_timeout if timeout is None else timeout,
+            label=name,
+        )
 
     async def new_tokens(self, count: int = 1) -> list[str]:
         """Allocate ``count`` I/O tokens (AttachVM with numIOStreams on the session connection).
