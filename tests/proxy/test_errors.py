@@ -374,3 +374,31 @@ async def test_agent_reply_timeout(anyio_backend: object, short_tmp: Path) -> No
         )
         await agent.reply(Code.ACK, b"late")
         assert await client.call(Command.HYPER, hyper("ping")) == (True, b"")
+
+
+async def test_data_and_header_leniency(anyio_backend: object, short_tmp: Path) -> None:
+    """Conformance README item 7: ``data`` reaches the agent verbatim (``null`` as 4 bytes,
+    strings with their quotes, whitespace kept); ``tokens: []`` and a missing ``tokens`` work;
+    keys match case-insensitively; a 24-byte header is accepted (the response has 12);
+    reserved bytes and the E flag on a command are ignored."""
+    async with proxied(short_tmp, *CC) as proxy, agent_running(short_tmp) as agent:
+        client = await proxy.connect()
+        await register(client, "p", agent)
+        bodies = [
+            b'{"hyperName":"ping","tokens":null,"data":null}',
+            b'{"hyperName":"ping","tokens":[],"data":"str"}',
+            b'{"hyperName":"ping","data":42}',
+            b'{"HyperName":"ping","TOKENS":null,"Data":[1, 2 ,3]}',
+        ]
+        for body in bodies:
+            assert await client.call(Command.HYPER, body) == (True, b"")
+        assert [c.payload for c in agent.commands] == [b"null", b'"str"', b"42", b"[1, 2 ,3]"]
+        ping = b'{"hyperName":"ping","tokens":null}'
+        long_header = struct.pack(">HBxxxBBI", 2, 6, 0, Command.HYPER, len(ping)) + bytes(12)
+        await client.send(long_header + ping)
+        assert await client.stream.receive() == bytes.fromhex("000203000000010300000000")
+        odd = bytearray(struct.pack(">HBxxxBBI", 2, 3, 0x10, Command.HYPER, len(ping)))
+        odd[3:6] = b"\x01\x02\x03"
+        await client.send(bytes(odd) + ping)
+        assert await client.stream.receive() == bytes.fromhex("000203000000010300000000")
+        assert len(agent.commands) == 6
