@@ -159,13 +159,13 @@ async def throughput(ws: Workspace, s: ThroughputSettings) -> Section:
             sec.add("agent_us", "agent round trip", "us", t_agent / s.commands * US)
             sec.add("proxy_us", "proxy's own cost per command (raw - agent)", "us",
                     (t_raw - t_agent) / s.commands * US)
+        for n in s.callers:
+            for base, name in (("A", "A"), ("B", "B"), ("raw", "raw")):
+                sec.ratio(f"hyperd ({n} callers) / {name}", f"hyperd{n}", base)
         await many_vms(ws, sock, sec, s.many)
     finally:
         registrar.close()
         agent.close()
-    for n in s.callers:
-        for base, name in (("A", "A"), ("B", "B"), ("raw", "raw")):
-            sec.ratio(f"hyperd ({n} callers) / {name}", f"hyperd{n}", base)
     sec.notes.append("the proxy keeps one agent command outstanding per VM, so the agent round "
                      "trip bounds one VM; client, proxy and sim share the machine's cores")
     return sec
