@@ -288,7 +288,7 @@ class ClientConnection(asyncio.Protocol):
     async def _connect(self, vm: AgentVM, req: RegisterVM) -> bytes:
         proxy = self.proxy
         try:
-            await vm.connect(req.ctlSerial, req.ioSerial, proxy.config.ready_timeout)
+            await vm.connect(req.ctlSerial, req.ioSerial, proxy.config.ready_timeout, req.console)
         except BaseException:
             proxy.drop_vm(vm)
             raise

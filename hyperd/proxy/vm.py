@@ -127,6 +127,7 @@ class AgentVM:
         self._tty = HostTtyConnection(exit_status_frames=self.dialect is not HYPER)
         self._ctl_channel: _Channel | None = None
         self._tty_channel: _Channel | None = None
+        self._console: _Channel | None = None
         self._queue: deque[_Request] = deque()
         self._inflight: deque[_Request] = deque()
         self._live = 0  # requests in flight that still have a callback
@@ -148,17 +149,22 @@ class AgentVM:
 
     # -- connection ------------------------------------------------------------------------------
 
-    async def connect(self, ctl_path: str, tty_path: str, ready_timeout: float) -> None:
+    async def connect(
+        self, ctl_path: str, tty_path: str, ready_timeout: float, console: str = ""
+    ) -> None:
         """Dial ctl then tty, wait for READY (and detect the dialect in auto mode).
 
         Raises :class:`texts.CommandError` with the reference's text (Go's dial error, the
         agent's unexpected first reply) or ours (READY timeout). On failure everything opened
-        is closed again.
+        is closed again. As the reference, the VM console (if given) is read and logged only
+        at debug level; unlike it, a console that cannot be dialled is not an error.
         """
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         try:
             async with asyncio.timeout(ready_timeout):
+                if console and log.isEnabledFor(logging.DEBUG):
+                    await self._open_console(loop, console)
                 self._ctl_channel = await self._dial(loop, ctl_path, self._ctl_data)
                 self._tty_channel = await self._dial(loop, tty_path, self._tty_data)
                 await self._ready
@@ -188,6 +194,24 @@ class AgentVM:
         if self.lost:  # closed while we were dialling
             raise texts.CommandError(texts.AGENT_CLOSED)
         return channel
+
+    async def _open_console(self, loop: asyncio.AbstractEventLoop, path: str) -> None:
+        vm_id = self.id
+        pending = bytearray()
+
+        def lines(data: bytes) -> None:
+            pending.extend(data)
+            *complete, rest = pending.split(b"\n")
+            pending[:] = rest
+            for line in complete:
+                log.debug("VM %s console: %s", vm_id, line.decode(errors="replace").rstrip())
+
+        try:
+            _, self._console = await loop.create_unix_connection(
+                lambda: _Channel(lines, lambda reason: None), path
+            )
+        except OSError as exc:
+            log.debug("VM %s: no console at %s: %s", vm_id, path, exc)
 
     async def _detect_dialect(self) -> None:
         """GETVERSION: an ACK with a u32 >= 4243 means hyperhq; anything else (cc-agent answers
@@ -476,7 +500,7 @@ class AgentVM:
         log.info("VM %s lost: %s", self.id, reason)
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(texts.CommandError(texts.AGENT_CLOSED))
-        for channel in (self._ctl_channel, self._tty_channel):
+        for channel in (self._ctl_channel, self._tty_channel, self._console):
             if channel is not None and channel.transport is not None:
                 channel.transport.close()
             if channel is not None:

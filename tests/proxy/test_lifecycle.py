@@ -79,11 +79,13 @@ async def test_system_mode_creates_the_directory(anyio_backend: object, short_tm
 
 async def test_pod_mode_exits_after_unregister(anyio_backend: object, short_tmp: Path) -> None:
     """Pod mode: UnregisterVM closes the listener; the process exits (status 0) once the VM's
-    channels close, not before."""
+    channels close, not before. The spec leaves the shutdown order with clients still
+    connected unknown; as the reference, the process simply exits and they see EOF."""
     path = short_tmp / "pod.sock"
     proxy = spawn_proxy(path, *CC, pod=True)
     try:
         client = await RawClient.connect(str(path))
+        bystander = await RawClient.connect(str(path))
         async with agent_running(short_tmp) as agent:
             await register(client, "sb", agent)
             assert await client.call(Command.HYPER, hyper("destroypod")) == (True, b"")
@@ -95,7 +97,9 @@ async def test_pod_mode_exits_after_unregister(anyio_backend: object, short_tmp:
             assert proxy.proc.poll() is None  # the VM is still there
             await agent.die()
             assert await anyio.to_thread.run_sync(proxy.proc.wait, 5) == 0
+            await bystander.expect_eof()
         await client.aclose()
+        await bystander.aclose()
     finally:
         proxy.stop()
         assert proxy.proc.stderr is not None
@@ -189,3 +193,39 @@ def test_too_many_activated_sockets(short_tmp: Path) -> None:
     assert proc.stderr is not None
     assert b"too many activated sockets" in proc.stderr.read()
     proc.stderr.close()
+
+
+@pytest.mark.parametrize("level", ["debug", "warn"])
+async def test_console_logged_at_debug(anyio_backend: object, short_tmp: Path, level: str) -> None:
+    """As the reference: the VM console is dialled and logged only at debug level."""
+    from tests.proxy.harness import PipeListener
+
+    console = await PipeListener.create(str(short_tmp / "console.sock"))
+    proxy = spawn_proxy(short_tmp / "p.sock", *CC, "--log-level", level)
+    try:
+        client = await RawClient.connect(proxy.socket)
+        async with agent_running(short_tmp) as agent:
+            payload = {
+                "containerId": "p",
+                "ctlSerial": agent.ctl_path,
+                "ioSerial": agent.tty_path,
+                "console": str(short_tmp / "console.sock"),
+            }
+            assert (await client.call(Command.REGISTER_VM, payload))[0]
+            if level == "debug":
+                with anyio.fail_after(5):
+                    pipe = await console.accept()
+                await pipe.send(b"hello console\n")
+                await anyio.sleep(0.2)
+                await pipe.aclose()
+            else:
+                await anyio.sleep(0.2)
+                assert console.accepted.empty()
+        await client.aclose()
+    finally:
+        proxy.stop()
+        await console.aclose()
+    assert proxy.proc.stderr is not None
+    logged = proxy.proc.stderr.read()
+    proxy.proc.stderr.close()
+    assert (b"VM p console: hello console" in logged) == (level == "debug")
