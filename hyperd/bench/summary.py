@@ -36,7 +36,7 @@ def summary(sections: Sequence[Section]) -> list[str]:
             n = best[len(HYPERD_PREFIX):]
             raw, a, b = tp.value("raw"), tp.value("A"), tp.value("B")
             ratio = tp.value(best) / raw
-            lines.append(f"hyperd ({n} callers) reaches {fmt(ratio, 'x')} of the raw limit "
+            lines.append(f"hyperd ({n} callers) reaches {ratio:.3f}x of the raw limit "
                          f"(target >= {RAW_TARGET}x): {_verdict(ratio >= RAW_TARGET)}")
             lines.append(f"hyperd ({n} callers) vs seed pattern A: {fmt(tp.value(best) / a, 'x')}"
                          f", vs one-at-a-time B: {fmt(tp.value(best) / b, 'x')}")
