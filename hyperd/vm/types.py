@@ -40,11 +40,13 @@ class VMConfig:
 class ConnectionStatistics:
     """Counters of one :class:`~hyperd.vm.connection.VMConnection`.
 
-    ``queued``: accepted, not yet handed to the socket. ``in_flight``: written, reply still owed
-    (including replies owed to callers that gave up). ``sent``: commands handed to the socket.
+    ``queued``: accepted, not yet handed to the transport (frames wait at most until the end of
+    the current loop iteration, where they are written together). ``in_flight``: written, reply
+    still owed (including replies owed to callers that gave up). ``sent``: commands written.
     ``failed``: callers that got an error (proxy/agent error, connection lost). ``timed_out``:
     callers whose deadline passed. ``last_rtt``: seconds from enqueue to reply of the last answered
-    command (``None`` before the first).
+    command (``None`` before the first). ``discarded``: late replies dropped because their
+    caller had given up. ``open``: the connection is usable.
     """
 
     queued: int
