@@ -269,6 +269,8 @@ class AgentVM:
 
     def _send_next(self) -> None:
         channel = self._ctl_channel
+        if not self._ctl.ready_seen:
+            return  # commands of clients attached while we wait for READY wait with us
         while self._queue and not self._live and self._partial is None:
             req = self._queue.popleft()
             if req.callback is None:
@@ -364,6 +366,7 @@ class AgentVM:
             elif isinstance(event, Ready):
                 if self._ready is not None and not self._ready.done():
                     self._ready.set_result(None)
+                self._send_next()
             elif isinstance(event, UnexpectedReply):
                 self._on_unexpected(event)
 

@@ -103,3 +103,26 @@ async def test_pipelined_then_half_closed(anyio_backend: object, short_tmp: Path
         for _ in range(10):
             assert await runtime.frame() == response(Command.HYPER)
         await runtime.expect_eof()
+
+
+async def test_commands_wait_for_ready(anyio_backend: object, short_tmp: Path) -> None:
+    """As with the reference, a VM is registered while its RegisterVM waits for READY, so
+    another connection may attach; its commands reach the agent only after READY."""
+    async with (
+        proxied(short_tmp, *CC, "--ready-timeout", "10") as proxy,
+        agent_running(short_tmp, send_ready=False) as agent,
+    ):
+        first = await proxy.connect()
+        payload = {"containerId": "pod", "ctlSerial": agent.ctl_path, "ioSerial": agent.tty_path}
+        await first.command(Command.REGISTER_VM, payload)
+        with anyio.fail_after(5):
+            await agent.connected.wait()
+        second = await proxy.connect()
+        assert (await second.call(Command.ATTACH_VM, {"containerId": "pod"}))[0]
+        await second.command(Command.HYPER, hyper("ping"))
+        await second.no_frame(0.2)
+        assert agent.commands == []
+        await agent.reply(Code.READY)
+        assert (await first.frame()).type is FrameType.RESPONSE
+        assert await second.frame() == response(Command.HYPER)
+        assert [c.code for c in agent.commands] == [Code.PING]
