@@ -13,8 +13,9 @@ session, and re-encodes it:
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
-from typing import Final
+from typing import Annotated, Any, Final, Union, get_args, get_origin
 
 import msgspec
 
@@ -47,11 +48,70 @@ class Relocated:
     terminal: bool
 
 
+@dataclass(frozen=True, slots=True)
+class _Field:
+    name: str
+    type: Any
+
+
+_TABLES: dict[type[Any], tuple[dict[str, _Field], dict[str, _Field]]] = {}
+
+
+def _bare(tp: Any) -> Any:
+    """``tp`` without Annotated/Optional wrappers."""
+    while True:
+        origin = get_origin(tp)
+        if origin is Annotated:
+            tp = get_args(tp)[0]
+        elif origin in (Union, types.UnionType):
+            args = [a for a in get_args(tp) if a is not type(None)]
+            tp = args[0] if len(args) == 1 else Any
+        else:
+            return tp
+
+
+def _table(cls: type[Any]) -> tuple[dict[str, _Field], dict[str, _Field]]:
+    table = _TABLES.get(cls)
+    if table is None:
+        exact = {f.encode_name: _Field(f.encode_name, f.type) for f in msgspec.structs.fields(cls)}
+        folded: dict[str, _Field] = {}
+        for key, info in exact.items():
+            folded.setdefault(key.casefold(), info)
+        table = _TABLES[cls] = (exact, folded)
+    return table
+
+
+def _go_view(tp: Any, value: Any) -> Any:
+    """``value`` (decoded JSON) as Go's decoder sees it for type ``tp``: keys matched
+    case-insensitively (an exact match wins), unknown keys and nulls dropped (a null leaves
+    Go's zero value, the same as an absent key)."""
+    tp = _bare(tp)
+    if isinstance(value, dict):
+        if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+            exact, folded = _table(tp)
+            out: dict[str, Any] = {}
+            for key, item in value.items():
+                info = exact.get(key) or folded.get(key.casefold())
+                if info is not None and item is not None:
+                    out[info.name] = _go_view(info.type, item)
+            return out
+        if get_origin(tp) is dict:
+            item_type = get_args(tp)[1]
+            return {k: _go_view(item_type, v) for k, v in value.items() if v is not None}
+    if isinstance(value, list) and get_origin(tp) is list:
+        item_type = get_args(tp)[0]
+        return [_go_view(item_type, item) for item in value]
+    return value
+
+
 def _decode(cls: type[Container] | type[ExecCommand], data: bytes) -> Container | ExecCommand:
+    text = syntax_error(data)
+    if text is not None:
+        raise texts.CommandError(text)
     try:
-        return decode_message(cls, data)
-    except MessageError as exc:
-        raise texts.CommandError(syntax_error(data) or str(exc)) from None
+        return decode_message(cls, msgspec.json.encode(_go_view(cls, msgspec.json.decode(data))))
+    except (MessageError, msgspec.MsgspecError, UnicodeDecodeError) as exc:
+        raise texts.CommandError(str(exc)) from None
 
 
 def _place(process: Process, io_base: int, dialect: Dialect) -> Process:
