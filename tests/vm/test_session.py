@@ -364,3 +364,27 @@ async def test_agent_error_to_ping_keeps_the_vm_reachable(
         await proxy.wait_for(lambda: proxy.names().count("ping") >= 3, within=2)
         assert s.reachable and events.kinds() == []
         await s.close()
+
+
+async def test_reconnects_when_the_proxy_comes_back(anyio_backend: Any, short_tmp: Path) -> None:
+    events = EventLog()
+    cfg = VMConfig(ping_interval=60.0, reconnect_backoff_max=0.2, ping_timeout=0.5)
+    async with anyio.create_task_group() as tg:
+        async with serving(short_tmp) as proxy:
+            s = session(proxy, events, config=cfg)
+            await tg.start(s.run)
+            await proxy.drop_connections()
+        # the proxy is gone: reconnect attempts fail (refused / no socket), capped backoff
+        await events.wait("unreachable")
+        await anyio.sleep(1.0)
+        with pytest.raises(VMUnavailable, match="unreachable"):
+            await s.hyper("ping")
+        async with serving(short_tmp) as proxy2:  # a restarted proxy that forgot the VM
+            back = monotonic()
+            await events.wait("reachable", within=cfg.reconnect_backoff_max + SLACK)
+            assert monotonic() - back <= cfg.reconnect_backoff_max + SLACK
+            assert proxy2.names()[:2] == ["ATTACH_VM", "REGISTER_VM"]  # READY proved the VM
+            assert events.kinds() == ["unreachable", "reconnected", "reachable"]
+            assert s.statistics().reconnects == 1
+            assert await s.hyper("echo", 5) == b"5"
+            await s.close()
