@@ -559,12 +559,20 @@ class Daemon:
         for pid, pod in sorted(result.records.items()):
             self.pods[pid] = pod
             self.runtime[pid] = PodRuntime()
-        for pod in list(self.pods.values()):
+        async with anyio.create_task_group() as tg:  # one slow VM must not delay the others
+            for pod in list(self.pods.values()):
+                tg.start_soon(self._reconcile, pod)
+        return result.problems
+
+    async def _reconcile(self, pod: PodRecord) -> None:
+        try:
             if pod.state in (PodState.RUNNING, PodState.UNREACHABLE):
                 await self._adopt(pod)
-            elif pod.state in (PodState.CREATED, PodState.STOPPED):
+            else:
                 await self._reconcile_stopped(pod)
-        return result.problems
+        except Exception:
+            # one broken pod record must not keep the daemon from serving the others
+            log.exception("reconciling the pod after a restart failed", extra={"pod": pod.id})
 
     async def _reconcile_stopped(self, pod: PodRecord) -> None:
         """A pod that was not running (or was caught mid-start by a crash): nothing may be left."""
