@@ -262,3 +262,26 @@ async def test_deadline_bookkeeping_stays_bounded(anyio_backend: Any, short_tmp:
             assert await conn.command(Command.HYPER, echo(i), timeout=30) == str(i).encode()
         # answered commands with far deadlines do not pile up in the deadline heap
         assert len(conn._deadlines) <= 2 * conn.owed + 64 + 1
+
+
+async def test_large_frames_interleaved_with_small_ones(
+    anyio_backend: Any, short_tmp: Path
+) -> None:
+    async with serving(short_tmp) as proxy, connected(proxy) as conn:
+        big = "x" * (2 * 1024 * 1024)  # far beyond a socket buffer: written in many pieces
+        got: dict[int, bytes] = {}
+
+        async def call(i: int, value: object) -> None:
+            got[i] = await conn.command(Command.HYPER, echo(value), timeout=20)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, 0, big)
+            tg.start_soon(call, 1, "small")
+            tg.start_soon(call, 2, [big])
+            tg.start_soon(call, 3, 3)
+        assert got == {
+            0: msgspec.json.encode(big),
+            1: b'"small"',
+            2: msgspec.json.encode([big]),
+            3: b"3",
+        }
