@@ -94,3 +94,17 @@ async def test_crash_during_container_start(hyperd_factory: Hyperd, busybox_root
             await c.call("pod.delete", {"id": "p"})
         assert hyperd_factory.mounts_under_base() == []
         assert _helper_pids(hyperd_factory.base) == []
+
+
+async def test_corrupt_state_is_quarantined(hyperd_factory: Hyperd) -> None:
+    hyperd_factory.start()
+    async with rpc(hyperd_factory.socket) as c:
+        await c.call("pod.create", {"id": "good"})
+    assert hyperd_factory.stop() == 0
+    state = hyperd_factory.base / "state" / "pods"
+    (state / "bad.json").write_bytes(b'{"version": 1, "kind": "pods", "key": "bad", "rec')
+    hyperd_factory.start()
+    async with rpc(hyperd_factory.socket) as c:
+        assert [p["id"] for p in (await c.call("pod.list"))["pods"]] == ["good"]
+    quarantined = list((hyperd_factory.base / "state" / "quarantine").iterdir())
+    assert [q.name.startswith("pods-bad.json") for q in quarantined] == [True]
