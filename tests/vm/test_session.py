@@ -388,3 +388,20 @@ async def test_reconnects_when_the_proxy_comes_back(anyio_backend: Any, short_tm
             assert s.statistics().reconnects == 1
             assert await s.hyper("echo", 5) == b"5"
             await s.close()
+
+
+async def test_unregister_without_running_the_session(anyio_backend: Any, short_tmp: Path) -> None:
+    async with serving(short_tmp) as proxy:
+        proxy.registered.add(VM)
+        s = VMSession(VM, proxy.url, register=False, config=FAST)
+        await s.unregister()  # e.g. deleting a pod whose VM was never re-adopted
+        assert VM not in proxy.registered
+        assert proxy.names() == ["UNREGISTER_VM"]
+        with pytest.raises(RuntimeError):
+            await s.run()  # a closed session does not start again
+
+
+async def test_unregister_without_proxy_fails_clearly(anyio_backend: Any, short_tmp: Path) -> None:
+    s = VMSession(VM, f"unix://{short_tmp}/none.sock", register=False, config=FAST)
+    with pytest.raises(VMUnavailable, match="cannot connect to proxy"):
+        await s.unregister()
