@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -100,31 +102,47 @@ async def test_events_are_pushed(hyperd: Hyperd, busybox_rootfs: Path) -> None:
 
 @pytest.mark.anyio
 async def test_restart_leaves_pods_running(hyperd_factory: Hyperd, busybox_rootfs: Path) -> None:
+    """SIGTERM leaves pods running; the restarted daemon re-adopts them: same pods, same
+    containers, same processes (never restarted), exec and ps work."""
     hyperd_factory.start(stop_pods_on_exit=False)
+    pods = ("keep1", "keep2")
     with anyio.fail_after(60):
+        before: dict[str, dict[str, Any]] = {}
+        shims = []
         async with rpc(hyperd_factory.socket) as c:
-            pod = await start_pod(c, "keep")
-            long = await create_and_start(c, "keep", "c", busybox_rootfs, ["sleep", "1000"])
+            for name in pods:
+                before[name] = await start_pod(c, name)
+                shims.append(
+                    await create_and_start(c, name, "c", busybox_rootfs, ["sleep", "1000"])
+                )
+                ps = await c.call("container.ps", {"pod": name, "id": "c", "format": "json"})
+                assert json.loads(ps["output"])  # the container's pids
+                before[name]["ps"] = ps["output"]
         assert hyperd_factory.stop() == 0
-        for pid in (pod["vm_pid"], pod["proxy_pid"]):
-            assert process_alive(pid), "a helper process died with the daemon"
+        for info in before.values():
+            for pid in (info["vm_pid"], info["proxy_pid"]):
+                assert process_alive(pid), "a helper process died with the daemon"
 
         hyperd_factory.start()  # this time stop the pods on exit (cleanup)
         async with rpc(hyperd_factory.socket) as c:
-            info = await c.call("pod.inspect", {"id": "keep"})
-            assert info["state"] == "running"
-            assert (info["vm_pid"], info["proxy_pid"]) == (pod["vm_pid"], pod["proxy_pid"])
-            assert (await c.call("container.inspect", {"pod": "keep", "id": "c"}))[
-                "state"
-            ] == "running"
-            ps = await c.call("container.ps", {"pod": "keep", "id": "c"})
-            assert "sleep" in ps["output"]
-            ex = await exec_and_start(c, "keep", "c", ["echo", "still here"])
-            assert await ex.wait() == 0
-            assert ex.stdout == b"still here\n"
-            await c.call("pod.stop", {"id": "keep"})
-        await long.shim.aclose()
-    assert not process_alive(pod["vm_pid"]) and not process_alive(pod["proxy_pid"])
+            listed = (await c.call("pod.list"))["pods"]
+            assert [(p["id"], p["state"]) for p in listed] == [(n, "running") for n in pods]
+            for name, info in before.items():
+                now = await c.call("pod.inspect", {"id": name})
+                assert (now["vm_pid"], now["proxy_pid"]) == (info["vm_pid"], info["proxy_pid"])
+                container = await c.call("container.inspect", {"pod": name, "id": "c"})
+                assert container["state"] == "running"
+                ps = await c.call("container.ps", {"pod": name, "id": "c", "format": "json"})
+                assert ps["output"] == info["ps"]  # same processes: never restarted
+                ex = await exec_and_start(c, name, "c", ["echo", "still here"])
+                assert await ex.wait() == 0
+                assert ex.stdout == b"still here\n"
+            for name in pods:
+                await c.call("pod.stop", {"id": name})
+        for started in shims:
+            await started.shim.aclose()
+    for info in before.values():
+        assert not process_alive(info["vm_pid"]) and not process_alive(info["proxy_pid"])
 
 
 def test_hyperd_config_commands(tmp_path: Path) -> None:
