@@ -1,20 +1,14 @@
 """One VM's agent: its ctl and tty channels, the agent command queue, and output routing.
 
-Design choices (see the package docstring for the why):
-
-- **One agent command outstanding per VM**, as the reference does. Commands from every client
-  of the VM queue here; the next is written when the previous one's reply arrived (or timed
-  out). Because nothing else is outstanding, an unsolicited ACK/ERROR is recognised as such
-  and dropped instead of being handed to the next command (the reference's FIFO goes out of
-  step for good).
-- A command that times out keeps its FIFO slot: its late reply is matched to it and discarded,
-  so later replies stay in step.
+- Agent commands go through a :class:`~hyperd.proxy.ctlqueue.CtlQueue`: one outstanding at a
+  time, replies matched FIFO, deadlines, NEXT pacing toward hyperhq.
 - Either channel closing (or sending bytes that cannot be framed) means the VM is lost: every
   queued or in-flight command is answered with ``No multicast available for CTL channel``,
-  every session is freed and its shim connection closed.
-- Toward a hyperhq agent a ctl frame is written header and body together; when the agent is
-  seen to send NEXT, longer frames go in chunks of at most 512 bytes, each after the previous
-  one was acknowledged. tty frames stay within 4096 bytes.
+  every session is freed and its shim connection closed. (The reference only watches the tty
+  channel, and leaves in-flight commands unanswered.)
+- tty output is routed by seq to the shim owning the session; the exit status comes from the
+  1-byte frame after the EOF (CC) or from the ctl PROCESSASYNCEVENT (hyperhq). stdin frames
+  toward hyperhq stay within 4096 bytes; a backed-up tty channel holds the shim back.
 """
 
 from __future__ import annotations
@@ -22,12 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Final, cast
 
 from hyperd.proxy import texts
+from hyperd.proxy.ctlqueue import CtlQueue, ReplyCallback
 from hyperd.proxy.sessions import FIRST_IO_BASE, IO_STEP, NULL_IO_BASE, IOSession
 from protocol import NEED_DATA, ProtocolError, _NeedData
 from protocol.ccproxy import MAX_PAYLOAD, Stream
@@ -35,7 +28,6 @@ from protocol.hyperstart import (
     CC,
     HYPER,
     HYPER_API_VERSION_MIN,
-    HYPER_CHUNK,
     MAX_CTL_FRAME,
     MAX_TTY_FRAME_HYPER,
     AsyncEvent,
@@ -59,18 +51,6 @@ MAX_AGENT_FRAME: Final = MAX_PAYLOAD + 8  # an ACK payload must fit in one respo
 EXIT_GRACE: Final = 1.0  # hyperhq: seconds to wait for the stdio EOF after the exit event
 _U32: Final = struct.Struct(">I")
 _VERSION_SIZE: Final = 4  # GETVERSION's ACK payload: u32 APIVERSION
-
-ReplyCallback = Callable[[Reply | None, str | None], None]
-"""Called once with (reply, None) or (None, error text)."""
-
-
-@dataclass(slots=True)
-class _Request:
-    name: str
-    code: int
-    payload: bytes
-    callback: ReplyCallback | None  # None once answered (timeout, loss): the reply is discarded
-    deadline: float = 0.0
 
 
 class _Channel(asyncio.Protocol):
@@ -121,22 +101,15 @@ class AgentVM:
         self.id = vm_id
         self.dialect: Dialect = dialect or CC
         self._detect = dialect is None
-        self._agent_timeout = agent_timeout
         self._on_lost_cb = on_lost
         self._ctl = HostCtlConnection(self.dialect, max_frame=MAX_AGENT_FRAME)
         self._tty = HostTtyConnection(exit_status_frames=self.dialect is not HYPER)
         self._ctl_channel: _Channel | None = None
         self._tty_channel: _Channel | None = None
         self._console: _Channel | None = None
-        self._queue: deque[_Request] = deque()
-        self._inflight: deque[_Request] = deque()
-        self._live = 0  # requests in flight that still have a callback
-        self._partial: tuple[_Request, bytes, int] | None = None  # hyperhq: frame being paced
-        self._written = 0
-        self._acked = 0
-        self._paced = False  # the agent sends NEXT: pace ctl writes by it
+        self.commands = CtlQueue(self._ctl, vm_id, agent_timeout)
+        self.commands.paced = self.dialect is HYPER
         self._ready: asyncio.Future[None] | None = None
-        self._watchdog: asyncio.TimerHandle | None = None
         self.lost = False
         self.lost_event = asyncio.Event()
         self.unregistered = False
@@ -166,6 +139,7 @@ class AgentVM:
                 if console and log.isEnabledFor(logging.DEBUG):
                     await self._open_console(loop, console)
                 self._ctl_channel = await self._dial(loop, ctl_path, self._ctl_data)
+                self.commands.transport = self._ctl_channel.transport
                 self._tty_channel = await self._dial(loop, tty_path, self._tty_data)
                 await self._ready
                 if self._detect:
@@ -216,7 +190,7 @@ class AgentVM:
     async def _detect_dialect(self) -> None:
         """GETVERSION: an ACK with a u32 >= 4243 means hyperhq; anything else (cc-agent answers
         ERROR, H07 4242) means the CC dialect."""
-        reply = await self.call("version", Code.VERSION, b"")
+        reply = await self.commands.call("version", Code.VERSION, b"")
         if (
             reply.ok
             and len(reply.payload) >= _VERSION_SIZE
@@ -225,6 +199,7 @@ class AgentVM:
             self.dialect = HYPER
             self._ctl.dialect = HYPER
             self._tty.exit_status_frames = False
+            self.commands.paced = True
         log.info("VM %s: agent dialect %s", self.id, self.dialect.name)
 
     def close(self) -> None:
@@ -242,102 +217,11 @@ class AgentVM:
 
     def request(self, name: str, code: int, payload: bytes, callback: ReplyCallback) -> None:
         """Queue an agent command; ``callback`` gets its reply or an error text, exactly once."""
-        if self.lost:
-            callback(None, texts.NO_CTL_CHANNEL)
-            return
-        self._queue.append(_Request(name, code, payload, callback))
-        if not self._live and self._partial is None:
-            self._send_next()
+        self.commands.request(name, code, payload, callback)
 
     async def call(self, name: str, code: int, payload: bytes) -> Reply:
-        """Send an agent command and wait for its reply (ACK or ERROR).
-
-        Raises :class:`texts.CommandError` when the VM is lost or the reply times out.
-        """
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-
-        def done(reply: Reply | None, error: str | None) -> None:
-            if future.done():
-                return
-            if reply is None:
-                future.set_exception(texts.CommandError(error or texts.NO_CTL_CHANNEL))
-            else:
-                future.set_result(reply)
-
-        self.request(name, code, payload, done)
-        return await future
-
-    def _send_next(self) -> None:
-        channel = self._ctl_channel
-        if not self._ctl.ready_seen:
-            return  # commands of clients attached while we wait for READY wait with us
-        while self._queue and not self._live and self._partial is None:
-            req = self._queue.popleft()
-            if req.callback is None:
-                continue
-            if channel is None or channel.transport is None:
-                self._answer(req, None, texts.NO_CTL_CHANNEL)
-                continue
-            frame = self._ctl.send_command(req.code, req.payload)
-            self._inflight.append(req)
-            self._live += 1
-            if self._agent_timeout:
-                # one watchdog per VM instead of a timer per command: cheap per ping
-                loop = asyncio.get_running_loop()
-                req.deadline = loop.time() + self._agent_timeout
-                if self._watchdog is None:
-                    self._watchdog = loop.call_at(req.deadline, self._check_deadlines)
-            if self._paced and self.dialect is HYPER and len(frame) > HYPER_CHUNK:
-                self._partial = (req, frame, 0)
-                self._write_chunk()
-            else:
-                self._written += len(frame)
-                channel.transport.write(frame)
-
-    def _write_chunk(self) -> None:
-        """hyperhq: write the next <= 512-byte piece of the frame being paced."""
-        assert self._partial is not None
-        req, frame, offset = self._partial
-        chunk = frame[offset : offset + HYPER_CHUNK]
-        offset += len(chunk)
-        self._partial = (req, frame, offset) if offset < len(frame) else None
-        self._written += len(chunk)
-        if self._ctl_channel is not None and self._ctl_channel.transport is not None:
-            self._ctl_channel.transport.write(chunk)
-
-    def _answer(self, req: _Request, reply: Reply | None, error: str | None) -> None:
-        callback, req.callback = req.callback, None
-        if callback is not None:
-            try:
-                callback(reply, error)
-            except Exception:  # a bug in a client must not take the VM's reader down
-                log.exception("VM %s: reply callback for %s failed", self.id, req.name)
-
-    def _check_deadlines(self) -> None:
-        """The watchdog: time out overdue commands, re-arm for the next deadline."""
-        self._watchdog = None
-        if self.lost:
-            return
-        now = asyncio.get_running_loop().time()
-        for req in list(self._inflight):
-            if req.callback is not None and req.deadline <= now:
-                self._timed_out(req)
-        pending = [r.deadline for r in self._inflight if r.callback is not None]
-        if pending:
-            self._watchdog = asyncio.get_running_loop().call_at(min(pending), self._check_deadlines)
-
-    def _timed_out(self, req: _Request) -> None:
-        assert self._agent_timeout is not None
-        self._live -= 1
-        self._answer(req, None, texts.agent_timeout(req.name, self._agent_timeout))
-        if self._partial is not None and self._partial[0] is req:
-            # the agent stopped acknowledging: finish the frame so the stream stays framed
-            _, frame, offset = self._partial
-            self._partial = None
-            self._written += len(frame) - offset
-            if self._ctl_channel is not None and self._ctl_channel.transport is not None:
-                self._ctl_channel.transport.write(frame[offset:])
-        self._send_next()
+        """Send an agent command and wait for its reply; raises :class:`texts.CommandError`."""
+        return await self.commands.call(name, code, payload)
 
     def _ctl_data(self, data: bytes) -> None:
         ctl = self._ctl
@@ -355,30 +239,17 @@ class AgentVM:
             if event is NEED_DATA:
                 return
             if isinstance(event, Reply):
-                self._on_reply(event)
+                self.commands.on_reply(event)
             elif isinstance(event, NextAck):
-                self._paced = True
-                self._acked += event.count
-                if self._partial is not None and self._acked >= self._written:
-                    self._write_chunk()
+                self.commands.on_next(event.count)
             elif isinstance(event, AsyncEvent):
                 self._on_process_event(event)
             elif isinstance(event, Ready):
                 if self._ready is not None and not self._ready.done():
                     self._ready.set_result(None)
-                self._send_next()
+                self.commands.start()
             elif isinstance(event, UnexpectedReply):
                 self._on_unexpected(event)
-
-    def _on_reply(self, reply: Reply) -> None:
-        if not self._inflight:  # pragma: no cover - the codec reports these as unexpected
-            return
-        req = self._inflight.popleft()
-        if req.callback is not None:
-            self._live -= 1
-            self._answer(req, reply, None)
-        if not self._live and self._partial is None:
-            self._send_next()
 
     def _on_unexpected(self, event: UnexpectedReply) -> None:
         ready = self._ready
@@ -508,16 +379,7 @@ class AgentVM:
                 channel.transport.close()
             if channel is not None:
                 channel.resume_writing()
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-        pending = list(self._inflight) + list(self._queue)
-        self._inflight.clear()
-        self._queue.clear()
-        self._partial = None
-        self._live = 0
-        for req in pending:
-            self._answer(req, None, texts.NO_CTL_CHANNEL)
+        self.commands.close()
         sessions = {id(s): s for s in self.sessions.values()}
         self.sessions.clear()
         self.by_process.clear()
