@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import itertools
+import signal
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -169,7 +170,17 @@ class ShimClient:
         await self._send(self.conn.send_stream(Stream.STDIN, data))
 
     async def send_signal(self, signum: int) -> None:
+        """Signal the process (the proxy turns it into killcontainer)."""
         await self._send(self.conn.send_command(Command.SIGNAL, Signal(signalNumber=signum)))
+
+    async def send_winsize(self, columns: int, rows: int) -> None:
+        """The terminal's size (SIGWINCH with columns and rows; the proxy sends winsize)."""
+        winch = int(signal.SIGWINCH)
+        await self._send(
+            self.conn.send_command(
+                Command.SIGNAL, Signal(signalNumber=winch, columns=columns, rows=rows)
+            )
+        )
 
     async def events(self) -> Any:
         """Async iterator over the proxy's events: Response, ErrorReply, StreamData,

@@ -14,16 +14,20 @@ The socket is ``--socket``, else ``$HYPERD_SOCKET``, else the embedded default's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
 import signal
 import sys
+import termios
 import time
-from collections.abc import Sequence
+import tty
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from hyperd.cli import rootfs as rootfs_builder
 from hyperd.cli.client import ConnectionClosed, RPCClient, RPCError, ShimClient, ShimError
@@ -360,6 +364,64 @@ async def _forward_stdin(shim: ShimClient) -> None:
             return
 
 
+FORWARDED_SIGNALS = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGWINCH,
+)
+
+
+def _terminal_size() -> tuple[int, int] | None:
+    try:
+        size = os.get_terminal_size(sys.stdin.fileno())
+    except OSError:
+        return None
+    return size.columns, size.lines
+
+
+async def _forward_signals(
+    shim: ShimClient,
+    started: anyio.Event,
+    *,
+    terminal: bool,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """As the C shim does: signals to hyperctl go to the process; SIGWINCH carries the size.
+
+    The handlers are installed at once (reported through ``task_status``); signals that come
+    before the process has started are queued until ``started`` is set."""
+    with anyio.open_signal_receiver(*FORWARDED_SIGNALS) as signals:
+        task_status.started()
+        await started.wait()
+        if terminal and (size := _terminal_size()):
+            await shim.send_winsize(*size)
+        async for signum in signals:
+            if signum == signal.SIGWINCH:
+                if terminal and (size := _terminal_size()):
+                    await shim.send_winsize(*size)
+            else:
+                await shim.send_signal(signum)
+
+
+@contextlib.contextmanager
+def _raw_terminal(enabled: bool) -> Iterator[None]:
+    """Put stdin in raw mode for a terminal process (restored on exit)."""
+    fd = sys.stdin.fileno()
+    if not enabled or not os.isatty(fd):
+        yield
+        return
+    saved = termios.tcgetattr(fd)
+    tty.setraw(fd)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
 async def attach_and_start(
     client: RPCClient,
     url: str,
@@ -368,8 +430,10 @@ async def attach_and_start(
     start_params: dict[str, Any],
     *,
     stdin: bool,
+    terminal: bool = False,
 ) -> int:
-    """Claim ``token`` as the shim, call ``start_method``, stream output; the exit status."""
+    """Claim ``token`` as the shim, call ``start_method``, stream output, forward stdin and
+    signals; returns the process's exit status."""
     shim = await ShimClient.connect(url, token)
     try:
         await shim.wait_connected()
@@ -383,21 +447,33 @@ async def attach_and_start(
             return w
 
         status_box: list[int | None] = []
-        stdin_scope = anyio.CancelScope()
+        helpers: list[anyio.CancelScope] = []  # the stdin and signal forwarders
 
         async def pump() -> None:
             status_box.append(await shim.pump(write(out), write(err)))
-            stdin_scope.cancel()
+            for scope in helpers:
+                scope.cancel()
 
-        async def forward() -> None:
-            with stdin_scope:
+        started = anyio.Event()
+
+        async def forward_signals(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            with anyio.CancelScope() as scope:
+                helpers.append(scope)
+                await _forward_signals(shim, started, terminal=terminal, task_status=task_status)
+
+        async def forward_stdin() -> None:
+            with anyio.CancelScope() as scope:
+                helpers.append(scope)
                 await _forward_stdin(shim)
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(pump)
-            await client.call(start_method, start_params)
-            if stdin:
-                tg.start_soon(forward)
+        with _raw_terminal(terminal and stdin):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pump)
+                await tg.start(forward_signals)
+                await client.call(start_method, start_params)
+                started.set()
+                if stdin:
+                    tg.start_soon(forward_stdin)
         status = status_box[0] if status_box else None
     finally:
         await shim.disconnect()
@@ -427,6 +503,7 @@ async def _run(client: RPCClient, args: argparse.Namespace) -> int:
             "container.start",
             {"pod": args.pod, "id": cid},
             stdin=not args.no_stdin,
+            terminal=args.terminal,
         )
     finally:
         if not args.keep:
@@ -448,6 +525,7 @@ async def _exec_run(client: RPCClient, args: argparse.Namespace) -> int:
         "exec.start",
         {"pod": args.pod, "exec_id": created["exec_id"]},
         stdin=True,
+        terminal=args.terminal,
     )
 
 

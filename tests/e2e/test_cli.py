@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -193,3 +194,38 @@ def test_hyperctl_without_a_daemon(short_tmp: Path) -> None:
     )
     assert r.returncode == 1
     assert b"cannot connect to hyperd" in r.stderr
+
+
+def test_hyperctl_run_forwards_signals(hyperd: Hyperd, busybox_rootfs: Path) -> None:
+    script = 'trap "echo got TERM; exit 42" TERM; echo ready; while true; do sleep 0.1; done'
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hyperd.cli.ctl",
+            "--socket",
+            hyperd.socket,
+            "run",
+            "sig",
+            "--rootfs",
+            str(busybox_rootfs),
+            "--no-stdin",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        proc.send_signal(signal.SIGTERM)  # hyperctl passes it on, as the C shim does
+        out, err = proc.communicate(timeout=CLI_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 42, err
+    assert out == b"got TERM\n"
