@@ -14,28 +14,24 @@ The socket is ``--socket``, else ``$HYPERD_SOCKET``, else the embedded default's
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import secrets
 import signal
 import sys
-import termios
-import time
-import tty
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
 import anyio.abc
 
 from hyperd.cli import rootfs as rootfs_builder
-from hyperd.cli.client import ConnectionClosed, RPCClient, RPCError, ShimClient, ShimError
+from hyperd.cli.attach import attach_and_start
+from hyperd.cli.client import ConnectionClosed, RPCClient, RPCError, ShimError
+from hyperd.cli.output import cell, show
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-EXIT_NO_STATUS = 255  # the process's exit status never arrived (proxy closed the connection)
-STDIN_CHUNK = 8192  # bytes per stdin frame (the C shim reads BUFSIZ)
 
 
 def default_socket() -> str:
@@ -48,90 +44,6 @@ def default_socket() -> str:
 
 
 # ---- output --------------------------------------------------------------------------------
-
-
-def _cell(value: Any, key: str = "") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, list):
-        return ",".join(_cell(v) for v in value) or "-"
-    if isinstance(value, float):
-        if key.endswith("_at") or key == "time":
-            return time.strftime("%H:%M:%S", time.localtime(value))
-        return f"{value:.4g}"
-    return str(value)
-
-
-def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
-    """Rows as an aligned text table with upper-case headers."""
-    cells = [[c.upper() for c in columns]] + [[_cell(r.get(c), c) for c in columns] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in cells
-    )
-
-
-def show(result: Any, args: argparse.Namespace) -> None:
-    if args.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
-        return
-    if isinstance(result, dict) and "pods" in result and isinstance(result["pods"], list):
-        print(
-            table(
-                result["pods"],
-                ["id", "state", "backend", "proxy_mode", "dialect", "containers", "created_at"],
-            )
-        )
-    elif (
-        isinstance(result, dict)
-        and isinstance(result.get("containers"), list)
-        and ("id" not in result)
-    ):
-        print(table(result["containers"], ["pod", "id", "state", "args", "exit_status"]))
-    elif isinstance(result, dict) and "output" in result and len(result) == 1:
-        sys.stdout.write(str(result["output"]))
-    elif isinstance(result, dict) and "vms" in result:
-        rows = [{"pod": k, **v} for k, v in sorted(result["vms"].items())]
-        print(
-            table(
-                rows,
-                [
-                    "pod",
-                    "reachable",
-                    "queued",
-                    "in_flight",
-                    "sent",
-                    "failed",
-                    "timed_out",
-                    "reconnects",
-                    "last_rtt",
-                ],
-            )
-        )
-    elif isinstance(result, dict):
-        nested = {
-            k: v
-            for k, v in result.items()
-            if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)
-        }
-        for key in sorted(result):
-            if key in nested:
-                continue
-            value = result[key]
-            if isinstance(value, list | dict) and value:
-                value = json.dumps(value, sort_keys=True)
-            print(f"{key}: {_cell(value, key)}")
-        for key, rows in sorted(nested.items()):
-            columns = [
-                c
-                for c in ("id", "exec_id", "container", "state", "args", "exit_status")
-                if any(c in r for r in rows)
-            ]
-            print(f"\n{key}:")
-            print(table(rows, columns))
-    else:
-        print(json.dumps(result))
 
 
 # ---- argument parsing ----------------------------------------------------------------------
@@ -349,135 +261,10 @@ async def _events(client: RPCClient, args: argparse.Namespace) -> None:
                 if k not in ("kind", "pod", "state", "time")
             )
             print(
-                f"{_cell(event.get('time'))} {event.get('kind')} {event.get('pod')} "
+                f"{cell(event.get('time'))} {event.get('kind')} {event.get('pod')} "
                 f"{event.get('state')} {extra}".rstrip(),
                 flush=True,
             )
-
-
-async def _forward_stdin(shim: ShimClient) -> None:
-    fd = sys.stdin.fileno()
-    while True:
-        data = await anyio.to_thread.run_sync(os.read, fd, STDIN_CHUNK, abandon_on_cancel=True)
-        await shim.send_stdin(data)
-        if not data:
-            return
-
-
-FORWARDED_SIGNALS = (
-    signal.SIGINT,
-    signal.SIGTERM,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-    signal.SIGWINCH,
-)
-
-
-def _terminal_size() -> tuple[int, int] | None:
-    try:
-        size = os.get_terminal_size(sys.stdin.fileno())
-    except OSError:
-        return None
-    return size.columns, size.lines
-
-
-async def _forward_signals(
-    shim: ShimClient,
-    started: anyio.Event,
-    *,
-    terminal: bool,
-    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    """As the C shim does: signals to hyperctl go to the process; SIGWINCH carries the size.
-
-    The handlers are installed at once (reported through ``task_status``); signals that come
-    before the process has started are queued until ``started`` is set."""
-    with anyio.open_signal_receiver(*FORWARDED_SIGNALS) as signals:
-        task_status.started()
-        await started.wait()
-        if terminal and (size := _terminal_size()):
-            await shim.send_winsize(*size)
-        async for signum in signals:
-            if signum == signal.SIGWINCH:
-                if terminal and (size := _terminal_size()):
-                    await shim.send_winsize(*size)
-            else:
-                await shim.send_signal(signum)
-
-
-@contextlib.contextmanager
-def _raw_terminal(enabled: bool) -> Iterator[None]:
-    """Put stdin in raw mode for a terminal process (restored on exit)."""
-    fd = sys.stdin.fileno()
-    if not enabled or not os.isatty(fd):
-        yield
-        return
-    saved = termios.tcgetattr(fd)
-    tty.setraw(fd)
-    try:
-        yield
-    finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-
-
-async def attach_and_start(
-    client: RPCClient,
-    url: str,
-    token: str,
-    start_method: str,
-    start_params: dict[str, Any],
-    *,
-    stdin: bool,
-    terminal: bool = False,
-) -> int:
-    """Claim ``token`` as the shim, call ``start_method``, stream output, forward stdin and
-    signals; returns the process's exit status."""
-    shim = await ShimClient.connect(url, token)
-    try:
-        await shim.wait_connected()
-        out, err = sys.stdout.buffer, sys.stderr.buffer
-
-        def write(stream: Any) -> Any:
-            def w(data: bytes) -> None:
-                stream.write(data)
-                stream.flush()
-
-            return w
-
-        status_box: list[int | None] = []
-        helpers: list[anyio.CancelScope] = []  # the stdin and signal forwarders
-
-        async def pump() -> None:
-            status_box.append(await shim.pump(write(out), write(err)))
-            for scope in helpers:
-                scope.cancel()
-
-        started = anyio.Event()
-
-        async def forward_signals(*, task_status: anyio.abc.TaskStatus[None]) -> None:
-            with anyio.CancelScope() as scope:
-                helpers.append(scope)
-                await _forward_signals(shim, started, terminal=terminal, task_status=task_status)
-
-        async def forward_stdin() -> None:
-            with anyio.CancelScope() as scope:
-                helpers.append(scope)
-                await _forward_stdin(shim)
-
-        with _raw_terminal(terminal and stdin):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(pump)
-                await tg.start(forward_signals)
-                await client.call(start_method, start_params)
-                started.set()
-                if stdin:
-                    tg.start_soon(forward_stdin)
-        status = status_box[0] if status_box else None
-    finally:
-        await shim.disconnect()
-    return EXIT_NO_STATUS if status is None else status
 
 
 async def _run(client: RPCClient, args: argparse.Namespace) -> int:
@@ -546,7 +333,7 @@ async def _main(args: argparse.Namespace) -> int:
             return await _run(client, args)
         if args.command == "exec" and args.verb == "run":
             return await _exec_run(client, args)
-        show(await _rpc(args, client), args)
+        show(await _rpc(args, client), as_json=args.json)
         return 0
 
 

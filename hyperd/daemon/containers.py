@@ -30,7 +30,8 @@ from hyperd.daemon.model import (
     check_pod_transition,
     container_view,
 )
-from hyperd.daemon.service import Daemon, crash_point
+from hyperd.daemon.service import Daemon
+from hyperd.daemon.testhooks import crash_point
 from hyperd.errors import AgentError, AlreadyExists, InvalidParams, InvalidState, NotFound
 from hyperd.spec import DeviceSpec, MountSpec, ProcessSpec, ResourcesSpec, RootfsSpec, validate_id
 

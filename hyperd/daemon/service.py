@@ -15,14 +15,10 @@ Container and exec operations live in :mod:`hyperd.daemon.containers`.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
-import signal
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -31,7 +27,7 @@ import msgspec
 
 from hyperd import __version__ as HYPERD_VERSION
 from hyperd.config import Config
-from hyperd.daemon import bridge, launcher
+from hyperd.daemon import bridge, launcher, podfs, testhooks
 from hyperd.daemon.events import EventBus
 from hyperd.daemon.model import (
     ContainerState,
@@ -62,32 +58,6 @@ STORE_KIND = "pods"
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes including the NUL
 DEFAULT_SHARE_TAG = "hyperShared"  # the VM's 9p mount tag, as in the seed
 MAX_HOSTNAME = 64  # hyperstart truncates longer hostnames; the seed cuts them first
-TEST_RECORD_ENV = "HYPERD_TEST_SIM_RECORD_DIR"  # test hook: sims record ctl commands there
-TEST_CRASH_ENV = "HYPERD_TEST_CRASH_AT"  # test hook: SIGKILL the daemon at this crash point
-TEST_SIM_ARGS_ENV = "HYPERD_TEST_SIM_ARGS"  # test hook: {"<pod>": [extra sim args]} (faults)
-
-
-def _test_sim_args(pod_id: str) -> list[str]:
-    """Extra simulator arguments from the test hooks (none outside tests)."""
-    extra: list[str] = []
-    record_dir = os.environ.get(TEST_RECORD_ENV)
-    if record_dir:
-        extra += ["--record", os.path.join(record_dir, f"{pod_id}.jsonl")]
-    per_pod = os.environ.get(TEST_SIM_ARGS_ENV)
-    if per_pod:
-        args = msgspec.json.decode(per_pod, type=dict[str, list[str]]).get(pod_id, [])
-        extra += args
-    return extra
-
-
-def crash_point(name: str) -> None:
-    """Test-only fault hook: die by SIGKILL here when ``$HYPERD_TEST_CRASH_AT`` names ``name``.
-
-    Points: ``pod.start:vm-launched``, ``pod.start:registered``, ``container.start:mounted``.
-    """
-    if os.environ.get(TEST_CRASH_ENV) == name:
-        log.warning("test fault hook: SIGKILL at %s", name)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -300,7 +270,7 @@ class Daemon:
         async with self.rt(pod).lock:
             check_pod_transition(pod, "delete")
             await bridge.cleanup_pod(pod)
-            await anyio.to_thread.run_sync(_remove_dirs, pod)
+            await anyio.to_thread.run_sync(podfs.remove_dirs, pod)
             await self.forget(pod)
         self.bus.publish("pod", pod.id, "deleted")
         log.info("pod deleted", extra={"pod": pod.id})
@@ -318,7 +288,7 @@ class Daemon:
                 await self._start_locked(pod, rt)
             except BaseException:
                 with anyio.CancelScope(shield=True):
-                    await self._teardown(pod, rt, unregister=True)
+                    await self.teardown(pod, rt, unregister=True)
                     pod.state = PodState.STOPPED if pod.dialect else PodState.CREATED
                     await self.save(pod)
                 raise
@@ -328,7 +298,7 @@ class Daemon:
 
     async def _start_locked(self, pod: PodRecord, rt: PodRuntime) -> None:
         network = await bridge.discover_network(pod.netns) if pod.netns else None
-        await anyio.to_thread.run_sync(_make_dirs, pod)
+        await anyio.to_thread.run_sync(podfs.make_dirs, pod)
         deadline = self.config.timeouts.ready
         if pod.vm.backend == "sim":
             argv = [*self._sim_command(), "--ctl", pod.ctl_path, "--tty", pod.tty_path]
@@ -337,12 +307,12 @@ class Daemon:
                 argv += ["--dialect", pod.vm.dialect]
             if pod.netns:
                 argv += ["--netns", pod.netns]
-            argv += _test_sim_args(pod.id)
+            argv += testhooks.sim_args(pod.id)
             pod.vm_process = await launcher.launch(
                 argv, what=f"simulated VM of pod {pod.id!r}", deadline=deadline
             )
             await self.save(pod)
-            crash_point("pod.start:vm-launched")
+            testhooks.crash_point("pod.start:vm-launched")
         if pod.proxy.mode == "pod":
             sock = os.path.join(pod.run_dir, "proxy.sock")
             pod.proxy_url = f"unix://{sock}"
@@ -353,10 +323,10 @@ class Daemon:
                 argv, what=f"proxy of pod {pod.id!r}", deadline=deadline
             )
             await self.save(pod)
-        link = await self._open_link(pod, rt, attach=False)
+        link = await self.connect_vm(pod, rt, attach=False)
         pod.proxy_url = link.proxy_url
         await self.save(pod)
-        crash_point("pod.start:registered")
+        testhooks.crash_point("pod.start:registered")
         pod.dialect = pod.agent_dialect or await detect_dialect(link)
         message = bridge.pod_message(pod, network)
         await bridge.call(pod, link, "startpod", message)
@@ -372,7 +342,7 @@ class Daemon:
 
     # ---- the link task ----------------------------------------------------------------------
 
-    async def _open_link(self, pod: PodRecord, rt: PodRuntime, *, attach: bool) -> AgentLink:
+    async def connect_vm(self, pod: PodRecord, rt: PodRuntime, *, attach: bool) -> AgentLink:
         rt.stop_link = anyio.Event()
         rt.link_done = anyio.Event()
         rt.stopping = False
@@ -489,7 +459,7 @@ class Daemon:
         if rt.link_done is not None:
             await rt.link_done.wait()
 
-    async def _teardown(self, pod: PodRecord, rt: PodRuntime, *, unregister: bool) -> None:
+    async def teardown(self, pod: PodRecord, rt: PodRuntime, *, unregister: bool) -> None:
         """Close the link, stop the helper processes hyperd started, undo every mount."""
         await self._close_link(rt, unregister=unregister)
         for attr in ("proxy_process", "vm_process"):
@@ -504,7 +474,7 @@ class Daemon:
         await bridge.cleanup_pod(pod)
         if pod.proxy.mode == "pod":
             pod.proxy_url = ""
-        await anyio.to_thread.run_sync(_remove_sockets, pod)
+        await anyio.to_thread.run_sync(podfs.remove_sockets, pod)
 
     # ---- pod.stop ---------------------------------------------------------------------------
 
@@ -534,7 +504,7 @@ class Daemon:
                 self.publish("container", pod, str(c.state), container=c.id)
         for e in pod.execs.values():
             e.state = ExecState.EXITED
-        await self._teardown(pod, rt, unregister=reachable)
+        await self.teardown(pod, rt, unregister=reachable)
         pod.state = PodState.STOPPED
         await self.save(pod)
 
@@ -551,72 +521,13 @@ class Daemon:
                 else:
                     await self._close_link(rt, unregister=False)
 
-    # ---- restart adoption -------------------------------------------------------------------
+    # ---- restart adoption (see hyperd.daemon.adoption) ----------------------------------------
 
     async def load(self) -> list[str]:
         """Load persisted pods and re-adopt the running ones; returns the load problems."""
-        result = await anyio.to_thread.run_sync(self.store.load_all, STORE_KIND, PodRecord)
-        for pid, pod in sorted(result.records.items()):
-            self.pods[pid] = pod
-            self.runtime[pid] = PodRuntime()
-        async with anyio.create_task_group() as tg:  # one slow VM must not delay the others
-            for pod in list(self.pods.values()):
-                tg.start_soon(self._reconcile, pod)
-        return result.problems
+        from hyperd.daemon import adoption
 
-    async def _reconcile(self, pod: PodRecord) -> None:
-        try:
-            if pod.state in (PodState.RUNNING, PodState.UNREACHABLE):
-                await self._adopt(pod)
-            else:
-                await self._reconcile_stopped(pod)
-        except Exception:
-            # one broken pod record must not keep the daemon from serving the others
-            log.exception("reconciling the pod after a restart failed", extra={"pod": pod.id})
-
-    async def _reconcile_stopped(self, pod: PodRecord) -> None:
-        """A pod that was not running (or was caught mid-start by a crash): nothing may be left."""
-        share_left = await anyio.Path(pod.share_dir).exists()
-        if pod.vm_process or pod.proxy_process or share_left:
-            log.info("cleaning up after an interrupted operation", extra={"pod": pod.id})
-            await self._teardown(pod, self.rt(pod), unregister=False)
-            await self.save(pod)
-
-    async def _adopt(self, pod: PodRecord) -> None:
-        rt = self.rt(pod)
-        dead = [
-            ref
-            for ref in (pod.vm_process, pod.proxy_process)
-            if ref is not None and not launcher.is_alive(ref)
-        ]
-        if dead:
-            reason = f"helper process(es) {[r.pid for r in dead]} died while hyperd was down"
-            await self._reconcile_lost(pod, rt, reason)
-            return
-        try:
-            await self._open_link(pod, rt, attach=True)
-        except HyperdError as exc:
-            await self._reconcile_lost(pod, rt, f"cannot re-attach to the VM: {exc}")
-            return
-        for c in pod.containers.values():
-            if c.state == ContainerState.CREATED:
-                # a crash in the middle of container.start may have left its mounts
-                await bridge.unmount_container(pod, c)
-                c.mounts_made = []
-        pod.state = PodState.RUNNING
-        pod.reason = ""
-        await self.save(pod)
-        log.info("pod re-adopted", extra={"pod": pod.id})
-
-    async def _reconcile_lost(self, pod: PodRecord, rt: PodRuntime, reason: str) -> None:
-        log.warning("pod lost: %s", reason, extra={"pod": pod.id, "reason": reason})
-        await self._teardown(pod, rt, unregister=False)
-        for c in pod.containers.values():
-            c.state = ContainerState.STOPPED
-        pod.state = PodState.STOPPED
-        pod.reason = reason
-        await self.save(pod)
-        self.publish("pod", pod, str(pod.state), reason=reason)
+        return await adoption.load(self)
 
     def link_of(self, pod: PodRecord) -> AgentLink:
         """The pod's VM link; raises ``VMUnavailable`` if the pod has none."""
@@ -626,49 +537,3 @@ class Daemon:
         if link is None:
             raise VMUnavailable(f"pod {pod.id!r}: no connection to its VM", pod=pod.id)
         return link
-
-
-def _make_dirs(pod: PodRecord) -> None:
-    Path(pod.run_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
-    Path(pod.share_dir).mkdir(parents=True, exist_ok=True, mode=0o755)
-
-
-def _remove_sockets(pod: PodRecord) -> None:
-    if pod.vm.backend == "sim":
-        for path in (pod.ctl_path, pod.tty_path):
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-    with contextlib.suppress(OSError):
-        os.unlink(os.path.join(pod.run_dir, "proxy.sock"))
-
-
-def _remove_dirs(pod: PodRecord) -> None:
-    _remove_sockets(pod)
-    with contextlib.suppress(OSError):
-        os.rmdir(pod.run_dir)
-    remove_empty_tree(pod.share_dir)
-
-
-def remove_empty_tree(top: str) -> None:
-    """Remove ``top`` if it holds only empty directories and empty files (old mount points).
-
-    Never descends into a mount point and never removes a non-empty file: a mount that could not
-    be undone must not cost the user the data behind it.
-    """
-    if not os.path.isdir(top) or os.path.ismount(top):
-        return
-    dirs: list[str] = []
-    for root, subdirs, files in os.walk(top, topdown=True, followlinks=False):
-        dirs.append(root)
-        subdirs[:] = [d for d in subdirs if not os.path.ismount(os.path.join(root, d))]
-        for name in files:
-            path = os.path.join(root, name)
-            with contextlib.suppress(OSError):
-                if not os.path.ismount(path) and os.lstat(path).st_size == 0:
-                    os.unlink(path)
-    for d in reversed(dirs):
-        with contextlib.suppress(OSError):
-            os.rmdir(d)
-
-
-OnEvent = Callable[[LinkEvent], None]
