@@ -7,8 +7,9 @@ leaks or wedges (tokens freed with their VM, an unknown command or an oversized 
 without wedging the VM, in-flight commands answered when the VM dies, deadlines on READY, agent
 replies, shims and process starts).
 
-Modules: :mod:`.server` (registry, lifecycle), :mod:`.client` (one client connection),
-:mod:`.vm` (agent channels, command queue, output routing), :mod:`.sessions` (tokens),
+Modules: :mod:`.server` (registry, lifecycle), :mod:`.client` (one client connection, runtime
+commands), :mod:`.shim` (shim commands and streams), :mod:`.vm` (agent channels, output
+routing, VM loss), :mod:`.ctlqueue` (agent command queue), :mod:`.sessions` (tokens),
 :mod:`.relocate` (newcontainer/execcmd seqs), :mod:`.gojson` (Go decoding and error texts),
 :mod:`.texts` (error texts), :mod:`.cli` (``hyperd-proxy``).
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal as _signal
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -23,35 +22,25 @@ from typing import TYPE_CHECKING, Any, Final, cast
 import msgspec
 
 from hyperd.proxy import texts
-from hyperd.proxy.gojson import GoDecodeError, decode
 from hyperd.proxy.relocate import PROCESS_COMMANDS, relocate
 from hyperd.proxy.sessions import IOSession
+from hyperd.proxy.shim import ASYNC, ShimCommands, decode_command
 from hyperd.proxy.vm import AgentVM
 from protocol import ProtocolError
 from protocol.ccproxy import (
     AttachVM,
     Command,
     CommandReceived,
-    ConnectShim,
     Hyper,
-    LogEntry,
     RegisterVM,
     ServerConnection,
-    Signal,
     Stream,
     StreamReceived,
     UnregisterVM,
 )
 from protocol.hyperstart import (
-    HYPER,
-    Code,
-    KillCommand,
     Reply,
-    SignalCommand,
     UnknownCommand,
-    WindowSize,
-    WindowSizeMessage,
-    encode_message,
 )
 
 if TYPE_CHECKING:
@@ -63,31 +52,12 @@ MAX_QUEUED: Final = 256  # frames read ahead of the one being handled; reading p
 MAX_QUEUED_BYTES: Final = 1 << 20  # ... or payload bytes read ahead
 RESUME_QUEUED: Final = 64
 MAX_WRITE_BUFFER: Final = 64 << 20  # bytes queued to a client that does not read: drop it
-SIGNAL_LIMIT: Final = 31  # Go's SIGUNUSED on linux/amd64: 0 <= n < 31
-LOG_SOURCES: Final = frozenset(("shim", "runtime"))
-LOG_LEVELS: Final = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warn": logging.WARNING,
-    "error": logging.ERROR,
-}
-_KILL_SIGNALS: Final = frozenset((int(_signal.SIGKILL), int(_signal.SIGTERM)))
-_SIGWINCH: Final = int(_signal.SIGWINCH)
-_U16: Final = 0xFFFF
 
 _CLOSE: Final = object()  # queued after a protocol violation or EOF: close once reached
-_ASYNC: Final = object()  # a handler will answer later through a callback
 Handler = Callable[["ClientConnection", bytes], Any]
 
 
-def _decode(cls: Any, payload: bytes) -> Any:
-    try:
-        return decode(cls, payload)
-    except GoDecodeError as exc:
-        raise texts.CommandError(str(exc)) from None
-
-
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(asyncio.Protocol, ShimCommands):
     """A client of the proxy: runtime until a successful ConnectShim, a shim after."""
 
     def __init__(self, proxy: Proxy) -> None:
@@ -240,7 +210,7 @@ class ClientConnection(asyncio.Protocol):
             result = None
         if result is None:
             self.busy = False
-        elif result is not _ASYNC:
+        elif result is not ASYNC:
             self._task = asyncio.get_running_loop().create_task(self._run(command, result))
 
     async def _run(self, command: Command, work: Coroutine[Any, Any, bytes]) -> None:
@@ -278,7 +248,7 @@ class ClientConnection(asyncio.Protocol):
     # -- commands --------------------------------------------------------------------------------
 
     def _register_vm(self, payload: bytes) -> Coroutine[Any, Any, bytes]:
-        req: RegisterVM = _decode(RegisterVM, payload)
+        req: RegisterVM = decode_command(RegisterVM, payload)
         if not (req.containerId and req.ctlSerial and req.ioSerial):
             # the reference registers and connects anyway, then answers this error
             raise texts.CommandError(texts.MALFORMED_REGISTER)
@@ -297,7 +267,7 @@ class ClientConnection(asyncio.Protocol):
         return proxy.io_response(tokens)
 
     def _attach_vm(self, payload: bytes) -> None:
-        req: AttachVM = _decode(AttachVM, payload)
+        req: AttachVM = decode_command(AttachVM, payload)
         proxy = self.proxy
         vm = proxy.vms.get(req.containerId)
         if vm is None:
@@ -307,7 +277,7 @@ class ClientConnection(asyncio.Protocol):
         self.write(self.conn.send_response(Command.ATTACH_VM, proxy.io_response(tokens)))
 
     def _unregister_vm(self, payload: bytes) -> None:
-        req: UnregisterVM = _decode(UnregisterVM, payload)
+        req: UnregisterVM = decode_command(UnregisterVM, payload)
         vm = self.proxy.vms.get(req.containerId)
         if vm is None:
             raise texts.CommandError(texts.unknown_container(req.containerId))
@@ -316,7 +286,7 @@ class ClientConnection(asyncio.Protocol):
         self.proxy.unregister(vm)
 
     def _hyper(self, payload: bytes) -> object:
-        req: Hyper = _decode(Hyper, payload)
+        req: Hyper = decode_command(Hyper, payload)
         vm = self.vm
         if vm is None:
             raise texts.CommandError(texts.NOT_ATTACHED)
@@ -339,7 +309,7 @@ class ClientConnection(asyncio.Protocol):
             raise texts.CommandError(texts.message_too_long(total))
         if session is None:
             vm.request(name, code, data, self._hyper_done)
-            return _ASYNC
+            return ASYNC
         session.used = True
         session.container_id = relocated.container_id
         session.process_id = relocated.process_id
@@ -384,173 +354,6 @@ class ClientConnection(asyncio.Protocol):
         vm.bind_process(session)
         session.process_started.set()
         return reply.payload
-
-    def _connect_shim(self, payload: bytes) -> None:
-        req: ConnectShim = _decode(ConnectShim, payload)
-        token = req.token
-        session = self.proxy.tokens.get(token)
-        if session is None:
-            raise texts.CommandError(texts.unknown_token_connect(token))
-        if session.claimed:
-            raise texts.CommandError(texts.token_claimed(token))
-        if session.freed:
-            session.claimed = True  # as the reference: a second try says "already claimed"
-            raise texts.CommandError(texts.token_freed(token))
-        if self.session is not None and self.session is not session:
-            self.session.detach_shim(self)
-        self.session = session
-        session.attach_shim(self)
-        self.write(self.conn.send_response(Command.CONNECT_SHIM))
-        session.deliver_exit()
-
-    def _disconnect_shim(self, payload: bytes) -> None:
-        session = self.session
-        if session is None:
-            raise texts.CommandError(texts.NOT_A_SHIM)
-        self.session = None
-        session.vm.free_session(session)  # closes this connection: no response, as the reference
-        self.close()
-
-    def _signal(self, payload: bytes) -> object:
-        req: Signal = _decode(Signal, payload)
-        session = self.session
-        if session is None:
-            raise texts.CommandError(texts.NOT_A_SHIM)
-        number, columns, rows = req.signalNumber, req.columns, req.rows
-        if not 0 <= number < SIGNAL_LIMIT:
-            raise texts.CommandError(texts.invalid_signal(number))
-        if number == _SIGWINCH:
-            if not columns or not rows:
-                raise texts.CommandError(texts.bad_winsize(columns, rows))
-        elif columns or rows:
-            raise texts.CommandError(texts.size_with_signal(columns, rows, number))
-        started = session.process_started.is_set() and not session.freed
-        if not started and number in _KILL_SIGNALS:
-            # lets an orchestrator reap a container that was created but never started
-            self.write(self.conn.send_process_exited(0))
-            self.write(self.conn.send_response(Command.SIGNAL))
-            return None
-        if started:
-            return self._send_signal(session, number, columns, rows)
-        return self._signal_later(session, number, columns, rows)
-
-    async def _signal_later(
-        self, session: IOSession, number: int, columns: int, rows: int
-    ) -> bytes:
-        try:
-            async with asyncio.timeout(self.proxy.config.process_timeout):
-                await session.process_started.wait()
-        except TimeoutError:
-            raise texts.CommandError(texts.process_timeout(session.token)) from None
-        if session.freed:
-            raise texts.CommandError(texts.NO_CTL_CHANNEL)
-        vm = session.vm
-        name, code, data = self._signal_command(session, number, columns, rows)
-        reply = await vm.call(name, code, data)
-        if not reply.ok:
-            raise texts.CommandError(texts.agent_error(reply.payload))
-        return b""
-
-    def _send_signal(self, session: IOSession, number: int, columns: int, rows: int) -> object:
-        name, code, data = self._signal_command(session, number, columns, rows)
-        session.vm.request(name, code, data, self._answer_empty(Command.SIGNAL))
-        return _ASYNC
-
-    def _answer_empty(self, command: Command) -> Callable[[Reply | None, str | None], None]:
-        answer = self._answer(command)
-
-        def done(reply: Reply | None, error: str | None) -> None:
-            if reply is not None and reply.ok:
-                reply = Reply(reply.command, True, b"")
-            answer(reply, error)
-
-        return done
-
-    @staticmethod
-    def _signal_command(
-        session: IOSession, number: int, columns: int, rows: int
-    ) -> tuple[str, int, bytes]:
-        """The agent command carrying a shim's signal; raises CommandError if there is none."""
-        dialect = session.vm.dialect
-        if number == _SIGWINCH:
-            if dialect is HYPER:
-                body: Any = WindowSizeMessage(
-                    container=session.container_id,
-                    process=session.process_id,
-                    row=rows & _U16,
-                    column=columns & _U16,
-                )
-            else:
-                body = WindowSize(seq=session.io_base, row=rows & _U16, column=columns & _U16)
-            return "winsize", int(Code.WINSIZE), encode_message(body, dialect)
-        if session.is_exec:
-            if dialect.signal_process is None:
-                raise texts.CommandError(texts.exec_signal(number))
-            body = SignalCommand(
-                container=session.container_id, process=session.process_id, signal=number
-            )
-            return "signalprocess", dialect.signal_process, encode_message(body, dialect)
-        body = KillCommand(container=session.container_id, signal=number, all_processes=False)
-        return "killcontainer", int(Code.KILLCONTAINER), encode_message(body, dialect)
-
-    # -- streams ---------------------------------------------------------------------------------
-
-    def _stream(self, stream: Stream, data: bytes) -> None:
-        if stream is Stream.STDIN:
-            session = self.session
-            if session is None:
-                log.debug("closing client: stdin without a shim session")
-                self.close()
-                return
-            if session.process_started.is_set():
-                if session.freed:
-                    self.close()
-                    return
-                # hold further frames while the agent's tty channel is backed up
-                if session.vm.write_stdin(session, data, self._resume):
-                    self.busy = False
-                return
-            self._task = asyncio.get_running_loop().create_task(self._stdin_later(session, data))
-            return
-        if stream is Stream.LOG:
-            self._log(data)
-            self.busy = False
-            return
-        self.close()  # pragma: no cover - the codec refuses output streams from clients
-
-    async def _stdin_later(self, session: IOSession, data: bytes) -> None:
-        try:
-            async with asyncio.timeout(self.proxy.config.process_timeout):
-                await session.process_started.wait()
-        except TimeoutError:
-            log.debug("closing shim: its process did not start in time")
-            self.close()
-            return
-        except asyncio.CancelledError:
-            return
-        if session.freed:
-            self.close()
-            return
-        if session.vm.write_stdin(session, data, self._resume):
-            self._resume()
-
-    def _log(self, data: bytes) -> None:
-        try:
-            entry: LogEntry = decode(LogEntry, data)
-        except GoDecodeError:
-            entry = LogEntry(source="", level="", msg="")
-        level = LOG_LEVELS.get(entry.level)
-        if entry.source not in LOG_SOURCES or level is None or not entry.msg:
-            log.debug("closing client after an invalid log entry")
-            self.close()
-            return
-        if log.isEnabledFor(level):
-            log.log(
-                level,
-                "%s",
-                entry.msg,
-                extra={"source": entry.source, "container": entry.containerId},
-            )
 
 
 _HANDLERS: Final[dict[Command, Handler]] = {
