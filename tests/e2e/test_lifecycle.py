@@ -7,9 +7,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from hyperd.cli.client import RPCError
+from hyperd.cli.client import RPCError, ShimClient
 from tests.e2e.conftest import (
     Hyperd,
+    Started,
     create_and_start,
     exec_and_start,
     mounts_under,
@@ -167,4 +168,68 @@ async def test_hyperhq_dialect_pod(hyperd: Hyperd, busybox_rootfs: Path) -> None
             assert (await c.call("pod.inspect", {"id": "hq"}))["state"] == "running"
             await c.call("pod.stop", {"id": "hq"})
             await c.call("pod.delete", {"id": "hq"})
+        assert hyperd.mounts_under_base() == []
+
+
+async def test_volumes_env_and_resources(
+    hyperd: Hyperd, busybox_rootfs: Path, tmp_path: Path
+) -> None:
+    """Bind volumes reach the container through the share (read-only honoured), the process
+    gets its env and cwd, NEWCONTAINER carries the constraints; every mount is undone."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "in.txt").write_text("from the host\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    with anyio.fail_after(DEADLINE):
+        async with rpc(hyperd.socket) as c:
+            await start_pod(c, "vol")
+            created = await c.call(
+                "container.create",
+                {
+                    "pod": "vol",
+                    "id": "c",
+                    "rootfs": {"path": str(busybox_rootfs)},
+                    "process": {
+                        "args": [
+                            "sh",
+                            "-c",
+                            'cat /data/in.txt; echo "$GREETING from $(pwd)" > /out/result; '
+                            "touch /data/nope 2>/dev/null && echo writable || echo read-only",
+                        ],
+                        "env": ["GREETING=hello"],
+                        "cwd": "/tmp",
+                    },
+                    "mounts": [
+                        {"source": str(data), "destination": "/data", "options": ["ro"]},
+                        {"source": str(out), "destination": "/out"},
+                        {"source": "proc", "destination": "/proc", "type": "proc"},
+                    ],
+                    "resources": {"cpu_quota": 50000, "cpu_period": 100000, "cpu_shares": 512},
+                },
+            )
+            shim = await ShimClient.connect(created["proxy_url"], created["token"])
+            started = Started(shim)
+            await shim.wait_connected()
+            info = await c.call("container.start", {"pod": "vol", "id": "c"})
+            assert len(info["mounts"]) == 3  # rootfs and two volumes
+            assert await started.wait() == 0
+            assert started.stdout == b"from the host\nread-only\n"
+            assert (out / "result").read_text() == "hello from /tmp\n"
+
+            (record,) = [r for r in hyperd.records("vol") if r["name"] == "newcontainer"]
+            payload = record["payload"]
+            assert payload["image"] == "c" and payload["rootfs"] == "rootfs"
+            # (the proxy re-encodes NEWCONTAINER as cc-proxy 3.0.23 does: CPUShares is dropped)
+            assert payload["constraints"] == {"CPUQuota": 50000, "CPUPeriod": 100000}
+            fsmap = {m["path"]: m for m in payload["fsmap"]}
+            assert set(fsmap) == {"/data", "/out"}  # the proc mount is not carried
+            assert fsmap["/data"]["readOnly"] is True and fsmap["/out"]["readOnly"] is False
+            assert fsmap["/data"]["source"].startswith("c-")
+            assert {"env": "GREETING", "value": "hello"} in payload["process"]["envs"]
+
+            await c.call("container.stop", {"pod": "vol", "id": "c"})
+            assert [m for m in hyperd.mounts_under_base() if "/vol/" in m] == []
+            assert (data / "in.txt").read_text() == "from the host\n"  # untouched
+            await c.call("pod.stop", {"id": "vol"})
         assert hyperd.mounts_under_base() == []
