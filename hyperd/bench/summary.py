@@ -58,11 +58,12 @@ def summary(sections: Sequence[Section]) -> list[str]:
                     f"{fmt(tp.value('proxy_us'), 'us')}; proxy not slower than the reference: "
                     f"{verdict}")
         many = sorted((int(k[4:]), k) for k in tp.rows if k.startswith("many") and k[4:].isdigit())
-        if many:
-            top, key = many[-1]
+        if len(many) > 1:
+            (one, one_key), (top, key) = many[0], many[-1]
             lines.append(f"{top} VMs behind one proxy: {fmt(tp.value(key), 'cmd/s')} through "
-                         f"hyperd, {fmt(tp.value(key) / tp.value('manyraw'), 'x')} the raw limit "
-                         "of one VM")
+                         f"hyperd, {fmt(tp.value(key) / tp.value(one_key), 'x')} of {one} VM, "
+                         f"{fmt(tp.value(key) / tp.value('manyraw'), 'x')} of the proxy's "
+                         "ceiling (raw limit of one ACK-only VM)")
     lat = _find(sections, "2.")
     if lat is not None:
         lines.append(f"hyperd's overhead per agent command over JSON-RPC: "
