@@ -233,3 +233,46 @@ async def test_volumes_env_and_resources(
             assert (data / "in.txt").read_text() == "from the host\n"  # untouched
             await c.call("pod.stop", {"id": "vol"})
         assert hyperd.mounts_under_base() == []
+
+
+async def test_block_rootfs_and_devices_reach_the_agent(hyperd: Hyperd) -> None:
+    """A block-device rootfs is not mounted on the host: NEWCONTAINER names the drive."""
+    with anyio.fail_after(DEADLINE):
+        async with rpc(hyperd.socket) as c:
+            await start_pod(c, "blk")
+            created = await c.call(
+                "container.create",
+                {
+                    "pod": "blk",
+                    "id": "c",
+                    "rootfs": {"block": {"index": 27, "fstype": "ext4"}},
+                    "process": {"args": ["true"]},
+                    "devices": [{"guest_path": "/dev/vdc", "container_path": "/dev/disk1"}],
+                    "bind_mount_dev": True,
+                },
+            )
+            shim = await ShimClient.connect(created["proxy_url"], created["token"])
+            try:
+                await shim.wait_connected()
+                try:
+                    await c.call("container.start", {"pod": "blk", "id": "c"})
+                except RPCError as exc:  # the simulator has no block devices to mount
+                    assert exc.kind == "agent_error", exc
+            finally:
+                await shim.aclose()
+            (record,) = [r for r in hyperd.records("blk") if r["name"] == "newcontainer"]
+            payload = record["payload"]
+            assert (payload["image"], payload["fstype"]) == ("vdab", "ext4")
+            assert payload["systemMountsInfo"]["bindMountDev"] is True
+            assert payload["fsmap"] == [
+                {
+                    "source": "/dev/vdc",
+                    "path": "/dev/disk1",
+                    "readOnly": False,
+                    "dockerVolume": False,
+                    "absolutePath": True,
+                    "scsiAddr": "",
+                }
+            ]
+            assert hyperd.mounts_under_base() == []
+            await c.call("pod.stop", {"id": "blk"})
