@@ -48,6 +48,17 @@ def python_module_argv(module: str) -> list[str]:
     return [sys.executable, "-m", module]
 
 
+def spawn(argv: Sequence[str], *, what: str) -> ProcessRef:
+    """Start ``argv`` without a readiness handshake (for programs that have no ``--ready-fd``,
+    such as the reference cc-proxy: its clients retry connecting, as the seed does)."""
+    try:
+        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, start_new_session=True)
+    except OSError as exc:
+        raise VMUnavailable(f"cannot start {what}: {exc}") from None
+    log.info("started %s pid %d (no readiness handshake)", what, proc.pid)
+    return ProcessRef(pid=proc.pid, start_time=procs.start_time(proc.pid) or 0, argv=list(argv))
+
+
 async def launch(argv: Sequence[str], *, what: str, deadline: float) -> ProcessRef:
     """Start ``argv + ["--ready-fd", N]`` and wait until it reports ready.
 

@@ -316,12 +316,17 @@ class Daemon:
         if pod.proxy.mode == "pod":
             sock = os.path.join(pod.run_dir, "proxy.sock")
             pod.proxy_url = f"unix://{sock}"
-            argv = [*self._proxy_command(), "--uri", pod.proxy_url]
-            if pod.agent_dialect:
-                argv += ["--agent-dialect", pod.agent_dialect]
-            pod.proxy_process = await launcher.launch(
-                argv, what=f"proxy of pod {pod.id!r}", deadline=deadline
-            )
+            what = f"proxy of pod {pod.id!r}"
+            if self.config.proxy.command:
+                # a configured proxy binary (e.g. the reference cc-proxy): its flags only, no
+                # readiness handshake; the VM session retries connecting to it
+                argv = [*self.config.proxy.command, "-uri", pod.proxy_url]
+                pod.proxy_process = launcher.spawn(argv, what=what)
+            else:
+                argv = [*launcher.python_module_argv("hyperd.proxy"), "--uri", pod.proxy_url]
+                if pod.agent_dialect:
+                    argv += ["--agent-dialect", pod.agent_dialect]
+                pod.proxy_process = await launcher.launch(argv, what=what, deadline=deadline)
             await self.save(pod)
         link = await self.connect_vm(pod, rt, attach=False)
         pod.proxy_url = link.proxy_url
@@ -336,9 +341,6 @@ class Daemon:
 
     def _sim_command(self) -> list[str]:
         return list(self.config.vm.sim_command) or launcher.python_module_argv("hyperd.sim")
-
-    def _proxy_command(self) -> list[str]:
-        return list(self.config.proxy.command) or launcher.python_module_argv("hyperd.proxy")
 
     # ---- the link task ----------------------------------------------------------------------
 

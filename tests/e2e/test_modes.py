@@ -136,3 +136,23 @@ async def test_silent_vm_is_declared_unreachable(
             assert await ok.wait() == 0 and ok.stdout == b"ok\n"
             await c.call("pod.stop", {"id": "mute"})
             assert not process_alive(info["vm_pid"])
+
+
+async def test_configured_proxy_binary(hyperd_factory: Hyperd, busybox_rootfs: Path) -> None:
+    """proxy.command names a cc-proxy-like binary: started per pod with ``-uri`` and no
+    readiness handshake (the VM session retries connecting, as the seed does)."""
+    config = hyperd_factory.base.parent / "hyperd.toml"
+    config.write_text(
+        f'base_dir = "{hyperd_factory.base}"\n'
+        f'[proxy]\nmode = "pod"\ncommand = ["{sys.executable}", "-m", "hyperd.proxy"]\n'
+    )
+    hyperd_factory.args = ["--config", str(config)]
+    hyperd_factory.start()
+    with anyio.fail_after(30):
+        async with rpc(hyperd_factory.socket) as c:
+            pod = await start_pod(c, "bin")
+            assert process_alive(pod["proxy_pid"])
+            ran = await create_and_start(c, "bin", "c", busybox_rootfs, ["echo", "via -uri"])
+            assert await ran.wait() == 0 and ran.stdout == b"via -uri\n"
+            await c.call("pod.stop", {"id": "bin"})
+            assert not process_alive(pod["proxy_pid"])
