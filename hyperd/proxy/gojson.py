@@ -6,11 +6,13 @@ string``, ``json: cannot unmarshal number into Go struct field AttachVM.containe
 string``). :func:`decode` decodes through :func:`protocol.ccproxy.decode_payload` (which already
 has Go's leniency: key case, unknown keys, nulls) and, only when that fails, reconstructs the
 text Go would have given: a port of Go's syntax scanner (checked first, as ``json.Unmarshal``
-does), then the first type mismatch in document order.
+does), then the first type mismatch in document order. (Bad payloads over 256 KiB, which no Go client
+produces, get msgspec's description instead: the scanner runs in Python.)
 """
 
 from __future__ import annotations
 
+import re
 import types
 from typing import Any, Final, TypeVar, Union, get_args, get_origin
 
@@ -21,11 +23,14 @@ from protocol.ccproxy import PayloadError, decode_payload
 T = TypeVar("T", bound=msgspec.Struct)
 
 END_OF_INPUT: Final = "unexpected end of JSON input"
+MAX_GO_SCAN: Final = 256 << 10  # larger bad payloads get msgspec's text: the scan is pure Python
 _SPACE: Final = frozenset(b" \t\r\n")
 _DIGITS: Final = frozenset(b"0123456789")
 _HEX: Final = frozenset(b"0123456789abcdefABCDEF")
 _ESCAPES: Final = frozenset(b'bfnrt\\/"')
 _NAMED: Final = {7: "\\a", 8: "\\b", 9: "\\t", 10: "\\n", 11: "\\v", 12: "\\f", 13: "\\r"}
+_STRING_STOP: Final = re.compile(rb'["\\\x00-\x1f]')  # bytes that end a run of string text
+_NOT_DIGIT: Final = re.compile(rb"[^0-9]")
 _ANY: Final = object()  # a field that takes any JSON value (json.RawMessage)
 
 
@@ -40,8 +45,9 @@ def decode(cls: type[T], payload: bytes) -> T:
     """
     try:
         return decode_payload(cls, payload)
-    except PayloadError:
-        pass
+    except PayloadError as exc:
+        if len(payload) > MAX_GO_SCAN:
+            raise GoDecodeError(str(exc)) from None
     text = syntax_error(payload)
     if text is None:
         text = type_error(cls, payload)
@@ -269,10 +275,26 @@ class _Scanner:
 def syntax_error(data: bytes) -> str | None:
     """Go's syntax error text for ``data``, or None if Go's scanner accepts it."""
     scanner = _Scanner()
-    for c in data:
-        scanner.step(c)
+    in_string = scanner.in_string
+    in_digits = (scanner.one, scanner.dot0, scanner.exp0)
+    i, size = 0, len(data)
+    while i < size:
+        step = scanner.step
+        if step == in_string:
+            # skip the plain bytes of a string in one go: payloads are mostly strings
+            stop = _STRING_STOP.search(data, i)
+            if stop is None:
+                return END_OF_INPUT
+            i = stop.start()
+        elif step in in_digits:
+            stop = _NOT_DIGIT.search(data, i)
+            if stop is None:
+                break
+            i = stop.start()
+        scanner.step(data[i])
         if scanner.error is not None:
             return scanner.error
+        i += 1
     return None if scanner.finish() else END_OF_INPUT
 
 
