@@ -6,8 +6,8 @@ string``, ``json: cannot unmarshal number into Go struct field AttachVM.containe
 string``). :func:`decode` decodes through :func:`protocol.ccproxy.decode_payload` (which already
 has Go's leniency: key case, unknown keys, nulls) and, only when that fails, reconstructs the
 text Go would have given: a port of Go's syntax scanner (checked first, as ``json.Unmarshal``
-does), then the first type mismatch in document order. (Bad payloads over 256 KiB, which no Go client
-produces, get msgspec's description instead: the scanner runs in Python.)
+does), then the first type mismatch in document order. (Bad payloads over 256 KiB, which no
+Go client produces, get msgspec's description instead: the scanner runs in Python.)
 """
 
 from __future__ import annotations
