@@ -3,6 +3,7 @@ crashes or leaks, our better behaviour (each such test says what the reference d
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from pathlib import Path
 
@@ -402,3 +403,49 @@ async def test_data_and_header_leniency(anyio_backend: object, short_tmp: Path) 
         await client.send(bytes(odd) + ping)
         assert await client.stream.receive() == bytes.fromhex("000203000000010300000000")
         assert len(agent.commands) == 6
+
+
+async def test_random_input_never_hurts_the_proxy(anyio_backend: object, short_tmp: Path) -> None:
+    """Random bytes, random payloads behind valid headers and JSON of the wrong shapes, each
+    on its own connection: every one is answered or closed, the proxy keeps serving a VM, and
+    logs no traceback (no handler bug)."""
+    import random
+
+    import msgspec
+
+    rng = random.Random(20261127)
+    shapes: list[object] = [None, 1, -1, 2**70, 1.5, "x", [], {}, [1, "a"], {"a": None}, True]
+    keys = ["containerId", "ctlSerial", "ioSerial", "numIOStreams", "hyperName", "tokens"]
+    keys += ["data", "token", "signalNumber", "columns", "rows", "source", "level", "msg"]
+    inputs: list[bytes] = []
+    for _ in range(200):
+        kind = rng.randrange(3)
+        if kind == 0:
+            inputs.append(rng.randbytes(rng.randrange(1, 64)))
+            continue
+        if kind == 1:
+            payload = rng.randbytes(rng.randrange(0, 40))
+        else:
+            obj = {rng.choice(keys): rng.choice(shapes) for _ in range(rng.randrange(4))}
+            if rng.random() < 0.5:
+                obj["hyperName"] = rng.choice(["ping", "newcontainer", "execcmd", "x", 5])
+            payload = msgspec.json.encode(obj)
+        frame_type = rng.choice([0, 0, 0, 2])
+        opcode = rng.randrange(7) if frame_type == 0 else rng.choice([0, 3])
+        inputs.append(struct.pack(">HBxxxBBI", 2, 3, frame_type, opcode, len(payload)) + payload)
+    async with proxied(short_tmp, *CC) as proxy, agent_running(short_tmp) as agent:
+        runtime = await proxy.connect()
+        tokens = await register(runtime, "p", agent, 2)
+        for data in inputs:
+            client = await proxy.connect()
+            await client.send(data)
+            await client.stream.send_eof()
+            with contextlib.suppress(EOFError):  # answered or not, the proxy closes it
+                while True:
+                    await client.frame(deadline=5)
+        assert await runtime.call(Command.HYPER, hyper("ping")) == (True, b"")
+        shim = await proxy.connect()
+        assert await shim.call(Command.CONNECT_SHIM, {"token": tokens[1]}) == (True, b"")
+        assert proxy.process.stop() == 0
+        assert proxy.proc.stderr is not None
+        assert b"Traceback" not in proxy.proc.stderr.read()
