@@ -229,3 +229,19 @@ async def test_console_logged_at_debug(anyio_backend: object, short_tmp: Path, l
     logged = proxy.proc.stderr.read()
     proxy.proc.stderr.close()
     assert (b"VM p console: hello console" in logged) == (level == "debug")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--uri", "tcp://127.0.0.1:5000"], b"only unix:// is supported"),
+        (["--socket", "/tmp/" + "x" * 120], b"socket path too long"),
+    ],
+)
+def test_bad_listen_address(args: list[str], message: bytes) -> None:
+    """The proxy only listens on unix sockets (as the reference); it exits 1 with a reason."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "hyperd.proxy", *args], capture_output=True, timeout=20
+    )
+    assert proc.returncode == 1
+    assert message in proc.stderr
