@@ -45,6 +45,10 @@ LOG_LEVELS: Final = {
     "fatal": logging.CRITICAL,
     "panic": logging.CRITICAL,
 }
+DESCRIPTION: Final = (
+    "A proxy compatible on the wire with cc-proxy 3.0.23: runtime and shim clients on a unix"
+    " socket, hyperstart agents (CC or hyperhq dialect) behind it."
+)
 LOG_LEVEL_ENV: Final = "CC_PROXY_LOG_LEVEL"  # overrides --log-level, as with the reference
 
 
@@ -53,7 +57,7 @@ class SetupError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hyperd-proxy", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="hyperd-proxy", description=DESCRIPTION)
     where = p.add_mutually_exclusive_group()
     where.add_argument(
         "--socket",
