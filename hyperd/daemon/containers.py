@@ -133,21 +133,23 @@ async def container_start(d: Daemon, pod_id: object, cid: object) -> dict[str, A
         check_pod_transition(pod, "use")
         check_container_transition(pod, c, "start")
         link = d.link_of(pod)
-        made, layout = await bridge.mount_container(pod, c)
-        c.mounts_made = made
-        await d.save(pod)  # a crash from here on leaves a record of what to unmount
-        crash_point("container.start:mounted")
-        try:
-            message = bridge.container_message(pod, c, layout)
-            await bridge.call(pod, link, "newcontainer", message, tokens=[c.token])
-        except BaseException:
-            with anyio.CancelScope(shield=True):
+        # not cancelled half-way by a caller that goes away: the mounts and the agent's view
+        # must agree (every step below has its own deadline)
+        with anyio.CancelScope(shield=True):
+            made, layout = await bridge.mount_container(pod, c)
+            c.mounts_made = made
+            await d.save(pod)  # a crash from here on leaves a record of what to unmount
+            crash_point("container.start:mounted")
+            try:
+                message = bridge.container_message(pod, c, layout)
+                await bridge.call(pod, link, "newcontainer", message, tokens=[c.token])
+            except BaseException:
                 await bridge.unmount_container(pod, c)
                 c.mounts_made = []
                 await d.save(pod)
-            raise
-        c.state = ContainerState.RUNNING
-        await d.save(pod)
+                raise
+            c.state = ContainerState.RUNNING
+            await d.save(pod)
     d.publish("container", pod, str(c.state), container=c.id)
     return container_view(pod, c)
 
