@@ -37,7 +37,7 @@ from protocol.hyperstart import (
     encode_tty,
 )
 
-READY_DEADLINE = 10.0
+READY_DEADLINE = 20.0
 IO_DEADLINE = 5.0
 
 

@@ -26,7 +26,7 @@ from tests.proxy.harness import RawClient, hyper, proxied, spawn_proxy
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
-READY_DEADLINE = 10.0
+READY_DEADLINE = 20.0
 POD = {"hostname": "pod1", "shareDir": "hyperShared"}
 
 
@@ -60,9 +60,13 @@ def sim(base: Path, dialect: str, *extra: str) -> Iterator[tuple[subprocess.Pope
     os.close(write_fd)
     try:
         ready, _, _ = select.select([read_fd], [], [], READY_DEADLINE)
-        assert ready and os.read(read_fd, 64) == b"ready\n", "hyperd-sim did not get ready"
+        line = os.read(read_fd, 64) if ready else b""
     finally:
         os.close(read_fd)
+    if line != b"ready\n":
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"hyperd-sim did not get ready: {line!r}")
     try:
         yield proc, base
     finally:
