@@ -131,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--mount", action="append", metavar="SRC:DST[:ro]", help="bind volume")
     c.add_argument("--shim-pid", type=int)
     _add_process_options(c)
-    for verb in ("start", "stop", "inspect"):
+    for verb in ("start", "stop", "delete", "inspect"):
         p = ctr.add_parser(verb, help=f"container.{verb}")
         p.add_argument("pod")
         p.add_argument("id")
@@ -174,7 +174,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("pod")
     run.add_argument("--rootfs", help="rootfs directory (default: a generated busybox rootfs)")
     run.add_argument("--name", help="container id (default run-<random>)")
-    run.add_argument("--keep", action="store_true", help="do not stop the container afterwards")
+    run.add_argument(
+        "--keep", action="store_true", help="keep the container (default: stop and delete it)"
+    )
     run.add_argument("--no-stdin", action="store_true", help="do not forward stdin")
     _add_process_options(run)
     return parser
@@ -297,6 +299,7 @@ async def _run(client: RPCClient, args: argparse.Namespace) -> int:
             with anyio.CancelScope(shield=True):
                 try:
                     await client.call("container.stop", {"pod": args.pod, "id": cid})
+                    await client.call("container.delete", {"pod": args.pod, "id": cid})
                 except RPCError as exc:
                     print(f"hyperctl: stopping container {cid}: {exc.message}", file=sys.stderr)
 

@@ -35,6 +35,7 @@ Methods (``params`` → ``result``):
 - ``container.start {pod, id}``: bind mounts, then NEWCONTAINER with the token (the proxy holds
   it until a shim has claimed the token with ConnectShim) → the container (``container.inspect``)
 - ``container.stop {pod, id}``: REMOVECONTAINER, undo its mounts → the container, ``stopped``
+- ``container.delete {pod, id}`` (``created``/``stopped`` only) → ``{pod, id, state: "deleted"}``
 - ``container.kill {pod, id, signal: int | "TERM" | "SIGKILL", all?}`` →
   ``{id, signal, target: "agent"|"shim"}`` (before start: the shim's pid is signalled)
 - ``container.ps {pod, id, format?: "table"|"json", args?: [str]}`` → ``{output}`` (CC only)
@@ -238,6 +239,10 @@ def build_methods(d: Daemon) -> MethodTable:
     @add("container.stop", ContainerRef)
     async def container_stop(p: ContainerRef, ctx: CallContext) -> Any:
         return await ops.container_stop(d, p.pod, p.id)
+
+    @add("container.delete", ContainerRef)
+    async def container_delete(p: ContainerRef, ctx: CallContext) -> Any:
+        return await ops.container_delete(d, p.pod, p.id)
 
     @add("container.kill", ContainerKill)
     async def container_kill(p: ContainerKill, ctx: CallContext) -> Any:

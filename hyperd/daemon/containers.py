@@ -175,6 +175,23 @@ async def container_stop(d: Daemon, pod_id: object, cid: object) -> dict[str, An
     return container_view(pod, c)
 
 
+async def container_delete(d: Daemon, pod_id: object, cid: object) -> dict[str, Any]:
+    """Forget a container that is not running (created, or stopped); its execs go with it."""
+    pod = d.get_pod(pod_id)
+    c = get_container(pod, cid)
+    async with d.rt(pod).container_lock(c.id):
+        check_container_transition(pod, c, "delete")
+        if c.mounts_made:  # never true for created/stopped ones, but never leave a mount behind
+            await bridge.unmount_container(pod, c)
+        del pod.containers[c.id]
+        for eid in [e.id for e in pod.execs.values() if e.container == c.id]:
+            del pod.execs[eid]
+        await d.save(pod)
+    d.rt(pod).container_locks.pop(c.id, None)
+    d.publish("container", pod, "deleted", container=c.id)
+    return {"pod": pod.id, "id": c.id, "state": "deleted"}
+
+
 async def _remove(d: Daemon, pod: PodRecord, c: ContainerRecord) -> None:
     """``removecontainer``. The hyperhq agent frees a container itself when its init exits and
     refuses to remove one that still runs (conformance notes #6), and hyperd does not see the

@@ -61,6 +61,7 @@ CONTAINER_TRANSITIONS: dict[str, frozenset[ContainerState]] = {
     "kill": frozenset({ContainerState.CREATED, ContainerState.RUNNING}),
     "ps": frozenset({ContainerState.RUNNING}),
     "exec": frozenset({ContainerState.RUNNING}),
+    "delete": frozenset({ContainerState.CREATED, ContainerState.STOPPED}),
 }
 
 

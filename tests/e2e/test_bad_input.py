@@ -139,3 +139,19 @@ async def test_errors_name_the_object(hyperd: Hyperd) -> None:
                 {"pod": "p", "id": "c", "rootfs": {"path": "/"}, "process": {"args": ["true"]}},
             )
         assert err.value.kind == "invalid_state" and "'p'" in err.value.message
+
+
+async def test_container_delete(hyperd: Hyperd, busybox_rootfs: Path) -> None:
+    async with rpc(hyperd.socket) as c:
+        await c.call("pod.create", {"id": "p"})
+        await c.call("pod.start", {"id": "p"})
+        spec = {"rootfs": {"path": str(busybox_rootfs)}, "process": {"args": ["true"]}}
+        await c.call("container.create", {"pod": "p", "id": "c", **spec})
+        assert (await c.call("container.delete", {"pod": "p", "id": "c"}))["state"] == "deleted"
+        with pytest.raises(RPCError) as err:
+            await c.call("container.inspect", {"pod": "p", "id": "c"})
+        assert err.value.kind == "not_found"
+        await c.call("container.create", {"pod": "p", "id": "c", **spec})  # the id is free again
+        await c.call("pod.stop", {"id": "p"})
+        await c.call("container.delete", {"pod": "p", "id": "c"})
+        assert (await c.call("container.list", {"pod": "p"}))["containers"] == []
