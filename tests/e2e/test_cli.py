@@ -54,7 +54,19 @@ def test_hyperctl_run_and_tables(hyperd: Hyperd, busybox_rootfs: Path) -> None:
     assert r.stderr == b"oops\n"
 
     # the default rootfs: built from the host's busybox under the base dir
-    r = hyperctl(hyperd, "run", "demo", "--no-stdin", "--", "sh", "-c", "echo default")
+    r = hyperctl(
+        hyperd,
+        "run",
+        "demo",
+        "--no-stdin",
+        "--keep",
+        "--name",
+        "kept",
+        "--",
+        "sh",
+        "-c",
+        "echo default",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == b"default\n"
     assert (hyperd.base / "rootfs" / "busybox" / "bin" / "busybox").exists()
@@ -69,7 +81,8 @@ def test_hyperctl_run_and_tables(hyperd: Hyperd, busybox_rootfs: Path) -> None:
     assert r.returncode == 0
     lines = r.stdout.decode().splitlines()
     assert lines[0].split()[:3] == ["POD", "ID", "STATE"]
-    assert len(lines) == 3 and all("stopped" in line for line in lines[1:])
+    # the first run's container was stopped and deleted; the second was kept
+    assert [line.split()[:2] for line in lines[1:]] == [["demo", "kept"]]
 
     r = hyperctl(hyperd, "--json", "pod", "inspect", "demo")
     assert r.returncode == 0 and b'"state": "running"' in r.stdout
