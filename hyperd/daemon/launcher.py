@@ -38,8 +38,18 @@ def is_alive(ref: ProcessRef) -> bool:
     return procs.is_same_process(procs.ProcessIdentity(ref.pid, ref.start_time))
 
 
+# Children started by this process, kept until reaped: a Popen dropped while its child runs
+# warns (ResourceWarning) and is reaped behind our back by the subprocess module.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
 def _reap(pid: int) -> None:
-    with contextlib.suppress(ChildProcessError, OSError):
+    child = _children.get(pid)
+    if child is not None:
+        if child.poll() is not None:
+            del _children[pid]
+        return
+    with contextlib.suppress(ChildProcessError, OSError):  # adopted: not our child
         os.waitpid(pid, os.WNOHANG)
 
 
@@ -55,6 +65,7 @@ def spawn(argv: Sequence[str], *, what: str) -> ProcessRef:
         proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, start_new_session=True)
     except OSError as exc:
         raise VMUnavailable(f"cannot start {what}: {exc}") from None
+    _children[proc.pid] = proc
     log.info("started %s pid %d (no readiness handshake)", what, proc.pid)
     return ProcessRef(pid=proc.pid, start_time=procs.start_time(proc.pid) or 0, argv=list(argv))
 
@@ -81,6 +92,7 @@ async def launch(argv: Sequence[str], *, what: str, deadline: float) -> ProcessR
         os.close(write_fd)
         raise VMUnavailable(f"cannot start {what}: {exc}") from None
     os.close(write_fd)
+    _children[proc.pid] = proc
     ref = ProcessRef(pid=proc.pid, start_time=procs.start_time(proc.pid) or 0, argv=full)
     try:
         line = b""
