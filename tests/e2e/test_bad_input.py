@@ -155,3 +155,37 @@ async def test_container_delete(hyperd: Hyperd, busybox_rootfs: Path) -> None:
         await c.call("pod.stop", {"id": "p"})
         await c.call("container.delete", {"pod": "p", "id": "c"})
         assert (await c.call("container.list", {"pod": "p"}))["containers"] == []
+
+
+def test_non_root_peer_outside_the_group_is_refused(hyperd_factory: Hyperd) -> None:
+    import os
+    import shutil
+    import subprocess
+
+    # the client runs as nobody: a python outside root's home (only the stdlib is needed)
+    system_python = shutil.which("python3", path="/usr/bin:/bin") or "/usr/bin/python3"
+    config = hyperd_factory.base.parent / "hyperd.toml"
+    config.write_text(f'base_dir = "{hyperd_factory.base}"\n[rpc]\nmode = "0666"\n')
+    hyperd_factory.args = ["--config", str(config)]
+    hyperd_factory.base.parent.chmod(0o755)  # let the unprivileged client reach the socket
+    hyperd_factory.start()
+    client = (
+        "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+        's.sendall(b\'{"jsonrpc":"2.0","id":1,"method":"pod.list"}\\n\'); '
+        "print(s.recv(4096).decode())"
+    )
+    nobody = 65534
+    r = subprocess.run(
+        [system_python, "-c", client, hyperd_factory.socket],
+        capture_output=True,
+        timeout=30,
+        check=False,
+        user=nobody,
+        group=nobody,
+        extra_groups=[],
+        env={"PATH": os.environ.get("PATH", "")},
+    )
+    reply = msgspec.json.decode(r.stdout)
+    assert reply["error"]["data"]["kind"] == "unauthorized", r
+    assert "uid 65534" in reply["error"]["message"]
+    assert "refused" in hyperd_factory.log.read_text()
