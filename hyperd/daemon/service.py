@@ -493,20 +493,21 @@ class Daemon:
         return pod_view(pod)
 
     async def _stop_locked(self, pod: PodRecord, rt: PodRuntime) -> None:
-        reachable = pod.state == PodState.RUNNING and rt.link is not None
-        if reachable and rt.link is not None:
+        if pod.state == PodState.RUNNING and rt.link is not None:
             try:
                 await bridge.call(pod, rt.link, "destroypod", None)
             except HyperdError as exc:
-                reachable = not isinstance(exc, VMUnavailable)
                 log.warning("destroypod failed: %s", exc, extra={"pod": pod.id})
+        # UnregisterVM whenever the proxy is still there, even for a lost VM: a system proxy
+        # would otherwise keep the VM registered (the session uses a fresh connection if needed)
+        proxy_gone = pod.proxy_process is not None and not launcher.is_alive(pod.proxy_process)
         for c in pod.containers.values():
             if c.state != ContainerState.STOPPED:
                 c.state = ContainerState.STOPPED
                 self.publish("container", pod, str(c.state), container=c.id)
         for e in pod.execs.values():
             e.state = ExecState.EXITED
-        await self.teardown(pod, rt, unregister=reachable)
+        await self.teardown(pod, rt, unregister=not proxy_gone)
         pod.state = PodState.STOPPED
         await self.save(pod)
 
