@@ -185,13 +185,22 @@ class Daemon:
                 f"invalid share_dir {requested!r}: must be an absolute path", field="share_dir"
             )
         real = os.path.realpath(requested)
-        if os.path.commonpath([root, real]) != root or real == root:
+        if os.path.dirname(real) != root:
             raise InvalidParams(
-                f"invalid share_dir {requested!r}: must be inside the shared root {root}",
+                f"invalid share_dir {requested!r}: must be a directory directly in the shared "
+                f"root {root}",
                 field="share_dir",
             )
         validate_id("share_dir", os.path.basename(real))
         return real
+
+    def _check_share_free(self, pod_id: str, share_dir: str) -> None:
+        for other in self.pods.values():
+            if other.share_dir == share_dir:
+                raise InvalidParams(
+                    f"pod {pod_id!r}: share_dir {share_dir} is the share of pod {other.id!r}",
+                    field="share_dir",
+                )
 
     async def pod_create(
         self,
@@ -237,13 +246,15 @@ class Daemon:
         if not tag.isprintable() or len(tag) > MAX_HOSTNAME:
             raise InvalidParams(f"invalid share_tag {tag!r}", field="share_tag")
         run = self._pod_paths(pid)
+        share = self._share_dir(pid, share_dir)
+        self._check_share_free(pid, share)
         pod = PodRecord(
             id=pid,
             hostname=hostname if hostname is not None else pid,
             vm=vm,
             proxy=proxy,
             netns=netns,
-            share_dir=self._share_dir(pid, share_dir),
+            share_dir=share,
             share_tag=tag,
             agent_dialect=agent_dialect,
             run_dir=run,

@@ -189,3 +189,21 @@ def test_non_root_peer_outside_the_group_is_refused(hyperd_factory: Hyperd) -> N
     assert reply["error"]["data"]["kind"] == "unauthorized", r
     assert "uid 65534" in reply["error"]["message"]
     assert "refused" in hyperd_factory.log.read_text()
+
+
+async def test_share_dirs_are_never_shared(hyperd: Hyperd) -> None:
+    shared = hyperd.base / "shared"
+    async with rpc(hyperd.socket) as c:
+        await c.call("pod.create", {"id": "a", "share_dir": str(shared / "custom")})
+        for params in (
+            {"id": "b", "share_dir": str(shared / "custom")},  # a's share
+            {"id": "c", "share_dir": str(shared / "a" / "deeper")},  # not directly in the root
+            {"id": "d", "share_dir": str(shared)},  # the root itself
+            {"id": "e", "share_dir": str(shared / ".." / "escape")},
+        ):
+            with pytest.raises(RPCError) as err:
+                await c.call("pod.create", params)
+            assert err.value.kind == "invalid_params", params
+        with pytest.raises(RPCError) as err:  # its default share would be a's custom one
+            await c.call("pod.create", {"id": "custom"})
+        assert err.value.kind == "invalid_params" and "'a'" in err.value.message
