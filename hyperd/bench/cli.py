@@ -62,8 +62,13 @@ class Settings:
 
 DEFAULT = Settings()
 QUICK = Settings(
-    throughput=ThroughputSettings(commands=300, seed_commands=60, repetitions=2, warmup=50,
-                                  many=ManyVMSettings(vms=(1, 4), commands=400, repetitions=1)),
+    throughput=ThroughputSettings(
+        commands=300,
+        seed_commands=60,
+        repetitions=2,
+        warmup=50,
+        many=ManyVMSettings(vms=(1, 4), commands=400, repetitions=1),
+    ),
     latency=LatencySettings(calls=60, repetitions=2, warmup=10),
     scale=ScaleSettings(sizes=(1, 20), calls=200, repetitions=1, process_limit=4),
     lifecycle=LifecycleSettings(containers=3, repetitions=1, warmup=1),
@@ -79,18 +84,25 @@ def _parser() -> argparse.ArgumentParser:
         "HYPERD_BENCH_HELPER_LOG_LEVEL sets their log level",
     )
     p.add_argument("--quick", action="store_true", help="small counts (CI smoke test, < 1 min)")
-    p.add_argument("--only", default=",".join(SCENARIOS),
-                   help="comma-separated scenarios to run: 1 throughput, 2 RPC latency, "
-                   "3 scale, 4 container lifecycle (default: all)")
+    p.add_argument(
+        "--only",
+        default=",".join(SCENARIOS),
+        help="comma-separated scenarios to run: 1 throughput, 2 RPC latency, "
+        "3 scale, 4 container lifecycle (default: all)",
+    )
     p.add_argument("--repetitions", type=int, help="repetitions of every scenario")
     p.add_argument("--scale", help="pod counts of scenario 3, e.g. 1,100,1000")
-    p.add_argument("--plot", metavar="FILE.png",
-                   help="plot throughput vs concurrency (needs matplotlib)")
+    p.add_argument(
+        "--plot", metavar="FILE.png", help="plot throughput vs concurrency (needs matplotlib)"
+    )
     p.add_argument("--json", metavar="FILE", help="also write every sample as JSON")
-    p.add_argument("--profile", metavar="DIR",
-                   help="sample every helper process with py-spy (if installed) into DIR, "
-                   "with a top-functions summary per process (sampling slows the helpers: "
-                   "use it to see where time goes, not for the figures)")
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="sample every helper process with py-spy (if installed) into DIR, "
+        "with a top-functions summary per process (sampling slows the helpers: "
+        "use it to see where time goes, not for the figures)",
+    )
     p.add_argument("--log-level", default="warning", help="runner log level")
     return p
 
@@ -101,11 +113,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
         n = args.repetitions
         if n < 1:
             raise ValueError("--repetitions must be >= 1")
-        s = replace(s, throughput=replace(s.throughput, repetitions=n,
-                                          many=replace(s.throughput.many, repetitions=n)),
-                    latency=replace(s.latency, repetitions=n),
-                    scale=replace(s.scale, repetitions=n),
-                    lifecycle=replace(s.lifecycle, repetitions=n))
+        s = replace(
+            s,
+            throughput=replace(
+                s.throughput, repetitions=n, many=replace(s.throughput.many, repetitions=n)
+            ),
+            latency=replace(s.latency, repetitions=n),
+            scale=replace(s.scale, repetitions=n),
+            lifecycle=replace(s.lifecycle, repetitions=n),
+        )
     if args.scale:
         sizes = tuple(int(x) for x in args.scale.split(",") if x.strip())
         if not sizes or min(sizes) < 1:
@@ -165,14 +181,21 @@ class _CallbackErrors:
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
         if isinstance(exc, asyncio.InvalidStateError) and "set_result" in repr(
-                context.get("handle", "")):
+            context.get("handle", "")
+        ):
             self.count += 1
             return
         loop.default_exception_handler(context)
 
 
-async def _run(only: Sequence[str], settings: Settings, sections: list[Section],
-               failures: list[str], warnings: list[str], profiler: Profiler | None) -> None:
+async def _run(
+    only: Sequence[str],
+    settings: Settings,
+    sections: list[Section],
+    failures: list[str],
+    warnings: list[str],
+    profiler: Profiler | None,
+) -> None:
     scenarios = _scenarios()
     handler = _CallbackErrors()
     asyncio.get_running_loop().set_exception_handler(handler)
@@ -183,12 +206,18 @@ async def _run(only: Sequence[str], settings: Settings, sections: list[Section],
             warnings.append(
                 f"{handler.count} InvalidStateError(s) in Future.set_result callbacks (anyio "
                 "add_reader under uvloop, when a hyperd.vm connection closes); not counted as "
-                "failures")
+                "failures"
+            )
 
 
-async def _run_scenarios(only: Sequence[str], settings: Settings,
-                         scenarios: dict[str, Scenario], sections: list[Section],
-                         failures: list[str], profiler: Profiler | None) -> None:
+async def _run_scenarios(
+    only: Sequence[str],
+    settings: Settings,
+    scenarios: dict[str, Scenario],
+    sections: list[Section],
+    failures: list[str],
+    profiler: Profiler | None,
+) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM) as signals:
         async with anyio.create_task_group() as tg:
 
@@ -218,7 +247,8 @@ async def _run_scenarios(only: Sequence[str], settings: Settings,
                             assert profiler is not None
                             profiler.write_own(f"runner-scenario{key}", own)
                     sections[-1].notes.append(
-                        f"scenario wall time {time.monotonic() - started:.1f} s")
+                        f"scenario wall time {time.monotonic() - started:.1f} s"
+                    )
                 except Exception as exc:
                     log.debug("scenario %s failed", key, exc_info=True)
                     failures.append(f"scenario {key} failed: {exc!r}")
@@ -242,8 +272,11 @@ def _raise_fd_limit() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _raise_fd_limit()
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s bench %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s bench %(levelname)s %(name)s: %(message)s",
+    )
     try:
         settings = settings_from(args)
     except ValueError as exc:
@@ -252,8 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     only = [x.strip() for x in args.only.split(",") if x.strip()]
     unknown = [x for x in only if x not in SCENARIOS]
     if unknown:
-        print(f"hyperd bench: unknown scenario(s) {unknown}; choose from {SCENARIOS}",
-              file=sys.stderr)
+        print(
+            f"hyperd bench: unknown scenario(s) {unknown}; choose from {SCENARIOS}", file=sys.stderr
+        )
         return EXIT_USAGE
     sections: list[Section] = []
     failures: list[str] = []
@@ -265,8 +299,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     load_before = _load()
     try:
-        anyio.run(_run, only, settings, sections, failures, warnings, profiler,
-                  backend="asyncio", backend_options={"use_uvloop": True})
+        anyio.run(
+            _run,
+            only,
+            settings,
+            sections,
+            failures,
+            warnings,
+            profiler,
+            backend="asyncio",
+            backend_options={"use_uvloop": True},
+        )
     except KeyboardInterrupt:
         failures.append("interrupted")
     finally:
@@ -286,10 +329,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"FAILED: {failure}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([{"title": s.title, "rows": {k: {"label": r.label, "unit": r.unit,
-                                                        "samples": r.samples}
-                                                    for k, r in s.rows.items()},
-                        "ratios": s.ratios, "notes": s.notes} for s in sections], f, indent=1)
+            json.dump(
+                [
+                    {
+                        "title": s.title,
+                        "rows": {
+                            k: {"label": r.label, "unit": r.unit, "samples": r.samples}
+                            for k, r in s.rows.items()
+                        },
+                        "ratios": s.ratios,
+                        "notes": s.notes,
+                    }
+                    for s in sections
+                ],
+                f,
+                indent=1,
+            )
     if profiler is not None:
         print(f"profiles: {args.profile}/*.top.txt (raw stacks: *.raw)")
     if args.plot:

@@ -56,12 +56,17 @@ def start_daemon(ws: Workspace, name: str = "hyperd", *, stop_pods: bool = True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
         sock.bind(notify_path)
-        argv = [*python_argv("hyperd"), "serve", "--base-dir", base,
-                "--log-level", HELPER_LOG_LEVEL]
+        argv = [
+            *python_argv("hyperd"),
+            "serve",
+            "--base-dir",
+            base,
+            "--log-level",
+            HELPER_LOG_LEVEL,
+        ]
         if stop_pods:
             argv.append("--stop-pods-on-exit")
-        proc = ws.procs.spawn(argv, what="hyperd", ready=False,
-                              env={"NOTIFY_SOCKET": notify_path})
+        proc = ws.procs.spawn(argv, what="hyperd", ready=False, env={"NOTIFY_SOCKET": notify_path})
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
             left = deadline - time.monotonic()
@@ -96,15 +101,20 @@ class RunningContainer:
     shim: wire.ShimWire
 
 
-async def start_container(rpc: wire.RpcWire, pod: str, cid: str, rootfs: str,
-                          args: list[str] | None = None) -> RunningContainer:
+async def start_container(
+    rpc: wire.RpcWire, pod: str, cid: str, rootfs: str, args: list[str] | None = None
+) -> RunningContainer:
     """container.create, ConnectShim with the token, container.start."""
-    created: dict[str, Any] = await rpc.call("container.create", {
-        "pod": pod, "id": cid, "rootfs": {"path": rootfs},
-        "process": {"args": args or SLEEP_ARGS},
-    })
-    shim = await wire.ShimWire.connect(
-        wire.unix_path(created["proxy_url"]), created["token"])
+    created: dict[str, Any] = await rpc.call(
+        "container.create",
+        {
+            "pod": pod,
+            "id": cid,
+            "rootfs": {"path": rootfs},
+            "process": {"args": args or SLEEP_ARGS},
+        },
+    )
+    shim = await wire.ShimWire.connect(wire.unix_path(created["proxy_url"]), created["token"])
     try:
         await rpc.call("container.start", {"pod": pod, "id": cid})
     except BaseException:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -119,10 +120,10 @@ async def serve(directory: str, count: int, ready_fd: int | None) -> None:
         for i in range(count):
             vm = _VM()
             ctl, tty = socket_paths(directory, i)
-            servers.append(await loop.create_unix_server(
-                lambda vm=vm: _Ctl(vm), ctl, backlog=LISTEN_BACKLOG))  # type: ignore[misc]
-            servers.append(await loop.create_unix_server(
-                lambda vm=vm: _Tty(vm), tty, backlog=LISTEN_BACKLOG))  # type: ignore[misc]
+            ctl_factory = functools.partial(_Ctl, vm)
+            tty_factory = functools.partial(_Tty, vm)
+            servers.append(await loop.create_unix_server(ctl_factory, ctl, backlog=LISTEN_BACKLOG))
+            servers.append(await loop.create_unix_server(tty_factory, tty, backlog=LISTEN_BACKLOG))
         if ready_fd is not None:
             os.write(ready_fd, b"ready\n")
             os.close(ready_fd)

@@ -72,9 +72,11 @@ async def latency(ws: Workspace, s: LatencySettings) -> Section:
         async def rpc_version() -> object:
             return await rpc.call("hyperd.version")
 
-        kinds = (("rpc", "container.kill via hyperd", rpc_kill),
-                 ("direct", "killcontainer direct to the proxy", direct_kill),
-                 ("version", "hyperd.version (RPC only, no agent)", rpc_version))
+        kinds = (
+            ("rpc", "container.kill via hyperd", rpc_kill),
+            ("direct", "killcontainer direct to the proxy", direct_kill),
+            ("version", "hyperd.version (RPC only, no agent)", rpc_version),
+        )
         for _, _, call in kinds:
             await _timed(s.warmup, call)
         for _ in range(s.repetitions):
@@ -84,11 +86,17 @@ async def latency(ws: Workspace, s: LatencySettings) -> Section:
                 p50[key] = percentile(samples, 50)
                 sec.add(f"{key}50", f"{label} p50", "us", p50[key])
                 sec.add(f"{key}99", f"{label} p99", "us", percentile(samples, 99))
-            sec.add("overhead", "hyperd overhead per agent command (p50 rpc - p50 direct)", "us",
-                    p50["rpc"] - p50["direct"])
+            sec.add(
+                "overhead",
+                "hyperd overhead per agent command (p50 rpc - p50 direct)",
+                "us",
+                p50["rpc"] - p50["direct"],
+            )
         sec.ratio("p50 via hyperd / p50 direct", "rpc50", "direct50")
-        sec.notes.append(f"{s.calls} calls per repetition and kind; the pod's proxy and VM are "
-                         "per-pod processes started by hyperd")
+        sec.notes.append(
+            f"{s.calls} calls per repetition and kind; the pod's proxy and VM are "
+            "per-pod processes started by hyperd"
+        )
     finally:
         if direct is not None:
             direct.close()

@@ -68,8 +68,13 @@ async def hyperd_lifecycle(rpc: wire.RpcWire, rootfs: str, cid: str) -> Phases:
     """One container through the daemon; the duration of each phase in ms."""
     t: Phases = {}
     ref = {"pod": POD, "id": cid}
-    created = await _phase(t, "create", lambda: rpc.call("container.create", {
-        **ref, "rootfs": {"path": rootfs}, "process": {"args": SLEEP_ARGS}}))
+    created = await _phase(
+        t,
+        "create",
+        lambda: rpc.call(
+            "container.create", {**ref, "rootfs": {"path": rootfs}, "process": {"args": SLEEP_ARGS}}
+        ),
+    )
     assert isinstance(created, dict)
     shim = await wire.ShimWire.connect(wire.unix_path(created["proxy_url"]), created["token"])
     try:
@@ -92,7 +97,7 @@ class SeedDriver:
 
     async def start_pod(self, ctl: str, tty: str) -> None:
         registrar = await wire.ProxyWire.open(self.proxy)  # seed register(): connect, register,
-        try:                                               # disconnect
+        try:  # disconnect
             await registrar.register(SEED_VM, ctl, tty)
         finally:
             registrar.close()
@@ -118,24 +123,28 @@ class SeedDriver:
         assert isinstance(tokens, list)
         shim = await wire.ShimWire.connect(self.proxy, tokens[0])
         try:
-            process = agent.build_process(ProcessSpec(args=SLEEP_ARGS),
-                                          process_id=agent.INIT_PROCESS_ID)
-            message = encode_message(agent.build_container(
-                cid, DirRootfs(path=self.rootfs), process))
+            process = agent.build_process(
+                ProcessSpec(args=SLEEP_ARGS), process_id=agent.INIT_PROCESS_ID
+            )
+            message = encode_message(
+                agent.build_container(cid, DirRootfs(path=self.rootfs), process)
+            )
 
             async def start() -> object:
                 self._mount(cid)
                 try:
-                    return await wire.seed_command(self.proxy, SEED_VM, "newcontainer", message,
-                                                   tokens=tokens)
+                    return await wire.seed_command(
+                        self.proxy, SEED_VM, "newcontainer", message, tokens=tokens
+                    )
                 except BaseException:
                     self._unmount(cid)
                     raise
 
             kill = encode_message(agent.build_kill(cid, SIGKILL))
             await _phase(t, "start", start)
-            await _phase(t, "kill", lambda: wire.seed_command(
-                self.proxy, SEED_VM, "killcontainer", kill))
+            await _phase(
+                t, "kill", lambda: wire.seed_command(self.proxy, SEED_VM, "killcontainer", kill)
+            )
             await _phase(t, "exit", shim.wait_exit)
         finally:
             shim.close()
@@ -169,14 +178,23 @@ def _record(sec: Section, key: str, label: str, runs: list[Phases]) -> None:
     totals = [sum(r.values()) for r in runs]
     sec.add(f"{key}_p50", f"{label}: lifecycle p50", "ms", percentile(totals, 50))
     sec.add(f"{key}_p99", f"{label}: lifecycle p99", "ms", percentile(totals, 99))
-    sec.add(f"{key}_rate", f"{label}: containers/s (sequential)", "/s",
-            len(totals) / (sum(totals) / MS))
-    sec.add(f"{key}_cmds", f"{label}: agent+proxy commands/s", "cmd/s",
-            # AttachVM for the token, newcontainer, killcontainer, removecontainer
-            4 * len(totals) / (sum(totals) / MS))
+    sec.add(
+        f"{key}_rate", f"{label}: containers/s (sequential)", "/s", len(totals) / (sum(totals) / MS)
+    )
+    sec.add(
+        f"{key}_cmds",
+        f"{label}: agent+proxy commands/s",
+        "cmd/s",
+        # AttachVM for the token, newcontainer, killcontainer, removecontainer
+        4 * len(totals) / (sum(totals) / MS),
+    )
     for phase in PHASES:
-        sec.add(f"{key}_{phase}", f"{label}: {phase} p50", "ms",
-                percentile([r[phase] for r in runs], 50))
+        sec.add(
+            f"{key}_{phase}",
+            f"{label}: {phase} p50",
+            "ms",
+            percentile([r[phase] for r in runs], 50),
+        )
 
 
 async def lifecycle(ws: Workspace, s: LifecycleSettings) -> Section:
@@ -207,14 +225,24 @@ async def lifecycle(ws: Workspace, s: LifecycleSettings) -> Section:
         for _ in range(s.repetitions):
             await both(s.containers, record=True)
             saves = await anyio.to_thread.run_sync(durable_save_ms, ws.path("store"), SAVE_SAMPLES)
-            sec.add("save", f"one StateStore.save ({RECORD_BYTES} B, 2 fsyncs) p50", "ms",
-                    percentile(saves, 50))
-            sec.add("saves", f"{SAVES_PER_LIFECYCLE} saves (hyperd's per lifecycle) at that p50",
-                    "ms", SAVES_PER_LIFECYCLE * percentile(saves, 50))
+            sec.add(
+                "save",
+                f"one StateStore.save ({RECORD_BYTES} B, 2 fsyncs) p50",
+                "ms",
+                percentile(saves, 50),
+            )
+            sec.add(
+                "saves",
+                f"{SAVES_PER_LIFECYCLE} saves (hyperd's per lifecycle) at that p50",
+                "ms",
+                SAVES_PER_LIFECYCLE * percentile(saves, 50),
+            )
     finally:
         rpc.close()
     sec.ratio("containers/s hyperd / seed", "hyperd_rate", "seed_rate")
     sec.ratio("lifecycle p50 seed / hyperd", "seed_p50", "hyperd_p50")
-    sec.notes.append(f"{s.containers} containers per repetition, one at a time, alternating "
-                     "drivers; 'exit' = SIGKILL to exit status at the shim (the sim reaping)")
+    sec.notes.append(
+        f"{s.containers} containers per repetition, one at a time, alternating "
+        "drivers; 'exit' = SIGKILL to exit status at the shim (the sim reaping)"
+    )
     return sec

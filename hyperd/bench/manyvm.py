@@ -65,8 +65,10 @@ async def many_vms(ws: Workspace, sock: str, sec: Section, s: ManyVMSettings) ->
     count = max(s.vms)
     directory = ws.path(ws.unique("farm"))
     os.makedirs(directory)
-    ws.procs.spawn([*python_argv("hyperd.bench.farm"), "--dir", directory, "--count",
-                    str(count)], what="agent farm")
+    ws.procs.spawn(
+        [*python_argv("hyperd.bench.farm"), "--dir", directory, "--count", str(count)],
+        what="agent farm",
+    )
     names = [f"farm-vm{i}" for i in range(count)]
     registrar = await wire.ProxyWire.open(sock)
     try:
@@ -80,13 +82,23 @@ async def many_vms(ws: Workspace, sock: str, sec: Section, s: ManyVMSettings) ->
     for _ in range(s.repetitions):
         for k in s.vms:
             t = await run_many(url, names[:k], s.callers_per_vm, s.commands)
-            sec.add(f"many{k}", f"many VMs: {k} VMs x {s.callers_per_vm} callers (hyperd)",
-                    "cmd/s", s.commands / t)
+            sec.add(
+                f"many{k}",
+                f"many VMs: {k} VMs x {s.callers_per_vm} callers (hyperd)",
+                "cmd/s",
+                s.commands / t,
+            )
         t = await wire.raw_pipelined(sock, names[0], s.commands)
-        sec.add("manyraw", "many VMs: raw limit of one such VM (~ the proxy's ceiling)", "cmd/s",
-                s.commands / t)
+        sec.add(
+            "manyraw",
+            "many VMs: raw limit of one such VM (~ the proxy's ceiling)",
+            "cmd/s",
+            s.commands / t,
+        )
     top, one = max(s.vms), min(s.vms)
     sec.ratio(f"hyperd: {top} VMs / {one} VM", f"many{top}", f"many{one}")
     sec.ratio(f"hyperd: {top} VMs / raw limit of one VM", f"many{top}", "manyraw")
-    sec.notes.append("many VMs: ACK-only agents of hyperd.bench.farm in one process, one "
-                     "hyperd-proxy; shows how far hyperd goes past one VM's agent round trip")
+    sec.notes.append(
+        "many VMs: ACK-only agents of hyperd.bench.farm in one process, one "
+        "hyperd-proxy; shows how far hyperd goes past one VM's agent round trip"
+    )

@@ -13,8 +13,12 @@ from typing import Any
 from hyperd.bench.stats import Section
 
 HYPERD_PREFIX = "hyperd"
-BASELINES = (("A", "A seed pattern"), ("B", "B one at a time"), ("raw", "raw limit"),
-             ("agent", "agent alone"))
+BASELINES = (
+    ("A", "A seed pattern"),
+    ("B", "B one at a time"),
+    ("raw", "raw limit"),
+    ("agent", "agent alone"),
+)
 
 
 def plot(sections: Sequence[Section], path: str) -> str | None:
@@ -29,17 +33,21 @@ def plot(sections: Sequence[Section], path: str) -> str | None:
     if sec is None:
         return "no plot: scenario 1 did not run"
     points = sorted(
-        (int(key[len(HYPERD_PREFIX):]), row.value)
+        (int(key[len(HYPERD_PREFIX) :]), row.value)
         for key, row in sec.rows.items()
-        if key.startswith(HYPERD_PREFIX) and key[len(HYPERD_PREFIX):].isdigit()
+        if key.startswith(HYPERD_PREFIX) and key[len(HYPERD_PREFIX) :].isdigit()
     )
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
-            label="hyperd VMSession")
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label="hyperd VMSession")
     for key, label in BASELINES:
         if key in sec.rows:
-            ax.axhline(sec.value(key), linestyle="--", linewidth=1, label=label,
-                       color=f"C{1 + BASELINES.index((key, label))}")
+            ax.axhline(
+                sec.value(key),
+                linestyle="--",
+                linewidth=1,
+                label=label,
+                color=f"C{1 + BASELINES.index((key, label))}",
+            )
     ax.set_xscale("log", base=2)
     ax.set_xticks([p[0] for p in points], [str(p[0]) for p in points])
     ax.set_xlabel("concurrent callers")

@@ -173,14 +173,16 @@ class Processes:
                 os.close(fd)
         return [proc for proc, _, _ in started]
 
-    def _start(self, argv: Sequence[str], env: dict[str, str] | None, ready_fd: int | None
-               ) -> subprocess.Popen[bytes]:
+    def _start(
+        self, argv: Sequence[str], env: dict[str, str] | None, ready_fd: int | None
+    ) -> subprocess.Popen[bytes]:
         log_dir = os.environ.get(LOG_DIR_ENV)
         if log_dir:
             self._started += 1
             name = os.path.basename(argv[2] if len(argv) > 2 else argv[0]).replace("/", "_")
             err: int | IO[bytes] = open(  # noqa: SIM115 - the child keeps it
-                os.path.join(log_dir, f"{self._started:04d}-{name}.log"), "ab")
+                os.path.join(log_dir, f"{self._started:04d}-{name}.log"), "ab"
+            )
         else:
             err = subprocess.DEVNULL
         try:
@@ -194,8 +196,9 @@ class Processes:
         return proc
 
     @staticmethod
-    def _popen(argv: Sequence[str], env: dict[str, str] | None, ready_fd: int | None,
-               err: int | IO[bytes]) -> subprocess.Popen[bytes]:
+    def _popen(
+        argv: Sequence[str], env: dict[str, str] | None, ready_fd: int | None, err: int | IO[bytes]
+    ) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             list(argv),
             pass_fds=(ready_fd,) if ready_fd is not None else (),

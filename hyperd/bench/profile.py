@@ -54,13 +54,33 @@ class Profiler:
         if self.binary is None:
             return
         out = self.directory / f"{len(self._samplers) + 1:03d}-{name}-{pid}.raw"
-        argv = [self.binary, "record", "--pid", str(pid), "--rate", str(SAMPLE_RATE),
-                "--format", "raw", "--output", str(out), "--nonblocking"]
+        argv = [
+            self.binary,
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            str(SAMPLE_RATE),
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+            "--nonblocking",
+        ]
         if subprocesses:
             argv.append("--subprocesses")
-        self._samplers.append((subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True), out))
+        self._samplers.append(
+            (
+                subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                ),
+                out,
+            )
+        )
 
     def finish(self) -> list[Path]:
         """Wait for every sampler (they end with their target), then write the summaries."""

@@ -57,8 +57,11 @@ class ScaleSettings:
     """Clients of the agent-command burst: the many-VM throughput through one daemon."""
 
 
-async def _pool(clients: list[wire.RpcWire], items: list[Any],
-                job: Callable[[wire.RpcWire, Any], Awaitable[None]]) -> float:
+async def _pool(
+    clients: list[wire.RpcWire],
+    items: list[Any],
+    job: Callable[[wire.RpcWire, Any], Awaitable[None]],
+) -> float:
     """Run ``job(client, item)`` for every item, one client per worker; seconds taken."""
     todo = iter(items)
 
@@ -73,22 +76,26 @@ async def _pool(clients: list[wire.RpcWire], items: list[Any],
     return perf_counter() - start
 
 
-def _endpoints(ws: Workspace, n: int, s: ScaleSettings, shared: str,
-               pods: list[str]) -> tuple[list[tuple[str, str]], str]:
+def _endpoints(
+    ws: Workspace, n: int, s: ScaleSettings, shared: str, pods: list[str]
+) -> tuple[list[tuple[str, str]], str]:
     """ctl/tty paths of N VMs, and what provides them."""
     if n <= s.process_limit + 1:  # + the warm-up pod
-        vms = ws.start_sims([f"s{n}v{i}" for i in range(n)],
-                            [f"{shared}/{pod}" for pod in pods])
+        vms = ws.start_sims([f"s{n}v{i}" for i in range(n)], [f"{shared}/{pod}" for pod in pods])
         return [(vm.ctl, vm.tty) for vm in vms], "hyperd-sim processes (one per VM)"
     directory = ws.path(ws.unique(f"farm{n}"))
     os.makedirs(directory)
-    ws.procs.spawn([*python_argv("hyperd.bench.farm"), "--dir", directory, "--count", str(n)],
-                   what="agent farm")
-    return ([farm.socket_paths(directory, i) for i in range(n)],
-            "lightweight agent endpoints, all in one process (hyperd.bench.farm: ACKs only); "
-            f"hyperd-sim processes are used up to {s.process_limit} VMs (each ~{SIM_RSS_MIB} "
-            f"MiB RSS and ~{SIM_START_CPU} s CPU to start: {n - 1} would need "
-            f"~{(n - 1) * SIM_RSS_MIB / 1024:.0f} GiB, this machine has {_ram_gib():.0f} GiB)")
+    ws.procs.spawn(
+        [*python_argv("hyperd.bench.farm"), "--dir", directory, "--count", str(n)],
+        what="agent farm",
+    )
+    return (
+        [farm.socket_paths(directory, i) for i in range(n)],
+        "lightweight agent endpoints, all in one process (hyperd.bench.farm: ACKs only); "
+        f"hyperd-sim processes are used up to {s.process_limit} VMs (each ~{SIM_RSS_MIB} "
+        f"MiB RSS and ~{SIM_START_CPU} s CPU to start: {n - 1} would need "
+        f"~{(n - 1) * SIM_RSS_MIB / 1024:.0f} GiB, this machine has {_ram_gib():.0f} GiB)",
+    )
 
 
 def _ram_gib() -> float:
@@ -105,15 +112,24 @@ async def scale_one(ws: Workspace, s: ScaleSettings, n: int, sec: Section, rootf
     daemon = start_daemon(ws, f"hd{n}", stop_pods=False)
     proxy = ws.start_proxy(f"sp{n}", "--agent-dialect", "cc")
     endpoints, what = _endpoints(ws, n + 1, s, f"{daemon.base}/shared", pods)
-    clients = [await wire.RpcWire.open(daemon.socket)
-               for _ in range(max(s.concurrency, s.create_concurrency, s.burst_clients))]
+    clients = [
+        await wire.RpcWire.open(daemon.socket)
+        for _ in range(max(s.concurrency, s.create_concurrency, s.burst_clients))
+    ]
     containers: list[RunningContainer] = []
     try:
+
         async def create(client: wire.RpcWire, i: int) -> None:
             ctl, tty = endpoints[i]
-            await client.call("pod.create", {
-                "id": pods[i], "vm": {"backend": "external", "ctl": ctl, "tty": tty},
-                "proxy": {"mode": "system", "url": f"unix://{proxy}"}, "agent_dialect": "cc"})
+            await client.call(
+                "pod.create",
+                {
+                    "id": pods[i],
+                    "vm": {"backend": "external", "ctl": ctl, "tty": tty},
+                    "proxy": {"mode": "system", "url": f"unix://{proxy}"},
+                    "agent_dialect": "cc",
+                },
+            )
             await client.call("pod.start", {"id": pods[i]})
 
         async def add_container(client: wire.RpcWire, i: int) -> None:
@@ -133,8 +149,7 @@ async def scale_one(ws: Workspace, s: ScaleSettings, n: int, sec: Section, rootf
         elapsed = await _pool(clients[: s.create_concurrency], measured, add_container)
         sec.add(f"cstart{n}", f"N={n}: create+start one container per pod", "s", elapsed)
         rss2 = daemon.rss_kib()
-        sec.add(f"rssc{n}", f"N={n}: hyperd RSS per VM incl. 1 container", "KiB",
-                (rss2 - rss0) / n)
+        sec.add(f"rssc{n}", f"N={n}: hyperd RSS per VM incl. 1 container", "KiB", (rss2 - rss0) / n)
         sec.add(f"rsstotal{n}", f"N={n}: hyperd RSS total", "MiB", rss2 / 1024)
 
         rng = random.Random(SEED)
@@ -142,14 +157,19 @@ async def scale_one(ws: Workspace, s: ScaleSettings, n: int, sec: Section, rootf
             all_calls: list[float] = []
             agent_calls: list[float] = []
 
-            async def call(client: wire.RpcWire, k: int, all_calls: list[float] = all_calls,
-                           agent_calls: list[float] = agent_calls) -> None:
+            async def call(
+                client: wire.RpcWire,
+                k: int,
+                all_calls: list[float] = all_calls,
+                agent_calls: list[float] = agent_calls,
+            ) -> None:
                 pod = pods[1 + rng.randrange(n)]
                 kind = k % 4
                 start = perf_counter()
                 if kind < 2:
-                    await client.call("container.kill",
-                                      {"pod": pod, "id": CONTAINER, "signal": KILL_SIGNAL_NAME})
+                    await client.call(
+                        "container.kill", {"pod": pod, "id": CONTAINER, "signal": KILL_SIGNAL_NAME}
+                    )
                 elif kind == 2:
                     await client.call("pod.inspect", {"id": pod})
                 else:
@@ -160,12 +180,18 @@ async def scale_one(ws: Workspace, s: ScaleSettings, n: int, sec: Section, rootf
                     agent_calls.append(took)
 
             elapsed = await _pool(clients[: s.concurrency], list(range(s.calls)), call)
-            sec.add(f"p50_{n}", f"N={n}: mixed load p50 (all calls)", "us",
-                    percentile(all_calls, 50))
-            sec.add(f"p99_{n}", f"N={n}: mixed load p99 (all calls)", "us",
-                    percentile(all_calls, 99))
-            sec.add(f"p99k_{n}", f"N={n}: mixed load p99 (container.kill)", "us",
-                    percentile(agent_calls, 99))
+            sec.add(
+                f"p50_{n}", f"N={n}: mixed load p50 (all calls)", "us", percentile(all_calls, 50)
+            )
+            sec.add(
+                f"p99_{n}", f"N={n}: mixed load p99 (all calls)", "us", percentile(all_calls, 99)
+            )
+            sec.add(
+                f"p99k_{n}",
+                f"N={n}: mixed load p99 (container.kill)",
+                "us",
+                percentile(agent_calls, 99),
+            )
             sec.add(f"rate{n}", f"N={n}: mixed load calls/s", "/s", s.calls / elapsed)
 
             kills: list[float] = []
@@ -173,13 +199,18 @@ async def scale_one(ws: Workspace, s: ScaleSettings, n: int, sec: Section, rootf
             async def kill(client: wire.RpcWire, k: int, kills: list[float] = kills) -> None:
                 pod = pods[1 + rng.randrange(n)]
                 start = perf_counter()
-                await client.call("container.kill",
-                                  {"pod": pod, "id": CONTAINER, "signal": KILL_SIGNAL_NAME})
+                await client.call(
+                    "container.kill", {"pod": pod, "id": CONTAINER, "signal": KILL_SIGNAL_NAME}
+                )
                 kills.append((perf_counter() - start) * US)
 
             elapsed = await _pool(clients[: s.burst_clients], list(range(s.calls)), kill)
-            sec.add(f"burst{n}", f"N={n}: agent commands/s, {s.burst_clients} clients "
-                    "(container.kill only)", "/s", s.calls / elapsed)
+            sec.add(
+                f"burst{n}",
+                f"N={n}: agent commands/s, {s.burst_clients} clients (container.kill only)",
+                "/s",
+                s.calls / elapsed,
+            )
             sec.add(f"burst99_{n}", f"N={n}: p99 of those", "us", percentile(kills, 99))
         sec.notes.append(f"N={n}: VMs are {what}; RSS figures exclude a warm-up pod")
     finally:
@@ -201,5 +232,6 @@ async def scale(ws: Workspace, s: ScaleSettings) -> Section:
         "1/2 container.kill (agent round trip), 1/4 pod.inspect, 1/4 container.list, "
         "random pods; then the same number of container.kill calls from "
         f"{s.burst_clients} clients (one VM allows one agent command at a time: many VMs "
-        "show how far one hyperd scales past that)")
+        "show how far one hyperd scales past that)"
+    )
     return sec

@@ -86,8 +86,9 @@ def render(sections: Sequence[Section], header: Sequence[str] = ()) -> str:
     for sec in sections:
         lines.append("")
         lines.append(f"== {sec.title}")
-        width = max([len(r.label) for r in sec.rows.values()] + [len(x) for x, _ in sec.ratios]
-                    + [24])
+        width = max(
+            [len(r.label) for r in sec.rows.values()] + [len(x) for x, _ in sec.ratios] + [24]
+        )
         for row in sec.rows.values():
             reps = f"n={len(row.samples)}"
             note = f"  {row.note}" if row.note else ""

@@ -33,45 +33,59 @@ def summary(sections: Sequence[Section]) -> list[str]:
         callers = [k for k in tp.rows if k.startswith(HYPERD_PREFIX) and k[6:].isdigit()]
         if callers:
             best = max(callers, key=tp.value)
-            n = best[len(HYPERD_PREFIX):]
+            n = best[len(HYPERD_PREFIX) :]
             raw, a, b = tp.value("raw"), tp.value("A"), tp.value("B")
             ratio = tp.value(best) / raw
-            lines.append(f"hyperd ({n} callers) reaches {ratio:.3f}x of the raw limit "
-                         f"(target >= {RAW_TARGET}x): {_verdict(ratio >= RAW_TARGET)}")
-            lines.append(f"hyperd ({n} callers) vs seed pattern A: {fmt(tp.value(best) / a, 'x')}"
-                         f", vs one-at-a-time B: {fmt(tp.value(best) / b, 'x')}")
+            lines.append(
+                f"hyperd ({n} callers) reaches {ratio:.3f}x of the raw limit "
+                f"(target >= {RAW_TARGET}x): {_verdict(ratio >= RAW_TARGET)}"
+            )
+            lines.append(
+                f"hyperd ({n} callers) vs seed pattern A: {fmt(tp.value(best) / a, 'x')}"
+                f", vs one-at-a-time B: {fmt(tp.value(best) / b, 'x')}"
+            )
             ours = {key: 1e6 / tp.value(key) for key in REFERENCE_US}
             if not any(math.isnan(v) for v in ours.values()):
                 lines.append(
                     "per ping, hyperd-proxy + hyperd-sim vs the reference cc-proxy + Go mock "
                     f"agent: one write {fmt(ours['raw'], 'us')} vs {REFERENCE_US['raw']:.0f} us, "
                     f"sequential {fmt(ours['B'], 'us')} vs {REFERENCE_US['B']:.0f} us, "
-                    f"connect per command {fmt(ours['A'], 'us')} vs {REFERENCE_US['A']:.0f} us")
+                    f"connect per command {fmt(ours['A'], 'us')} vs {REFERENCE_US['A']:.0f} us"
+                )
                 if ours["raw"] <= REFERENCE_US["raw"]:
                     verdict = "met (with a slower, Python agent)"
                 else:
-                    verdict = ("not decided by this figure: the reference's agent is Go, ours "
-                               "Python; compare the proxy's share with the reference's total")
+                    verdict = (
+                        "not decided by this figure: the reference's agent is Go, ours "
+                        "Python; compare the proxy's share with the reference's total"
+                    )
                 lines.append(
                     f"of the one-write figure, the agent (hyperd-sim, Python) takes "
                     f"{fmt(tp.value('agent_us'), 'us')} and hyperd-proxy "
                     f"{fmt(tp.value('proxy_us'), 'us')}; proxy not slower than the reference: "
-                    f"{verdict}")
+                    f"{verdict}"
+                )
         many = sorted((int(k[4:]), k) for k in tp.rows if k.startswith("many") and k[4:].isdigit())
         if len(many) > 1:
             (one, one_key), (top, key) = many[0], many[-1]
-            lines.append(f"{top} VMs behind one proxy: {fmt(tp.value(key), 'cmd/s')} through "
-                         f"hyperd, {fmt(tp.value(key) / tp.value(one_key), 'x')} of {one} VM, "
-                         f"{fmt(tp.value(key) / tp.value('manyraw'), 'x')} of the proxy's "
-                         "ceiling (raw limit of one ACK-only VM)")
+            lines.append(
+                f"{top} VMs behind one proxy: {fmt(tp.value(key), 'cmd/s')} through "
+                f"hyperd, {fmt(tp.value(key) / tp.value(one_key), 'x')} of {one} VM, "
+                f"{fmt(tp.value(key) / tp.value('manyraw'), 'x')} of the proxy's "
+                "ceiling (raw limit of one ACK-only VM)"
+            )
     lat = _find(sections, "2.")
     if lat is not None:
-        lines.append(f"hyperd's overhead per agent command over JSON-RPC: "
-                     f"{fmt(lat.value('overhead'), 'us')} at p50 "
-                     f"(RPC round trip alone {fmt(lat.value('version50'), 'us')})")
+        lines.append(
+            f"hyperd's overhead per agent command over JSON-RPC: "
+            f"{fmt(lat.value('overhead'), 'us')} at p50 "
+            f"(RPC round trip alone {fmt(lat.value('version50'), 'us')})"
+        )
     lc = _find(sections, "4.")
     if lc is not None:
-        lines.append(f"container lifecycle: hyperd {fmt(lc.value('hyperd_p50'), 'ms')} vs seed "
-                     f"pattern {fmt(lc.value('seed_p50'), 'ms')} at p50; hyperd's 4 durable "
-                     f"saves cost {fmt(lc.value('saves'), 'ms')} of that")
+        lines.append(
+            f"container lifecycle: hyperd {fmt(lc.value('hyperd_p50'), 'ms')} vs seed "
+            f"pattern {fmt(lc.value('seed_p50'), 'ms')} at p50; hyperd's 4 durable "
+            f"saves cost {fmt(lc.value('saves'), 'ms')} of that"
+        )
     return lines

@@ -80,6 +80,7 @@ async def run_protocol_load(sock: str, vm: str, callers: int, total: int) -> flo
     per_caller = max(1, total // callers)
     proto = await wire.PipelineProtocol.open(sock, vm)
     try:
+
         async def caller() -> None:
             for _ in range(per_caller):
                 await proto.command(Command.HYPER, wire.PING_PAYLOAD)
@@ -121,8 +122,9 @@ def run_agent_direct(agent: wire.BlockingAgent, total: int) -> float:
 
 
 async def throughput(ws: Workspace, s: ThroughputSettings) -> Section:
-    sec = Section("1. command throughput (Hyper ping via hyperd-proxy to hyperd-sim), one VM, "
-                  "then many")
+    sec = Section(
+        "1. command throughput (Hyper ping via hyperd-proxy to hyperd-sim), one VM, then many"
+    )
     vm = ws.start_sim("tp-vm")
     sock = ws.start_proxy("tp-proxy")
     url = f"unix://{sock}"
@@ -140,25 +142,31 @@ async def throughput(ws: Workspace, s: ThroughputSettings) -> Section:
         run_agent_direct(agent, s.warmup)
         for _ in range(s.repetitions):
             t = run_seed_pattern(sock, VM_ID, s.seed_commands)
-            sec.add("A", "A  seed pattern (connect+attach+cmd+close)", "cmd/s",
-                    s.seed_commands / t)
+            sec.add("A", "A  seed pattern (connect+attach+cmd+close)", "cmd/s", s.seed_commands / t)
             t = run_one_at_a_time(sock, VM_ID, s.commands)
             sec.add("B", "B  one connection, one at a time", "cmd/s", s.commands / t)
             for n in s.callers:
                 t = await run_session_load(url, VM_ID, n, s.commands)
                 sec.add(f"hyperd{n}", f"hyperd VMSession, {n} callers", "cmd/s", s.commands / t)
             t = await run_protocol_load(sock, VM_ID, max(s.callers), s.commands)
-            sec.add("proto", f"reference: bare asyncio.Protocol client, {max(s.callers)} callers",
-                    "cmd/s", s.commands / t)
+            sec.add(
+                "proto",
+                f"reference: bare asyncio.Protocol client, {max(s.callers)} callers",
+                "cmd/s",
+                s.commands / t,
+            )
             t_raw = await wire.raw_pipelined(sock, VM_ID, s.commands)
             sec.add("raw", "raw limit (one write, pipelined)", "cmd/s", s.commands / t_raw)
-            sec.add("raw_us", "raw limit: time per command", "us",
-                    t_raw / s.commands * US)
+            sec.add("raw_us", "raw limit: time per command", "us", t_raw / s.commands * US)
             t_agent = run_agent_direct(agent, s.commands)
             sec.add("agent", "agent alone (ctl socket, no proxy)", "cmd/s", s.commands / t_agent)
             sec.add("agent_us", "agent round trip", "us", t_agent / s.commands * US)
-            sec.add("proxy_us", "proxy's own cost per command (raw - agent)", "us",
-                    (t_raw - t_agent) / s.commands * US)
+            sec.add(
+                "proxy_us",
+                "proxy's own cost per command (raw - agent)",
+                "us",
+                (t_raw - t_agent) / s.commands * US,
+            )
         for n in s.callers:
             for base, name in (("A", "A"), ("B", "B"), ("raw", "raw")):
                 sec.ratio(f"hyperd ({n} callers) / {name}", f"hyperd{n}", base)
@@ -166,6 +174,8 @@ async def throughput(ws: Workspace, s: ThroughputSettings) -> Section:
     finally:
         registrar.close()
         agent.close()
-    sec.notes.append("the proxy keeps one agent command outstanding per VM, so the agent round "
-                     "trip bounds one VM; client, proxy and sim share the machine's cores")
+    sec.notes.append(
+        "the proxy keeps one agent command outstanding per VM, so the agent round "
+        "trip bounds one VM; client, proxy and sim share the machine's cores"
+    )
     return sec

@@ -66,8 +66,9 @@ class Workspace:
         """Start a simulated VM (CC dialect) listening on ``<name>.ctl`` / ``<name>.tty``."""
         return self.start_sims([name], [share])[0]
 
-    def start_sims(self, names: Sequence[str], shares: Sequence[str | None] | None = None
-                   ) -> list[SimVM]:
+    def start_sims(
+        self, names: Sequence[str], shares: Sequence[str | None] | None = None
+    ) -> list[SimVM]:
         """Start several simulated VMs at once (in parallel) and wait until all listen."""
         vms, argvs = [], []
         for i, wanted in enumerate(names):
@@ -76,8 +77,19 @@ class Workspace:
             os.makedirs(share_dir, exist_ok=True)
             vm = SimVM(name, self.path(f"{name}.ctl"), self.path(f"{name}.tty"), share_dir)
             vms.append(vm)
-            argvs.append([*python_argv("hyperd.sim"), "--ctl", vm.ctl, "--tty", vm.tty,
-                          "--share", share_dir, "--log-level", HELPER_LOG_LEVEL.upper()])
+            argvs.append(
+                [
+                    *python_argv("hyperd.sim"),
+                    "--ctl",
+                    vm.ctl,
+                    "--tty",
+                    vm.tty,
+                    "--share",
+                    share_dir,
+                    "--log-level",
+                    HELPER_LOG_LEVEL.upper(),
+                ]
+            )
         self.procs.spawn_many(argvs, what="hyperd-sim")
         return vms
 
@@ -85,8 +97,14 @@ class Workspace:
         """Start ``hyperd-proxy`` in system mode; returns its socket path."""
         name = self.unique(name)
         sock = self.path(f"{name}.sock")
-        argv = [*python_argv("hyperd.proxy"), "--socket", sock, "--log-level", HELPER_LOG_LEVEL,
-                *extra]
+        argv = [
+            *python_argv("hyperd.proxy"),
+            "--socket",
+            sock,
+            "--log-level",
+            HELPER_LOG_LEVEL,
+            *extra,
+        ]
         self.procs.spawn(argv, what=f"hyperd-proxy {name}")
         return sock
 

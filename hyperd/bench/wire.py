@@ -111,19 +111,23 @@ class ProxyWire:
     async def attach(self, vm: str, streams: int = 0) -> bytes:
         return await self.call(Command.ATTACH_VM, AttachVM(containerId=vm, numIOStreams=streams))
 
-    async def hyper(self, name: str, data: bytes | None = None, tokens: list[str] | None = None
-                    ) -> bytes:
+    async def hyper(
+        self, name: str, data: bytes | None = None, tokens: list[str] | None = None
+    ) -> bytes:
         if data is None and tokens is None:
-            return await self.call(Command.HYPER, PING_PAYLOAD if name == PING_NAME else
-                                   encode_payload(Hyper(hyperName=name)))
+            return await self.call(
+                Command.HYPER,
+                PING_PAYLOAD if name == PING_NAME else encode_payload(Hyper(hyperName=name)),
+            )
         hyper = Hyper(hyperName=name, tokens=tokens)
         if data is not None:
             hyper = Hyper(hyperName=name, tokens=tokens, data=msgspec.Raw(data))
         return await self.call(Command.HYPER, hyper)
 
 
-async def seed_command(path: str, vm: str, name: str, data: bytes | None = None,
-                       tokens: list[str] | None = None) -> bytes:
+async def seed_command(
+    path: str, vm: str, name: str, data: bytes | None = None, tokens: list[str] | None = None
+) -> bytes:
     """The seed's ``sendCmd``: connect, AttachVM, the Hyper command, disconnect."""
     wire = await ProxyWire.open(path)
     try:

@@ -34,9 +34,15 @@ def test_quick_run_prints_the_table() -> None:
     for title in SECTION_TITLES:
         assert title in out, out
     assert "FAILED" not in out
-    for row in ("A  seed pattern", "raw limit", "hyperd VMSession, 64 callers", "/ raw",
-                "hyperd overhead per agent command", "hyperd RSS growth per VM",
-                "containers/s hyperd / seed"):
+    for row in (
+        "A  seed pattern",
+        "raw limit",
+        "hyperd VMSession, 64 callers",
+        "/ raw",
+        "hyperd overhead per agent command",
+        "hyperd RSS growth per VM",
+        "containers/s hyperd / seed",
+    ):
         assert row in out, out
 
 

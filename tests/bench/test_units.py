@@ -53,8 +53,17 @@ def test_farm_answers_as_many_agents(short_tmp: Path) -> None:
     count = 3
     read_fd, write_fd = os.pipe()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hyperd.bench.farm", "--dir", str(short_tmp), "--count",
-         str(count), "--ready-fd", str(write_fd)],
+        [
+            sys.executable,
+            "-m",
+            "hyperd.bench.farm",
+            "--dir",
+            str(short_tmp),
+            "--count",
+            str(count),
+            "--ready-fd",
+            str(write_fd),
+        ],
         pass_fds=(write_fd,),
     )
     os.close(write_fd)
