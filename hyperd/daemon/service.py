@@ -295,12 +295,13 @@ class Daemon:
         rt = self.rt(pod)
         async with rt.lock:
             check_pod_transition(pod, "start")
+            before = pod.state
             try:
                 await self._start_locked(pod, rt)
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await self.teardown(pod, rt, unregister=True)
-                    pod.state = PodState.STOPPED if pod.dialect else PodState.CREATED
+                    pod.state = before  # a failed start changes nothing
                     await self.save(pod)
                 raise
         self.publish("pod", pod, str(pod.state))
