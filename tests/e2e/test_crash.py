@@ -7,6 +7,7 @@ mount, no helper process left behind, nothing that cannot be started again or de
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
@@ -108,3 +109,25 @@ async def test_corrupt_state_is_quarantined(hyperd_factory: Hyperd) -> None:
         assert [p["id"] for p in (await c.call("pod.list"))["pods"]] == ["good"]
     quarantined = list((hyperd_factory.base / "state" / "quarantine").iterdir())
     assert [q.name.startswith("pods-bad.json") for q in quarantined] == [True]
+
+
+async def test_failed_pod_start_changes_nothing(hyperd_factory: Hyperd) -> None:
+    sim_args = {"crashy": ["--crash-after", "0"]}  # the VM dies at its first command
+    hyperd_factory.start(env={"HYPERD_TEST_SIM_ARGS": json.dumps(sim_args)})
+    with anyio.fail_after(60):
+        async with rpc(hyperd_factory.socket) as c:
+            with pytest.raises(RPCError) as err:
+                await c.call("pod.create", {"id": "nonet", "netns": "/var/run/netns/none-such"})
+                await c.call("pod.start", {"id": "nonet"})
+            assert err.value.kind == "invalid_params" and "none-such" in err.value.message
+            await c.call("pod.create", {"id": "crashy", "agent_dialect": "cc"})
+            with pytest.raises(RPCError) as err:
+                await c.call("pod.start", {"id": "crashy"})
+            assert err.value.kind == "vm_unavailable", err.value
+            for pod in ("nonet", "crashy"):
+                info = await c.call("pod.inspect", {"id": pod})
+                assert info["state"] == "created"
+                assert info["vm_pid"] is None and info["proxy_pid"] is None
+                await c.call("pod.delete", {"id": pod})
+    assert _helper_pids(hyperd_factory.base) == []
+    assert hyperd_factory.mounts_under_base() == []
