@@ -344,14 +344,15 @@ class ClientConnection(asyncio.Protocol, ShimCommands):
                     raise texts.CommandError(texts.NO_CTL_CHANNEL)
                 if session.freed:
                     raise texts.CommandError(texts.unknown_token_hyper(session.token))
+            # indexed before sending: the exit event may come in the same read as the ACK
+            vm.bind_process(session)
             reply = await vm.call(name, code, data)
+            if not reply.ok:
+                raise texts.CommandError(texts.agent_error(reply.payload))
         except BaseException:
             session.used = False
+            vm.unbind_process(session)
             raise
-        if not reply.ok:
-            session.used = False
-            raise texts.CommandError(texts.agent_error(reply.payload))
-        vm.bind_process(session)
         session.process_started.set()
         return reply.payload
 

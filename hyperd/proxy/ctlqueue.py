@@ -140,6 +140,10 @@ class CtlQueue:
             if transport is None:
                 self._answer(req, None, texts.NO_CTL_CHANNEL)
                 continue
+            if not self._inflight:
+                # every reply is in, so every NEXT before it too: count afresh, so that an
+                # agent whose NEXT sums are off cannot stall later frames
+                self._written = self._acked = 0
             frame = self.conn.send_command(req.code, req.payload)
             self._inflight.append(req)
             self._live += 1

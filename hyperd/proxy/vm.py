@@ -354,14 +354,18 @@ class AgentVM:
         if not session.is_null:
             self.by_process[(session.container_id, session.process_id)] = session
 
+    def unbind_process(self, session: IOSession) -> None:
+        """Undo :meth:`bind_process` (the process did not start)."""
+        key = (session.container_id, session.process_id)
+        if self.by_process.get(key) is session:
+            del self.by_process[key]
+
     def free_session(self, session: IOSession) -> None:
         """Forget ``session``'s seqs and close its shim (DisconnectShim)."""
         for seq in (session.io_base, session.io_base + 1):
             if self.sessions.get(seq) is session:
                 del self.sessions[seq]
-        key = (session.container_id, session.process_id)
-        if self.by_process.get(key) is session:
-            del self.by_process[key]
+        self.unbind_process(session)
         session.free()
 
     # -- loss ------------------------------------------------------------------------------------
