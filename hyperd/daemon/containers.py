@@ -99,23 +99,25 @@ async def container_create(
     _check_rootfs(rootfs)
     if shim_pid is not None and shim_pid <= 0:
         raise InvalidParams(f"invalid shim_pid {shim_pid!r}", field="shim_pid")
-    link = d.link_of(pod)
-    token = (await bridge.tokens(pod, link, 1))[0]
-    if cid in pod.containers:  # created concurrently while we waited for the token
-        raise AlreadyExists(
-            f"container {cid!r} already exists in pod {pod.id!r}", pod=pod.id, container=cid
-        )
     c = ContainerRecord(
         id=cid,
         rootfs=rootfs,
         process=process,
-        token=token,
+        token="",
         mounts=list(mounts),
         devices=list(devices),
         resources=resources,
         bind_mount_dev=bind_mount_dev,
         shim_pid=shim_pid,
     )
+    # what the agent's dialect cannot carry is refused now, not at start
+    bridge.container_message(pod, c, [])
+    link = d.link_of(pod)
+    c.token = token = (await bridge.tokens(pod, link, 1))[0]
+    if cid in pod.containers:  # created concurrently while we waited for the token
+        raise AlreadyExists(
+            f"container {cid!r} already exists in pod {pod.id!r}", pod=pod.id, container=cid
+        )
     pod.containers[cid] = c
     await d.save(pod)
     d.publish("container", pod, str(c.state), container=cid)
@@ -281,13 +283,14 @@ async def exec_create(
         raise AlreadyExists(
             f"exec {eid!r} already exists in pod {pod.id!r}", pod=pod.id, exec_id=eid
         )
+    e = ExecRecord(id=eid, container=c.id, process=process, token="")
+    bridge.exec_message(pod, c, e)  # refuse what the agent's dialect cannot carry, now
     link = d.link_of(pod)
-    token = (await bridge.tokens(pod, link, 1))[0]
+    e.token = token = (await bridge.tokens(pod, link, 1))[0]
     if eid in pod.execs:
         raise AlreadyExists(
             f"exec {eid!r} already exists in pod {pod.id!r}", pod=pod.id, exec_id=eid
         )
-    e = ExecRecord(id=eid, container=c.id, process=process, token=token)
     pod.execs[eid] = e
     await d.save(pod)
     d.publish("exec", pod, str(e.state), container=c.id, exec_id=eid)

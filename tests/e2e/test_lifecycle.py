@@ -140,6 +140,17 @@ async def test_hyperhq_dialect_pod(hyperd: Hyperd, busybox_rootfs: Path) -> None
         async with rpc(hyperd.socket) as c:
             pod = await start_pod(c, "hq", vm={"backend": "sim", "dialect": "hyper"})
             assert pod["dialect"] == "hyper"
+            with pytest.raises(RPCError) as err:  # hyperhq's parser knows no capabilities
+                await c.call(
+                    "container.create",
+                    {
+                        "pod": "hq",
+                        "id": "caps",
+                        "rootfs": {"path": str(busybox_rootfs)},
+                        "process": {"args": ["true"], "capabilities": {"bounding": []}},
+                    },
+                )
+            assert err.value.kind == "invalid_params" and "capabilities" in err.value.message
             # (processes here outlive their NEWCONTAINER/EXECCMD reply by a moment: hyperd-proxy
             # indexes a hyperhq process for its exit event only after the reply's coroutine
             # resumes, and drops an exit event that the same ctl read delivered; reported)
