@@ -19,9 +19,9 @@ import msgspec
 import pytest
 
 from protocol.ccproxy import Command, Frame, FrameType, Stream
-from protocol.hyperstart import Code, CtlDecoder
+from protocol.hyperstart import Code, CtlDecoder, TtyDecoder
 from tests.paths import HYPERSTART_TRANSCRIPTS
-from tests.proxy.harness import IO_DEADLINE, Pipe, PipeListener, hyper, proxied
+from tests.proxy.harness import IO_DEADLINE, Pipe, PipeListener, RawClient, hyper, proxied
 
 pytestmark = pytest.mark.anyio
 
@@ -30,13 +30,24 @@ SEQS = {1: 3, 2: 4}  # recorded seq -> the proxy's
 VERSION_REPLY = bytes.fromhex("0000000e0000000c00000008000000090000000c00001094")
 
 
-def _script(scenario: str) -> tuple[list[bytes], list[tuple[dict[str, Any], list[Any]]]]:
+Segment = tuple[dict[str, Any], list[tuple[str, Any]]]
+
+
+def _script(scenario: str, skip_seqs: tuple[int, ...] = ()) -> tuple[list[bytes], list[Segment]]:
+    """The recorded run as (prelude, segments): each segment is one frame the host sent (ctl
+    or tty) and what the agent sent after it, up to the host's next frame. Segments for stdin
+    to ``skip_seqs`` (which a proxy never sends) are left out."""
     run = json.loads((HYPERSTART_TRANSCRIPTS / f"{scenario}.json").read_text())["runs"][0]
     prelude: list[bytes] = []
-    segments: list[tuple[dict[str, Any], list[Any]]] = []
+    segments: list[Segment] = []
+    skipping = False
     for rec in run["records"]:
         if rec["kind"] == "frame" and rec["dir"] == "h2a":
-            segments.append((rec, []))
+            skipping = rec["ch"] == "tty" and rec["seq"] in skip_seqs
+            if not skipping:
+                segments.append((rec, []))
+            continue
+        if skipping:
             continue
         if rec["kind"] == "close" and rec["dir"] == "a2h":
             segments[-1][1].append(("close", rec["ch"]))
@@ -53,28 +64,35 @@ def _script(scenario: str) -> tuple[list[bytes], list[tuple[dict[str, Any], list
     return prelude, segments
 
 
-async def _read_ctl(pipe: Pipe, decoder: CtlDecoder) -> tuple[int, bytes]:
+async def _read(pipe: Pipe, decoder: CtlDecoder | TtyDecoder) -> Any:
     with anyio.fail_after(IO_DEADLINE):
         while (frame := decoder.next_frame()) is None:
             decoder.feed(await pipe.receive())
-    return frame.code, frame.payload
+    return frame
 
 
 async def _agent(
-    ctl_listener: PipeListener, tty_listener: PipeListener, scenario: str, seen: list[Any]
+    ctl_listener: PipeListener,
+    tty_listener: PipeListener,
+    script: tuple[list[bytes], list[Segment]],
+    seen: list[Any],
 ) -> None:
-    prelude, segments = _script(scenario)
+    """Play the recorded agent: wait for each host frame, answer as hyperstart did."""
+    prelude, segments = script
     ctl = await ctl_listener.accept()
     tty = await tty_listener.accept()
     for raw in prelude:
         await ctl.send(raw)
-    decoder = CtlDecoder()
+    ctl_decoder, tty_decoder = CtlDecoder(), TtyDecoder()
     for recorded, answers in segments:
-        code, payload = await _read_ctl(ctl, decoder)
-        if code == Code.VERSION:  # auto-detection, not part of this recording
-            await ctl.send(VERSION_REPLY)
-            code, payload = await _read_ctl(ctl, decoder)
-        seen.append((recorded, code, payload))
+        if recorded["ch"] == "ctl":
+            frame = await _read(ctl, ctl_decoder)
+            if frame.code == Code.VERSION:  # auto-detection, not part of these recordings
+                await ctl.send(VERSION_REPLY)
+                frame = await _read(ctl, ctl_decoder)
+        else:
+            frame = await _read(tty, tty_decoder)
+        seen.append((recorded, frame))
         for kind, data in answers:
             if kind == "close":
                 await (ctl if data == "ctl" else tty).aclose()
@@ -82,27 +100,52 @@ async def _agent(
                 await (ctl if kind == "ctl" else tty).send(data)
 
 
+async def _register(runtime: RawClient, directory: Path) -> str:
+    payload = {
+        "containerId": "hs",
+        "ctlSerial": str(directory / "vm.ctl"),
+        "ioSerial": str(directory / "vm.tty"),
+        "numIOStreams": 1,
+    }
+    ok, body = await runtime.call(Command.REGISTER_VM, payload)
+    assert ok, body
+    return str(body["io"]["tokens"][0])
+
+
+def _check_sent(seen: list[Any], segments: list[Segment]) -> None:
+    """Every frame the proxy sent is the one the real hyperstart accepted (seqs renumbered)."""
+    assert len(seen) == len(segments)
+    for recorded, frame in seen:
+        if recorded["ch"] == "tty":
+            assert frame.seq == SEQS[recorded["seq"]]
+            assert frame.data == bytes.fromhex(recorded["payload_hex"])
+            continue
+        assert frame.code == recorded["code"]
+        expected = recorded.get("payload_json")
+        if expected is not None and recorded["code"] in (Code.NEWCONTAINER, Code.EXECCMD):
+            expected["process"].update(
+                stdio=SEQS[expected["process"]["stdio"]],
+                stderr=SEQS[expected["process"]["stderr"]],
+            )
+            assert msgspec.json.decode(frame.payload) == expected
+        else:
+            assert frame.payload == bytes.fromhex(recorded["payload_hex"])
+
+
 async def test_pod_container_echo(anyio_backend: object, short_tmp: Path) -> None:
     ctl_listener = await PipeListener.create(str(short_tmp / "vm.ctl"))
     tty_listener = await PipeListener.create(str(short_tmp / "vm.tty"))
     seen: list[Any] = []
-    _, segments = _script("pod_container_echo")
+    script = _script("pod_container_echo")
+    segments = script[1]
     startpod = segments[0][0]["payload_json"]
     container = segments[1][0]["payload_json"]
     process = {k: v for k, v in container["process"].items() if k not in ("stdio", "stderr")}
     try:
         async with proxied(short_tmp) as proxy, anyio.create_task_group() as tg:
-            tg.start_soon(_agent, ctl_listener, tty_listener, "pod_container_echo", seen)
+            tg.start_soon(_agent, ctl_listener, tty_listener, script, seen)
             runtime = await proxy.connect()
-            payload = {
-                "containerId": "hs",
-                "ctlSerial": str(short_tmp / "vm.ctl"),
-                "ioSerial": str(short_tmp / "vm.tty"),
-                "numIOStreams": 1,
-            }
-            ok, body = await runtime.call(Command.REGISTER_VM, payload)
-            assert ok, body
-            token = body["io"]["tokens"][0]
+            token = await _register(runtime, short_tmp)
             shim = await proxy.connect()
             assert await shim.call(Command.CONNECT_SHIM, {"token": token}) == (True, b"")
             assert await runtime.call(Command.HYPER, hyper("startpod", startpod)) == (True, b"")
@@ -129,10 +172,38 @@ async def test_pod_container_echo(anyio_backend: object, short_tmp: Path) -> Non
     finally:
         await ctl_listener.aclose()
         await tty_listener.aclose()
-    # what went to the agent is what the real hyperstart accepted (seqs renumbered)
-    (pod_rec, _, pod_sent), (nc_rec, _, nc_sent) = seen[0], seen[1]
-    assert pod_sent == bytes.fromhex(pod_rec["payload_hex"])
-    expected = nc_rec["payload_json"]
-    expected["process"].update(stdio=3, stderr=4)
-    assert msgspec.json.decode(nc_sent) == expected
-    assert [code for _, code, _ in seen] == [rec["code"] for rec, _ in segments]
+    _check_sent(seen, segments)
+
+
+async def test_stdin_cat(anyio_backend: object, short_tmp: Path) -> None:
+    """stdin to cat and its echo, stdin EOF (an empty frame for a pipe), the exit event, and
+    stdin after the exit (hyperstart answers it with an EOF, which changes nothing)."""
+    ctl_listener = await PipeListener.create(str(short_tmp / "vm.ctl"))
+    tty_listener = await PipeListener.create(str(short_tmp / "vm.tty"))
+    seen: list[Any] = []
+    script = _script("stdin_cat", skip_seqs=(77,))
+    segments = script[1]
+    container = segments[1][0]["payload_json"]
+    process = {k: v for k, v in container["process"].items() if k not in ("stdio", "stderr")}
+    try:
+        async with proxied(short_tmp) as proxy, anyio.create_task_group() as tg:
+            tg.start_soon(_agent, ctl_listener, tty_listener, script, seen)
+            runtime = await proxy.connect()
+            token = await _register(runtime, short_tmp)
+            shim = await proxy.connect()
+            assert await shim.call(Command.CONNECT_SHIM, {"token": token}) == (True, b"")
+            startpod = segments[0][0]["payload_json"]
+            assert (await runtime.call(Command.HYPER, hyper("startpod", startpod)))[0]
+            data = {**container, "process": process}
+            assert (await runtime.call(Command.HYPER, hyper("newcontainer", data, [token])))[0]
+            await shim.stream_frame(Stream.STDIN, b"ping\n")
+            assert await shim.frame() == Frame(FrameType.STREAM, Stream.STDOUT, b"ping\n")
+            await shim.stream_frame(Stream.STDIN, b"")
+            assert await shim.frame() == Frame(FrameType.NOTIFICATION, 0, bytes([0]))
+            await shim.stream_frame(Stream.STDIN, b"late\n")
+            assert await runtime.call(Command.HYPER, hyper("destroypod")) == (True, b"")
+            await shim.expect_eof()
+    finally:
+        await ctl_listener.aclose()
+        await tty_listener.aclose()
+    _check_sent(seen, segments)
