@@ -242,3 +242,34 @@ def test_hyperctl_run_forwards_signals(hyperd: Hyperd, busybox_rootfs: Path) -> 
             proc.wait()
     assert proc.returncode == 42, err
     assert out == b"got TERM\n"
+
+
+@pytest.mark.anyio
+async def test_hyperctl_exec_run_and_ps(hyperd: Hyperd, busybox_rootfs: Path) -> None:
+    with anyio.fail_after(60):
+        async with rpc(hyperd.socket) as c:
+            await start_pod(c, "ex")
+            long = await create_and_start(c, "ex", "c", busybox_rootfs, ["sleep", "1000"])
+            try:
+                r = await anyio.to_thread.run_sync(
+                    lambda: hyperctl(
+                        hyperd,
+                        "exec",
+                        "run",
+                        "ex",
+                        "c",
+                        "--",
+                        "sh",
+                        "-c",
+                        "read x; echo got $x",
+                        stdin=b"it\n",
+                    )
+                )
+                assert (r.returncode, r.stdout) == (0, b"got it\n"), r.stderr
+                r = await anyio.to_thread.run_sync(
+                    lambda: hyperctl(hyperd, "container", "ps", "ex", "c")
+                )
+                assert r.returncode == 0 and b"sleep" in r.stdout
+            finally:
+                await long.shim.aclose()
+            await c.call("pod.stop", {"id": "ex"})
