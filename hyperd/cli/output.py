@@ -69,6 +69,10 @@ def show(result: Any, *, as_json: bool) -> None:
                 ],
             )
         )
+        for key in ("rpc", "events"):
+            if isinstance(result.get(key), dict):
+                fields = " ".join(f"{k}={cell(v, k)}" for k, v in sorted(result[key].items()))
+                print(f"{key}: {fields}")
     elif isinstance(result, dict):
         nested = {
             k: v

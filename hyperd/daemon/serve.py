@@ -9,6 +9,7 @@ then ``READY=1``. Shutdown (SIGTERM/SIGINT, or the injectable ``shutdown`` event
 
 from __future__ import annotations
 
+import dataclasses
 import grp
 import logging
 import os
@@ -86,6 +87,7 @@ async def serve(
             log.error("state: %s", problem)
         gid = group_id(config.rpc.group)
         server = RPCServer(build_methods(daemon), access=AccessPolicy(group_gid=gid))
+        daemon.rpc_statistics = lambda: dataclasses.asdict(server.statistics())
         if activated:
             listener = await listener_from_socket(activated[0])
             where = "socket-activated fd"

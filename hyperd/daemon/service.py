@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +94,7 @@ class Daemon:
         self.pods: dict[str, PodRecord] = {}
         self.runtime: dict[str, PodRuntime] = {}
         self._save_locks: dict[str, anyio.Lock] = {}
+        self.rpc_statistics: Callable[[], dict[str, Any]] | None = None  # set by serve()
         self._encoder = msgspec.json.Encoder()
         self._decoder = msgspec.json.Decoder(PodRecord)
 
@@ -158,11 +160,18 @@ class Daemon:
         }
 
     def stats(self) -> dict[str, Any]:
+        """Per-VM connection statistics, plus the RPC server's and the event bus's counters."""
         vms: dict[str, Any] = {}
         for pid, rt in self.runtime.items():
             if rt.link is not None:
                 vms[pid] = rt.link.statistics()
-        return {"vms": vms}
+        result: dict[str, Any] = {
+            "vms": vms,
+            "events": {"published": self.bus.published, "subscribers": self.bus.subscribers},
+        }
+        if self.rpc_statistics is not None:
+            result["rpc"] = self.rpc_statistics()
+        return result
 
     # ---- pod.create / list / inspect / delete -----------------------------------------------
 

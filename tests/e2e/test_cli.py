@@ -273,3 +273,14 @@ async def test_hyperctl_exec_run_and_ps(hyperd: Hyperd, busybox_rootfs: Path) ->
             finally:
                 await long.shim.aclose()
             await c.call("pod.stop", {"id": "ex"})
+
+
+def test_hyperctl_stats_and_health(hyperd: Hyperd) -> None:
+    r = hyperctl(hyperd, "stats")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    assert lines[0].split()[:2] == ["POD", "REACHABLE"]
+    assert any(line.startswith("rpc: accepted=") for line in lines)
+    assert any(line.startswith("events: published=") for line in lines)
+    r = hyperctl(hyperd, "health")
+    assert r.returncode == 0 and b"status: ok" in r.stdout
