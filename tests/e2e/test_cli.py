@@ -284,3 +284,16 @@ def test_hyperctl_stats_and_health(hyperd: Hyperd) -> None:
     assert any(line.startswith("events: published=") for line in lines)
     r = hyperctl(hyperd, "health")
     assert r.returncode == 0 and b"status: ok" in r.stdout
+
+
+@pytest.mark.anyio
+async def test_serve_socket_and_state_dir_options(hyperd_factory: Hyperd) -> None:
+    sock = hyperd_factory.base.parent / "api.sock"
+    state = hyperd_factory.base.parent / "st"
+    hyperd_factory.args = ["--socket", str(sock), "--state-dir", str(state)]
+    hyperd_factory.start()
+    assert not (hyperd_factory.base / "hyperd.sock").exists()
+    async with rpc(str(sock)) as c:
+        await c.call("pod.create", {"id": "where"})
+    assert (state / "pods" / "where.json").is_file()
+    assert oct((sock).stat().st_mode & 0o777) == oct(0o660)
