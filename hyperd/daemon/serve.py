@@ -9,12 +9,16 @@ then ``READY=1``. Shutdown (SIGTERM/SIGINT, or the injectable ``shutdown`` event
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import grp
 import logging
 import os
 import signal
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DIR_MODE = 0o755  # base, run and shared dirs: traversable; sockets and state guard themselves
 STATE_DIR_MODE = 0o700
+LOCK_FILE = "hyperd.lock"  # flock()ed by the daemon that owns the state dir
 
 
 def group_id(group: str | int | None) -> int | None:
@@ -79,23 +84,56 @@ async def serve(
     stop_pods = config.stop_pods_on_exit if stop_pods_on_exit is None else stop_pods_on_exit
     shutdown = shutdown or anyio.Event()
     make_dirs(config)
+    # one daemon per state dir: a second one must not reconcile (and tear down) the first's pods
+    with _exclusive(config.state_dir):
+        await _serve(config, stop_pods, activated, shutdown, task_status)
+
+
+@contextlib.contextmanager
+def _exclusive(state_dir: str) -> Iterator[None]:
+    path = os.path.join(state_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OSError(
+                errno.EBUSY, f"another hyperd uses the state dir {state_dir} ({path} is locked)"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+async def _serve(
+    config: Config,
+    stop_pods: bool,
+    activated: list[socket.socket] | None,
+    shutdown: anyio.Event,
+    task_status: anyio.abc.TaskStatus[Daemon],
+) -> None:
     store = StateStore(config.state_dir)
+    gid = group_id(config.rpc.group)
+    # listen first: a socket in use fails the start before any pod is touched
+    if activated:
+        listener = await listener_from_socket(activated[0])
+        where = "socket-activated fd"
+    else:
+        listener = await create_unix_listener(
+            config.rpc.socket, mode=config.rpc.file_mode(), gid=gid
+        )
+        where = config.rpc.socket
     async with anyio.create_task_group() as tg:
         daemon = Daemon(config, store, tg)
-        problems = await daemon.load()
+        try:
+            problems = await daemon.load()
+        except BaseException:
+            await listener.aclose()
+            raise
         for problem in problems:
             log.error("state: %s", problem)
-        gid = group_id(config.rpc.group)
         server = RPCServer(build_methods(daemon), access=AccessPolicy(group_gid=gid))
         daemon.rpc_statistics = lambda: dataclasses.asdict(server.statistics())
-        if activated:
-            listener = await listener_from_socket(activated[0])
-            where = "socket-activated fd"
-        else:
-            listener = await create_unix_listener(
-                config.rpc.socket, mode=config.rpc.file_mode(), gid=gid
-            )
-            where = config.rpc.socket
         await tg.start(server.serve, listener)
         tg.start_soon(_wait_for_signal, shutdown)
         tg.start_soon(notify.watchdog_task)

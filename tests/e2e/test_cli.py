@@ -297,3 +297,22 @@ async def test_serve_socket_and_state_dir_options(hyperd_factory: Hyperd) -> Non
         await c.call("pod.create", {"id": "where"})
     assert (state / "pods" / "where.json").is_file()
     assert oct((sock).stat().st_mode & 0o777) == oct(0o660)
+
+
+@pytest.mark.anyio
+async def test_a_second_daemon_on_the_same_state_refuses(hyperd: Hyperd) -> None:
+    async with rpc(hyperd.socket) as c:
+        pod = await start_pod(c, "mine")
+        r = await anyio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [sys.executable, "-m", "hyperd", "serve", "--base-dir", str(hyperd.base)],
+                capture_output=True,
+                timeout=CLI_TIMEOUT,
+                check=False,
+            )
+        )
+        assert r.returncode == 1
+        assert b"another hyperd uses the state dir" in r.stderr
+        info = await c.call("pod.inspect", {"id": "mine"})
+        assert info["state"] == "running" and info["vm_pid"] == pod["vm_pid"]
+        assert process_alive(pod["vm_pid"])
