@@ -61,13 +61,25 @@ class StateStore:
 
     def __init__(self, state_dir: str | os.PathLike[str]) -> None:
         self.root = Path(state_dir)
-        self._lock = threading.Lock()
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._dirs: set[str] = set()
         self._encoder = msgspec.json.Encoder()
 
+    def _lock(self, kind: str, key: str) -> threading.Lock:
+        # one lock per record: saves of different pods run (and fsync) in parallel
+        lock = self._locks.get((kind, key))
+        if lock is None:
+            with self._locks_guard:
+                lock = self._locks.setdefault((kind, key), threading.Lock())
+        return lock
+
     def _dir(self, kind: str) -> Path:
-        _check_name("kind", kind)
         d = self.root / kind
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if kind not in self._dirs:
+            _check_name("kind", kind)
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._dirs.add(kind)
         return d
 
     def save(self, kind: str, key: str, record: msgspec.Struct) -> None:
@@ -79,7 +91,7 @@ class StateStore:
         )
         path = directory / f"{key}.json"
         tmp = directory / f".{key}.{threading.get_ident()}{_TMP_SUFFIX}"
-        with self._lock:
+        with self._lock(kind, key):
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 try:
@@ -97,12 +109,14 @@ class StateStore:
         """Remove the record ``kind/key`` (no error if it does not exist)."""
         _check_name("key", key)
         directory = self._dir(kind)
-        with self._lock:
+        with self._lock(kind, key):
             try:
                 (directory / f"{key}.json").unlink(missing_ok=True)
                 _fsync_dir(directory)
             except OSError as exc:
                 raise StoreError(f"cannot delete {kind}/{key}: {exc.strerror}") from None
+        with self._locks_guard:  # forget the lock so that deleted records cost no memory
+            self._locks.pop((kind, key), None)
 
     def load_all(self, kind: str, type_: type[T]) -> LoadResult[T]:
         """Every record of ``kind``; bad files are quarantined and listed in ``problems``."""
