@@ -169,10 +169,21 @@ def test_non_root_peer_outside_the_group_is_refused(hyperd_factory: Hyperd) -> N
     hyperd_factory.args = ["--config", str(config)]
     hyperd_factory.base.parent.chmod(0o755)  # let the unprivileged client reach the socket
     hyperd_factory.start()
-    client = (
-        "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
-        's.sendall(b\'{"jsonrpc":"2.0","id":1,"method":"pod.list"}\\n\'); '
-        "print(s.recv(4096).decode())"
+    # the refusal comes at once; sending nothing keeps the close clean (unread data would
+    # make the server's close a reset that can discard the refusal on its way)
+    client = "\n".join(
+        [
+            "import socket, sys",
+            "s = socket.socket(socket.AF_UNIX)",
+            "s.connect(sys.argv[1])",
+            "data = b''",
+            "while not data.endswith(b'\\n'):",
+            "    chunk = s.recv(4096)",
+            "    if not chunk:",
+            "        break",
+            "    data += chunk",
+            "print(data.decode())",
+        ]
     )
     nobody = 65534
     r = subprocess.run(
