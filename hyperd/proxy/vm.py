@@ -111,7 +111,6 @@ class AgentVM:
         self.commands.paced = self.dialect is HYPER
         self._ready: asyncio.Future[None] | None = None
         self.lost = False
-        self.lost_event = asyncio.Event()
         self.unregistered = False
         self.sessions: dict[int, IOSession] = {}
         self.by_process: dict[tuple[str, str], IOSession] = {}
@@ -389,7 +388,6 @@ class AgentVM:
         self.by_process.clear()
         for session in sessions.values():
             session.free()
-        self.lost_event.set()
         self._on_lost_cb(self)
 
 
