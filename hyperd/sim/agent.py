@@ -35,7 +35,7 @@ from anyio.abc import TaskGroup
 
 from hyperd.sim.base import Answer, Channels, Handler, Refused, log
 from hyperd.sim.containers import ContainerRecord, ProcessRecord
-from hyperd.sim.control import ControlCommands
+from hyperd.sim.control import ControlCommands, version_payload
 from hyperd.sim.process import LaunchSpec, exit_status, spawn
 from hyperd.sim.rootfs import (
     BindMount,
@@ -83,6 +83,7 @@ HYPER_PROCESS_KEYS = frozenset(
         "workdir",
     ]
 )
+ACK = Answer(True)
 HYPER_STDIN_BUFFER = 512  # hyperstart keeps this much pending stdin per process, drops the rest
 
 
@@ -132,6 +133,10 @@ class Agent(ControlCommands):
         elif dialect.ps_container is not None:
             common[dialect.ps_container] = self._pscontainer
         self._handlers = common
+        # replies that need no work: answered without a task switch (see answer_now)
+        self._instant = {code: ACK for code, handler in common.items() if handler == self._ack}
+        if self._hyper:
+            self._instant[Code.VERSION] = Answer(True, version_payload())
 
     # -- entry points --------------------------------------------------------------------------
 
@@ -149,18 +154,41 @@ class Agent(ControlCommands):
             log.exception("%s failed", self.dialect.name_of(frame.code))
             return Answer(False, f"internal error: {exc}".encode())
 
-    async def stdin(self, frame: TtyFrame) -> None:
-        """Deliver one host tty frame (stdin data, or EOF when empty) to its process."""
+    def answer_now(self, frame: CtlFrame) -> Answer | None:
+        """The reply to a command that needs no waiting, or None: then use :meth:`handle`.
+
+        Answered here: the ACK-only commands (PING, READY, hyperhq's ONLINECPUMEM), hyperhq's
+        GETVERSION and every code without a handler; the reply is the one :meth:`handle` gives.
+        """
+        code = frame.code
+        instant = self._instant.get(code)
+        if instant is not None:
+            return instant
+        if code in self._handlers:
+            return None
+        try:
+            self._unknown(code)
+        except Refused as exc:
+            log.info("%s refused: %s", self.dialect.name_of(code), exc)
+            return Answer(False, exc.payload)
+
+    def stdin(self, frame: TtyFrame) -> bytes:
+        """Deliver one host tty frame (stdin data, or EOF when empty) to its process.
+
+        Returns the bytes to answer on the tty channel (hyperhq's EOF frame for an unknown or
+        finished seq), usually none.
+        """
         rec = self.registry.by_seq(frame.seq) if frame.seq else None  # seq 0 is never a stream
         if rec is None or not rec.running or rec.proc is None:
             if self._hyper:  # hyperstart says goodbye to an unknown or finished seq
-                await self._channels.send_tty(encode_tty(frame.seq, b""))
-            return
+                return encode_tty(frame.seq, b"")
+            return b""
         if frame.data:
             rec.proc.write_stdin(frame.data)
         elif not rec.terminal:
             rec.proc.close_stdin()
         # an empty frame to a terminal process is ignored (only ^D ends pty input)
+        return b""
 
     def kill_everything(self) -> None:
         """SIGKILL every process group the agent started (used on simulator exit)."""

@@ -25,16 +25,21 @@ from protocol.hyperstart import (
     WindowSizeMessage,
 )
 
-__all__ = ["HYPER_API_VERSION", "ControlCommands"]
+__all__ = ["HYPER_API_VERSION", "ControlCommands", "version_payload"]
 
 HYPER_API_VERSION = 4244  # hyperhq/hyperstart v1.0.0+ GETVERSION answer
+
+
+def version_payload() -> bytes:
+    """hyperhq's GETVERSION ACK payload: the API version as a big-endian u32."""
+    return struct.pack(">I", HYPER_API_VERSION)
 
 
 class ControlCommands(AgentBase):
     """Handlers of the commands that do not start processes."""
 
     async def _version(self, payload: bytes) -> bytes:
-        return struct.pack(">I", HYPER_API_VERSION)
+        return version_payload()
 
     async def _killcontainer(self, payload: bytes) -> bytes:
         cmd = self._decode(KillCommand, payload)  # lenient in both dialects (parson in C)

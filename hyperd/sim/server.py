@@ -6,6 +6,12 @@ first time both channels are connected; a host that reconnects later gets none, 
 agents. Output for a channel with no host is dropped, as QEMU drops chardev writes with nobody
 connected.
 
+Both sockets are served by asyncio protocols on the event loop's own transports
+(:mod:`hyperd.sim.links`): the commands that need no waiting (PING, READY, GETVERSION, unknown
+codes) are answered inside ``data_received``, with one write per received chunk and no task
+switch; a command that waits (STARTPOD, DESTROYPOD, ...) runs in a task while the connection
+stops reading, so commands are still handled one at a time, in order.
+
 Bad bytes never end the simulator: a framing fault closes that connection (logged), anything
 else gets an ERROR reply. The simulator exits on SIGTERM/SIGINT (status 0) and on the
 ``crash_after`` fault (status :data:`CRASH_EXIT_STATUS`); either way it kills every process group
@@ -14,20 +20,23 @@ it started and removes its sockets. A host hang-up is not an exit.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 import stat
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
-from anyio.abc import SocketListener, SocketStream, TaskGroup, TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 
-from hyperd.sim.agent import Agent
+from hyperd.sim.agent import Agent, Answer
 from hyperd.sim.faults import GARBAGE, Action, FaultPlan, Recorder
-from protocol import ProtocolError
+from hyperd.sim.links import Link, Port
+from protocol import NEED_DATA, ProtocolError
 from protocol.hyperstart import (
     CC,
     CTL_HEADER_SIZE,
@@ -45,8 +54,8 @@ __all__ = ["CRASH_EXIT_STATUS", "SimConfig", "Simulator"]
 log = logging.getLogger(__name__)
 
 CRASH_EXIT_STATUS = 3  # exit status of a --crash-after crash (nonzero, distinct from errors)
-RECEIVE_SIZE = 65536  # bytes per socket read
-ACCEPT_RETRY_DELAY = 0.1  # seconds to back off after a failed accept()
+LISTEN_BACKLOG = 128  # pending host connections per socket
+SHUTDOWN_TIMEOUT = 5.0  # seconds to wait for host connections to close on exit
 _LENGTH_OFFSET = 4  # the ctl header's u32 total length follows the u32 code
 
 
@@ -104,42 +113,180 @@ class ReadSplitter:
         return pieces
 
 
-class _Port:
-    """One virtio-serial port: the current host connection (if any) and its write lock."""
+class _CtlLink(Link):
+    """A host connection on the ctl port: commands in, NEXT / ACK / ERROR out.
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.stream: SocketStream | None = None
-        self.scope: anyio.CancelScope | None = None
-        self.lock = anyio.Lock()
+    Commands are handled one at a time in the order received, as the agent reads them. Those
+    that need no waiting (PING, READY, GETVERSION, unknown codes, ...) are answered right in
+    ``data_received``; the first one that needs to wait runs in a task, reading pauses, and the
+    bytes already received queue behind it (hyperhq's NEXT for a read goes out when the agent
+    gets to that read, after the replies to the commands before it).
+    """
 
-    async def send(self, data: bytes, to: SocketStream | None = None) -> None:
-        """Write ``data`` whole to the connected host; dropped when nobody is connected.
+    def __init__(self, sim: Simulator) -> None:
+        super().__init__(sim._ctl)
+        self._sim = sim
+        self.conn = AgentCtlConnection(sim.dialect)
+        self._splitter = ReadSplitter() if sim._hyper else None
+        self._pieces: deque[bytes] = deque()  # received, not yet fed to the decoder
+        self._out: list[bytes] = []  # replies of the current pump, written in one go
+        self._busy = False  # a command is running in a task
+        self._dead = False  # a framing fault or a crash: ignore further bytes
+        self._reading = True
+        self._scope: anyio.CancelScope | None = None
 
-        With ``to``, only while that connection is still the current one (a reply never goes to
-        a host other than the one that sent the command).
-        """
-        async with self.lock:
-            stream = self.stream
-            if stream is None or (to is not None and stream is not to):
-                return
-            try:
-                await stream.send(data)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                log.info("%s: write failed (%s); dropping output", self.name, exc)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._sim._connected()
 
-    def replace(self, stream: SocketStream) -> anyio.CancelScope:
-        """Make ``stream`` the current connection, cancelling the previous one's handler."""
-        if self.scope is not None:
-            self.scope.cancel()
-        self.stream = stream
-        self.scope = anyio.CancelScope()
-        return self.scope
+    def data_received(self, data: bytes) -> None:
+        if self._dead:
+            return
+        if self._splitter is not None:
+            self._pieces.extend(self._splitter.split(data))
+        else:
+            self._pieces.append(data)
+        if not self._busy:
+            self._run()
 
-    def release(self, stream: SocketStream) -> None:
-        if self.stream is stream:
-            self.stream = None
-            self.scope = None
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._update_reading()
+
+    def replaced(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+        super().replaced()
+
+    def _update_reading(self) -> None:
+        want = not (self._busy or self._write_paused or self.closed)
+        if want == self._reading or self.transport is None or self.transport.is_closing():
+            return
+        self._reading = want
+        if want:
+            self.transport.resume_reading()
+        else:
+            self.transport.pause_reading()
+
+    def _run(self) -> None:
+        """Handle what was received until done or until a command has to wait."""
+        try:
+            slow = self._pump()
+        except ProtocolError as exc:
+            self._fail(logging.WARNING, "%s; closing the connection", exc)
+            return
+        except Exception:  # a simulator bug: drop this connection, keep the VM up
+            log.exception("ctl: closing the connection after an internal error")
+            self._fail(logging.DEBUG, "%s", "internal error")
+            return
+        self._flush()
+        if slow is not None:
+            self._busy = True
+            self._update_reading()
+            self._sim._task_group().start_soon(self._slow, *slow)
+
+    def _fail(self, level: int, fmt: str, arg: object) -> None:
+        log.log(level, "ctl: " + fmt, arg)
+        self._dead = True
+        self._flush()
+        self.close()
+
+    def _flush(self) -> None:
+        if self._out:
+            data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+            self._out.clear()
+            self.write(data)
+
+    def _pump(self) -> tuple[CtlFrame, Action] | None:
+        sim = self._sim
+        faults = sim._faults
+        conn = self.conn
+        out = self._out
+        pieces = self._pieces
+        while True:
+            frame = conn.next_event()
+            if frame is NEED_DATA:
+                if not pieces:
+                    return None
+                piece = pieces.popleft()
+                if self._splitter is not None and not faults.silent:
+                    out.append(conn.send_next(len(piece)))
+                conn.receive_data(piece)
+                continue
+            assert isinstance(frame, CtlFrame)
+            action = sim._received(frame)
+            if action is Action.CRASH:
+                self._dead = True
+                return None
+            if action is Action.SILENT:
+                continue
+            answer = None if faults.delay else sim._agent().answer_now(frame)
+            if answer is None:
+                return frame, action
+            out.append(self._reply(answer, action))
+
+    def _reply(self, answer: Answer, action: Action) -> bytes:
+        if action is Action.GARBAGE:
+            return GARBAGE
+        if answer.ok:
+            return self.conn.send_ack(answer.payload)
+        return self.conn.send_error(answer.payload)
+
+    async def _slow(self, frame: CtlFrame, action: Action) -> None:
+        """Run one command that waits, answer it, then go on with what was received since."""
+        scope = self._scope = anyio.CancelScope()
+        try:
+            with scope:
+                answer = await self._sim._agent().handle(frame)
+                if self._sim._faults.delay:
+                    await anyio.sleep(self._sim._faults.delay)
+        finally:
+            self._scope = None
+        if scope.cancel_called or self._dead:
+            return  # replaced by a newer host connection
+        self._out.append(self._reply(answer, action))
+        self._busy = False
+        self._update_reading()
+        self._run()
+
+
+class _TtyLink(Link):
+    """A host connection on the tty port: stdin frames in; output goes out through the port."""
+
+    def __init__(self, sim: Simulator) -> None:
+        super().__init__(sim._tty)
+        self._sim = sim
+        self._decoder = TtyDecoder(MAX_TTY_FRAME_HYPER if sim._hyper else DEFAULT_MAX_FRAME)
+        self._dead = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._sim._connected()
+
+    def data_received(self, data: bytes) -> None:
+        if self._dead:
+            return
+        agent = self._sim._agent()
+        out: list[bytes] = []
+        try:
+            self._decoder.feed(data)
+            while (frame := self._decoder.next_frame()) is not None:
+                if answer := agent.stdin(frame):
+                    out.append(answer)
+        except ProtocolError as exc:
+            log.warning("tty: %s; closing the connection", exc)
+            self._dead = True
+        except Exception:  # a simulator bug: drop this connection, keep the VM up
+            log.exception("tty: closing the connection after an internal error")
+            self._dead = True
+        if out:
+            self.write(b"".join(out))
+        if self._dead:
+            self.close()
 
 
 class Simulator:
@@ -159,12 +306,12 @@ class Simulator:
             garbage_after=config.garbage_after,
         )
         self._recorder = Recorder(config.record)
-        self._ctl = _Port("ctl")
-        self._tty = _Port("tty")
-        self._ctl_conn = AgentCtlConnection(config.dialect)
+        self._ctl = Port("ctl")
+        self._tty = Port("tty")
         self._ready_sent = False
         self._status = 0
         self._root: anyio.CancelScope | None = None
+        self._tg: TaskGroup | None = None
         self.agent: Agent | None = None
 
     def stop(self, status: int = 0) -> None:
@@ -182,14 +329,13 @@ class Simulator:
         program that handles its own signals, and call :meth:`stop`).
         """
         cfg = self.config
+        loop = asyncio.get_running_loop()
         netns_fd = os.open(cfg.netns, os.O_RDONLY | os.O_CLOEXEC) if cfg.netns else None
+        servers: list[asyncio.AbstractServer] = []
         try:
-            _remove_stale_socket(cfg.ctl)
-            _remove_stale_socket(cfg.tty)
-            ctl_listener = await anyio.create_unix_listener(cfg.ctl)
-            tty_listener = await anyio.create_unix_listener(cfg.tty)
-            async with ctl_listener, tty_listener, anyio.create_task_group() as tg:
+            async with anyio.create_task_group() as tg:
                 self._root = tg.cancel_scope
+                self._tg = tg
                 self.agent = Agent(
                     dialect=self.dialect,
                     share=cfg.share,
@@ -200,14 +346,20 @@ class Simulator:
                 )
                 if handle_signals:
                     await tg.start(self._watch_signals)
-                tg.start_soon(self._accept, ctl_listener, self._ctl, self._serve_ctl, tg)
-                tg.start_soon(self._accept, tty_listener, self._tty, self._serve_tty, tg)
+                for path, factory in ((cfg.ctl, self._ctl_link), (cfg.tty, self._tty_link)):
+                    _remove_stale_socket(path)
+                    servers.append(
+                        await loop.create_unix_server(factory, str(path), backlog=LISTEN_BACKLOG)
+                    )
                 log.info(
                     "listening: ctl %s, tty %s (%s dialect)", cfg.ctl, cfg.tty, self.dialect.name
                 )
                 if ready is not None:
                     ready()
+                await anyio.sleep_forever()
         finally:
+            with anyio.CancelScope(shield=True):
+                await self._shut_down(servers)
             if self.agent is not None:
                 self.agent.kill_everything()
             for path in (cfg.ctl, cfg.tty):
@@ -217,6 +369,17 @@ class Simulator:
             self._recorder.close()
         return self._status
 
+    async def _shut_down(self, servers: list[asyncio.AbstractServer]) -> None:
+        """Stop listening and close every host connection (waiting until they are gone)."""
+        for server in servers:
+            server.close()
+        links = self._ctl.abort_all() + self._tty.abort_all()
+        with anyio.move_on_after(SHUTDOWN_TIMEOUT):
+            for link in links:
+                await link.wait_lost()
+            for server in servers:
+                await server.wait_closed()
+
     async def _watch_signals(self, *, task_status: TaskStatus[None]) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             task_status.started()  # handlers are installed before anyone hears "ready"
@@ -225,112 +388,46 @@ class Simulator:
                 self.stop(0)
                 return
 
-    async def _accept(
-        self,
-        listener: SocketListener,
-        port: _Port,
-        serve: Callable[[SocketStream], Awaitable[None]],
-        tg: TaskGroup,
-    ) -> None:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:  # e.g. EMFILE: back off instead of spinning
-                log.warning("%s: accept failed: %s", port.name, exc)
-                await anyio.sleep(ACCEPT_RETRY_DELAY)
-                continue
-            log.info("%s: host connected", port.name)
-            scope = port.replace(stream)
-            if port is self._ctl:
-                self._ctl_conn = AgentCtlConnection(self.dialect)
-            tg.start_soon(self._serve, port, stream, scope, serve)
-            both = self._ctl.stream is not None and self._tty.stream is not None
-            if both and not self._ready_sent:
-                self._ready_sent = True
-                await self._ctl.send(self._ctl_conn.send_ready())
+    # -- links ---------------------------------------------------------------------------------
 
-    async def _serve(
-        self,
-        port: _Port,
-        stream: SocketStream,
-        scope: anyio.CancelScope,
-        serve: Callable[[SocketStream], Awaitable[None]],
-    ) -> None:
-        try:
-            with scope:
-                await serve(stream)
-        except ProtocolError as exc:
-            log.warning("%s: %s; closing the connection", port.name, exc)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            log.info("%s: connection lost (%s)", port.name, exc)
-        except Exception:  # a simulator bug: drop this connection, keep the VM up
-            log.exception("%s: closing the connection after an internal error", port.name)
-        finally:
-            port.release(stream)
-            with anyio.CancelScope(shield=True):
-                await stream.aclose()
-            log.info("%s: host disconnected", port.name)
+    def _ctl_link(self) -> _CtlLink:
+        return _CtlLink(self)
 
-    # -- ctl -----------------------------------------------------------------------------------
+    def _tty_link(self) -> _TtyLink:
+        return _TtyLink(self)
 
-    async def _serve_ctl(self, stream: SocketStream) -> None:
-        conn = self._ctl_conn
-        splitter = ReadSplitter()
-        while True:
-            try:
-                chunk = await stream.receive(RECEIVE_SIZE)
-            except anyio.EndOfStream:
-                return
-            for piece in splitter.split(chunk) if self._hyper else [chunk]:
-                if self._hyper and not self._faults.silent:
-                    await self._ctl.send(conn.send_next(len(piece)), stream)
-                conn.receive_data(piece)
-                while isinstance(frame := conn.next_event(), CtlFrame):
-                    await self._command(stream, conn, frame)
-
-    async def _command(
-        self, stream: SocketStream, conn: AgentCtlConnection, frame: CtlFrame
-    ) -> None:
+    def _agent(self) -> Agent:
         assert self.agent is not None
+        return self.agent
+
+    def _task_group(self) -> TaskGroup:
+        assert self._tg is not None
+        return self._tg
+
+    def _connected(self) -> None:
+        """A host connected to a port: READY goes out the first time both ports have one."""
+        ctl = self._ctl.link
+        if not self._ready_sent and isinstance(ctl, _CtlLink) and self._tty.link is not None:
+            self._ready_sent = True
+            ctl.write(ctl.conn.send_ready())
+
+    def _received(self, frame: CtlFrame) -> Action:
+        """Count and record one received command; returns what the fault plan says to do."""
         action = self._faults.next_command()
         name = self.dialect.name_of(frame.code)
         self._recorder.record(frame.code, name, frame.payload)
-        log.debug(
-            "command #%d %s (%d bytes): %s",
-            self._faults.received,
-            name,
-            len(frame.payload),
-            action.value,
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "command #%d %s (%d bytes): %s",
+                self._faults.received,
+                name,
+                len(frame.payload),
+                action.value,
+            )
         if action is Action.CRASH:
             log.warning("crash fault after %d commands: exiting", self._faults.crash_after)
             self.stop(CRASH_EXIT_STATUS)
-            await anyio.sleep_forever()
-        if action is Action.SILENT:
-            return
-        answer = await self.agent.handle(frame)
-        if self._faults.delay:
-            await anyio.sleep(self._faults.delay)
-        if action is Action.GARBAGE:
-            await self._ctl.send(GARBAGE, stream)
-            return
-        await self._ctl.send(
-            conn.send_ack(answer.payload) if answer.ok else conn.send_error(answer.payload), stream
-        )
-
-    # -- tty -----------------------------------------------------------------------------------
-
-    async def _serve_tty(self, stream: SocketStream) -> None:
-        assert self.agent is not None
-        decoder = TtyDecoder(MAX_TTY_FRAME_HYPER if self._hyper else DEFAULT_MAX_FRAME)
-        while True:
-            try:
-                chunk = await stream.receive(RECEIVE_SIZE)
-            except anyio.EndOfStream:
-                return
-            decoder.feed(chunk)
-            while (frame := decoder.next_frame()) is not None:
-                await self.agent.stdin(frame)
+        return action
 
     # -- Channels (what the agent sends unsolicited) --------------------------------------------
 
@@ -338,8 +435,9 @@ class Simulator:
         await self._tty.send(data)
 
     async def send_event(self, event: ProcessAsyncEvent) -> None:
-        if not self._faults.silent:
-            await self._ctl.send(self._ctl_conn.send_event(event))
+        ctl = self._ctl.link
+        if not self._faults.silent and isinstance(ctl, _CtlLink):
+            await self._ctl.send(ctl.conn.send_event(event))
 
 
 def _remove_stale_socket(path: Path) -> None:
