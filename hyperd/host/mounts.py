@@ -41,6 +41,7 @@ from hyperd.host.mountsys import (
     MS_REMOUNT,
     UMOUNT_NOFOLLOW,
     MountError,
+    MountInfo,
     read_mountinfo,
     umount,
 )
@@ -194,11 +195,12 @@ class SharedDir:
         container_dir = self.container_dir(pod, cid)
         pod_dir = self.pod_dir(pod)
         volume_name = re.compile(re.escape(cid) + r"-[0-9a-f]{16}-[^/]+")
-        for point in {Path(m.mount_point) for m in read_mountinfo()}:
-            if point.parent == pod_dir and volume_name.fullmatch(point.name):
-                self._unmount_tree(point)
-                _remove_path(point)
-        self._unmount_tree(container_dir)
+        in_pod = [(Path(m.mount_point), m) for m in read_mountinfo(pod_dir)]
+        volumes = {p for p, _ in in_pod if p.parent == pod_dir and volume_name.fullmatch(p.name)}
+        tops = [*volumes, container_dir]
+        self._unmount_trees(tops, [m for p, m in in_pod if any(_is_within(p, t) for t in tops)])
+        for point in volumes:
+            _remove_path(point)
         if container_dir.is_dir() and not container_dir.is_symlink():
             shutil.rmtree(container_dir)
         else:
@@ -207,7 +209,7 @@ class SharedDir:
     def cleanup_pod(self, pod: str) -> None:
         """Unmount everything under the pod's directory and remove it. Idempotent, crash-safe."""
         pod_dir = self.pod_dir(pod)
-        self._unmount_tree(pod_dir)
+        self._unmount_trees([pod_dir])
         if pod_dir.is_dir() and not pod_dir.is_symlink():
             shutil.rmtree(pod_dir)
         else:
@@ -215,8 +217,7 @@ class SharedDir:
 
     def mounted(self, pod: str) -> list[str]:
         """Mount points under the pod's directory, per /proc/self/mountinfo (for checks)."""
-        pod_dir = self.pod_dir(pod)
-        return [m.mount_point for m in read_mountinfo() if _is_within(Path(m.mount_point), pod_dir)]
+        return [m.mount_point for m in read_mountinfo(self.pod_dir(pod))]
 
     # internals ---------------------------------------------------------------------------
 
@@ -234,7 +235,8 @@ class SharedDir:
         return real
 
     def _mounts_at(self, path: Path) -> bool:
-        return any(Path(m.mount_point) == path for m in read_mountinfo())
+        point = str(path)
+        return any(m.mount_point == point for m in read_mountinfo(point))
 
     @contextlib.contextmanager
     def _open_dir(self, parts: Sequence[str], create: bool) -> Iterator[int]:
@@ -280,16 +282,40 @@ class SharedDir:
 
     def _unmount_tree(self, top: Path) -> None:
         """Unmount every mount at or below ``top``, deepest and most recent first."""
-        if not _is_within(top, self.root) or top == self.root:
-            raise InvalidParams(f"{str(top)!r} is not inside the shared root", field="path")
+        self._unmount_trees([top])
+
+    def _unmount_trees(self, tops: Sequence[Path], found: list[MountInfo] | None = None) -> None:
+        """Unmount every mount at or below any of ``tops``, deepest and most recent first.
+
+        ``found``: those mounts as just read from mountinfo (saves the first read). Each round
+        detaches everything one read showed, then reads again to check (a mount may have been
+        stacked or propagated meanwhile).
+        """
+        for top in tops:
+            if not _is_within(top, self.root) or top == self.root:
+                raise InvalidParams(f"{str(top)!r} is not inside the shared root", field="path")
         for _ in range(MAX_UNMOUNT_ROUNDS):
-            below = [m for m in read_mountinfo() if _is_within(Path(m.mount_point), top)]
+            below = found if found is not None else self._mounts_below(tops)
+            found = None
             if not below:
                 return
             # deepest path first; on one path the last mounted (highest id) is on top
-            victim = max(below, key=lambda m: (len(Path(m.mount_point).parts), m.mount_id))
-            _detach(victim.mount_point)
-        raise MountError(f"mounts under {str(top)!r} do not go away", errno.EBUSY)
+            below.sort(key=lambda m: (len(Path(m.mount_point).parts), m.mount_id), reverse=True)
+            for victim in below:
+                _detach(victim.mount_point)
+        names = ", ".join(repr(str(top)) for top in tops)
+        raise MountError(f"mounts under {names} do not go away", errno.EBUSY)
+
+    @staticmethod
+    def _mounts_below(tops: Sequence[Path]) -> list[MountInfo]:
+        if len(tops) == 1:
+            return read_mountinfo(tops[0])
+        common = Path(os.path.commonpath(tops))
+        return [
+            m
+            for m in read_mountinfo(common)
+            if any(_is_within(Path(m.mount_point), top) for top in tops)
+        ]
 
 
 def _step(parent: int, name: str, create: bool) -> int:
