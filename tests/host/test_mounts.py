@@ -185,6 +185,7 @@ def test_unmount_container_leaves_the_others(
     c12 = shared.mount_container("p1", "c1-x", DirRootfs(path=str(busybox_rootfs)), vols)
     shared.unmount_container("p1", "c1")
     remaining = sorted(mounts_under(shared.root))
+    assert c12.rootfs is not None
     assert remaining == sorted([c12.rootfs, c12.volumes[0].host_path])
     assert not (shared.root / "p1" / "c1").exists()
     assert not Path(c1.volumes[0].host_path).exists()
