@@ -1,19 +1,50 @@
-"""One client connection: reads lines, dispatches calls concurrently, serializes writes."""
+"""One client connection: an asyncio protocol on the event loop's own transport.
+
+Cost model (the hot path): the transport calls :meth:`RPCConnection.data_received` with the
+bytes of one read; the lines are framed, parsed and dispatched right there. A call whose handler
+never suspends (:attr:`hyperd.rpc.Method.synchronous`, e.g. ``async def version(...): return
+...``) is answered inside that callback: no task, no lock, one ``transport.write``. Other calls
+(and batches) run in one plain asyncio task each, created with ``loop.create_task`` (no task
+group); their response is written by the task itself when it completes, so responses go out in
+completion order. The transport buffers writes and serializes them (no write lock).
+
+Flow control:
+
+- at most ``max_in_flight`` calls (a batch counts once) are running or waiting to be written;
+  then the transport stops reading (``pause_reading``) until one completes. Lines of a read
+  already framed wait in the framer (at most one read's worth);
+- when the transport's write buffer is over its high-water mark (``pause_writing``), what is
+  to be written queues here in order: a response keeps its call's slot until it is handed to
+  the transport (so a client that does not read stops being read after ``max_in_flight`` calls);
+  an error answer to a bad line stops reading until it is written; notifications are bounded by
+  ``notify_queue``: one more closes the connection (the subscriber is dropped).
+
+Why not anyio streams: a read through anyio's unix socket stream adds and removes the reader
+(two ``epoll_ctl``) each time and a task switch per message, and cancelling a task blocked in
+such a read just as the socket turns readable raises ``InvalidStateError`` in a loop callback.
+A protocol has no blocked reader to cancel: :meth:`close` aborts the transport.
+
+Synchronous handlers run with a *host task* entered as the loop's current task (the server
+passes a placeholder task that only waits), because anyio looks up ``asyncio.current_task()``
+even in code that does not await (cancel scopes, locks' ``*_nowait``). Such a handler must not
+rely on the identity of its task; it shares the callback's context (contextvars) with the other
+synchronous calls of its connection.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import socket
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import anyio
-from anyio.abc import SocketAttribute, SocketStream, TaskGroup, TaskStatus
 from msgspec import UNSET
 
 from hyperd.rpc.access import PeerCredentials
-from hyperd.rpc.methods import CallContext, MethodTable
+from hyperd.rpc.methods import NEEDS_TASK, CallContext, MethodTable
 from protocol.jsonrpc import (
     MAX_MESSAGE,
     InvalidMessage,
@@ -29,12 +60,19 @@ from protocol.jsonrpc import (
 
 log = logging.getLogger(__name__)
 
-READ_SIZE: Final = 65536  # one receive; bounds the complete lines the framer holds at once
 DEFAULT_MAX_IN_FLIGHT: Final = 64  # calls (a batch counts once) running per connection
 DEFAULT_NOTIFY_QUEUE: Final = 1024  # notifications queued per connection before it is dropped
 BATCH_CONCURRENCY: Final = 16  # calls of one batch running at once
+WRITE_BUFFER_HIGH: Final = 64 * 1024  # transport bytes buffered before writes queue here
 
-_SEND_ERRORS: Final = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+# kinds of queued output
+_RESPONSE: Final = 0  # answers a call: holds its in-flight slot until written
+_NOTIFICATION: Final = 1  # counted against notify_queue
+_ERROR: Final = 2  # answers a bad line: reading waits until it is written
+
+_current_task = asyncio.current_task
+_enter_task = asyncio.tasks._enter_task
+_leave_task = asyncio.tasks._leave_task
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,19 +84,20 @@ class ConnectionStatistics:
     calls_started: int
 
 
-class RPCConnection:
+class RPCConnection(asyncio.Protocol):
     """Serves one accepted client until EOF, an I/O error, :meth:`close` or overflow.
 
-    Each request, notification or batch runs in its own task (responses go out as they
-    complete, so out of order); at most ``max_in_flight`` run at once, after which the reader
-    stops reading (backpressure on the client). Invalid messages and oversized lines are
-    answered with an error (id null when unknown) and reading continues. At EOF the calls still
-    running finish and are answered before the connection closes (a client may half-close).
+    Created by :class:`hyperd.rpc.RPCServer` as the protocol of an accepted socket. Each
+    request, notification or batch is answered as soon as it completes (so out of order); at
+    most ``max_in_flight`` run at once, after which reading pauses (backpressure on the client).
+    Invalid messages and oversized lines are answered with an error (id null when unknown) and
+    reading continues. At EOF the calls still running finish and are answered before the
+    connection closes (a client may half-close). ``on_finished(connection)`` is called once
+    the connection is closed and none of its calls is running.
     """
 
     def __init__(
         self,
-        stream: SocketStream,
         methods: MethodTable,
         peer: PeerCredentials,
         *,
@@ -66,25 +105,36 @@ class RPCConnection:
         max_message: int = MAX_MESSAGE,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         notify_queue: int = DEFAULT_NOTIFY_QUEUE,
+        host_task: asyncio.Task[Any] | None = None,
+        on_finished: Callable[[RPCConnection], object] | None = None,
     ) -> None:
+        """``host_task``: the current task of synchronous handlers (``None``: every call runs
+        in a task of its own)."""
         self.connection_id = connection_id
         self.peer = peer
-        self._stream = stream
         self._methods = methods
         self._framer = LineFramer(max_message)
-        self._slots = anyio.Semaphore(max_in_flight)
         self._max_in_flight = max_in_flight
-        self._write_lock = anyio.Lock()
-        self._notify_send, self._notify_receive = anyio.create_memory_object_stream[bytes](
-            notify_queue
-        )
-        self._calls_scope: anyio.CancelScope | None = None
-        self._reading_done = anyio.Event()
-        self._calls_done = anyio.Event()
+        self._notify_queue = notify_queue
+        self._host = host_task
+        self._on_finished = on_finished
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._in_flight = 0  # calls running or whose response is queued in _pending
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._unstarted = 0  # tasks whose first step has not run yet
+        self._pending: deque[tuple[bytes, int]] = deque()  # (data, kind) while writing is paused
+        self._queued_notes = 0  # _NOTIFICATION items in _pending
+        self._queued_errors = 0  # _ERROR items in _pending
+        self._write_paused = False
+        self._read_paused = False  # we paused the transport's reading
+        self._processing = False  # inside _process (no re-entry)
+        self._eof = False  # the client half-closed (or closed)
         self._stopping = False  # no more requests are read
-        self._closing = False  # close() was called
-        self._closed = False
-        self._closed_event = anyio.Event()
+        self._closing = False  # close() was called: abort, cancel the calls
+        self._lost = False  # the transport is gone
+        self._closed = False  # lost, and no call running: on_close callbacks have run
+        self._closed_event = asyncio.Event()
         self._close_callbacks: list[Callable[[], object]] = []
         self._calls_started = 0
 
@@ -92,98 +142,135 @@ class RPCConnection:
         return f"<RPCConnection {self.connection_id} pid={self.peer.pid} uid={self.peer.uid}>"
 
     # --- lifecycle -------------------------------------------------------------------------
-    #
-    # A task blocked in receive()/send() on an anyio unix stream is never cancelled here: on
-    # asyncio, cancelling one in the loop iteration where the socket turns ready makes the loop
-    # call set_result on a cancelled future (InvalidStateError, logged as a loop error). Instead,
-    # shutdown(2) on the socket wakes such a task (EOF, or EPIPE on send), and only tasks waiting
-    # on memory streams, locks or handler code are cancelled.
-
-    async def run(self) -> None:
-        """Serve until the connection ends; then close the stream and run on_close callbacks."""
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._write_notifications)
-                calls: TaskGroup = await tg.start(self._host_calls)
-                try:
-                    await self._read_loop(calls)  # not inside the calls' cancel scope
-                finally:
-                    self._reading_done.set()
-                await self._calls_done.wait()
-                self._shutdown_socket(socket.SHUT_RDWR)  # wakes a notification write
-                tg.cancel_scope.cancel()
-        finally:
-            self._closed = True
-            self._notify_send.close()
-            self._notify_receive.close()
-            with anyio.CancelScope(shield=True):
-                await self._stream.aclose()
-            self._closed_event.set()
-            self._run_close_callbacks()
-
-    async def _host_calls(self, *, task_status: TaskStatus[TaskGroup]) -> None:
-        """Owns the calls' task group, so close() can cancel the calls but not the reader."""
-        try:
-            async with anyio.create_task_group() as calls:
-                self._calls_scope = calls.cancel_scope
-                if self._closing:
-                    calls.cancel_scope.cancel()
-                task_status.started(calls)
-                await self._reading_done.wait()
-        finally:
-            self._calls_done.set()
 
     def stop_reading(self) -> None:
         """Take no more requests; close once the calls running have been answered."""
         if not self._stopping:
             self._stopping = True
-            self._shutdown_socket(socket.SHUT_RD)
+            self._pause_reading()
+            self._maybe_finish()
 
     def close(self) -> None:
         """Close now: stop reading and writing, cancel the calls running."""
+        if self._closing:
+            return
         self._stopping = self._closing = True
-        self._shutdown_socket(socket.SHUT_RDWR)
-        if self._calls_scope is not None:
-            self._calls_scope.cancel()
+        for _data, kind in self._pending:
+            if kind == _RESPONSE:
+                self._in_flight -= 1
+        self._pending.clear()
+        self._queued_notes = self._queued_errors = 0
+        for task in self._tasks:
+            task.cancel()
+        if self._transport is not None and not self._lost:
+            self._transport.abort()  # connection_lost follows in a later loop iteration
+        self._maybe_closed()
 
-    def _shutdown_socket(self, how: int) -> None:
-        try:
-            self._stream.extra(SocketAttribute.raw_socket).shutdown(how)
-        except OSError:
-            pass  # the peer is gone already, or the socket is closed
+    def _maybe_finish(self) -> None:
+        """Once stopping (EOF, shutdown) and every call has been answered: close gracefully."""
+        if (
+            self._stopping
+            and not self._closing
+            and self._in_flight == 0
+            and not self._tasks
+            and not self._queued_errors
+            and self._transport is not None
+        ):
+            self._closing = True
+            self._pending.clear()  # only notifications can be left: nobody waits for them
+            self._queued_notes = self._queued_errors = 0
+            if not self._lost:
+                self._transport.close()  # flushes what the transport holds, then closes
+            self._maybe_closed()
 
-    def _run_close_callbacks(self) -> None:
+    def _maybe_closed(self) -> None:
+        if self._closed or not self._lost or self._tasks:
+            return
+        self._closed = True
+        self._closed_event.set()
         callbacks, self._close_callbacks = self._close_callbacks, []
         for callback in callbacks:
             try:
                 callback()
             except Exception:
                 log.exception("on_close callback of %r failed", self)
+        if self._on_finished is not None:
+            self._on_finished(self)
+
+    # --- asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self._transport = cast(asyncio.Transport, transport)
+        self._transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        if self._stopping:
+            self._pause_reading()
+            self._maybe_finish()
+
+    def data_received(self, data: bytes) -> None:
+        if self._stopping:
+            return
+        self._framer.feed(data)
+        self._process()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._process()
+        return True  # keep writing: the calls running are still answered
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        transport = self._transport
+        pending = self._pending
+        if transport is None or self._lost:
+            return
+        while pending and not self._write_paused:
+            data, kind = pending.popleft()
+            transport.write(data)  # may call pause_writing() again
+            if kind == _RESPONSE:
+                self._in_flight -= 1
+            elif kind == _NOTIFICATION:
+                self._queued_notes -= 1
+            else:
+                self._queued_errors -= 1
+        self._unblock()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if exc is not None:
+            log.debug("%r: connection lost: %r", self, exc)
+        if not self._closing:
+            self.close()  # a write failed, or the client reset: nobody reads the answers
+        self._maybe_closed()
 
     # --- Channel (what handlers see through CallContext) --------------------------------------
 
     def notify(self, method: str, params: Any = UNSET) -> bool:
         """See :meth:`CallContext.notify`."""
-        if self._closed:
+        if self._closing or self._transport is None:
             return False
         data = encode_message(Notification(method=method, params=params))
-        try:
-            self._notify_send.send_nowait(data)
-        except anyio.WouldBlock:
-            log.warning(
-                "%r: notification queue full (%d queued): dropping the subscriber",
-                self,
-                self._notify_send.statistics().current_buffer_used,
-            )
-            self.close()
-            return False
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            return False
+        if self._write_paused or self._pending:
+            if self._queued_notes >= self._notify_queue:
+                log.warning(
+                    "%r: notification queue full (%d queued): dropping the subscriber",
+                    self,
+                    self._queued_notes,
+                )
+                self.close()
+                return False
+            self._pending.append((data, _NOTIFICATION))
+            self._queued_notes += 1
+        else:
+            self._transport.write(data)
         return True
 
     def on_close(self, callback: Callable[[], object]) -> None:
         """See :meth:`CallContext.on_close`."""
-        if self._closed_event.is_set():
+        if self._closed:
             callback()
         else:
             self._close_callbacks.append(callback)
@@ -192,113 +279,218 @@ class RPCConnection:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def connected(self) -> bool:
+        """Whether the transport has been attached (``connection_made``)."""
+        return self._transport is not None
+
     async def wait_closed(self) -> None:
         await self._closed_event.wait()
 
     def statistics(self) -> ConnectionStatistics:
         """In-flight calls, queued notifications, calls started so far."""
         return ConnectionStatistics(
-            in_flight=self._max_in_flight - self._slots.value,
-            notifications_queued=self._notify_send.statistics().current_buffer_used,
+            in_flight=self._in_flight,
+            notifications_queued=self._queued_notes,
             calls_started=self._calls_started,
         )
 
     # --- reading -----------------------------------------------------------------------------
 
-    async def _read_loop(self, calls: TaskGroup) -> None:
-        while not self._stopping:
-            try:
-                data = await self._stream.receive(READ_SIZE)
-            except anyio.EndOfStream:
-                last = self._framer.end_of_input()
-                if last is not None and not self._stopping:
-                    await self._handle_line(last, calls)
-                return
-            except _SEND_ERRORS as err:
-                log.debug("%r: receive failed: %r", self, err)
-                self.close()
-                return
-            self._framer.feed(data)
+    def _pause_reading(self) -> None:
+        """Stop dispatching framed lines, and the transport's reading (unless it has ended)."""
+        if not self._read_paused:
+            self._read_paused = True
+            if not self._eof and not self._lost and self._transport is not None:
+                self._transport.pause_reading()
+
+    def _unblock(self) -> None:
+        """A slot was freed or an error answer written: go on with framed lines, then reading."""
+        if self._processing:
+            return  # the loop running in _process sees the room itself
+        if not self._read_paused or self._stopping:
+            self._maybe_finish()
+            return
+        self._process()
+        if (
+            self._read_paused
+            and not self._stopping
+            and self._in_flight < self._max_in_flight
+            and not self._queued_errors
+        ):
+            self._read_paused = False
+            if not self._eof and not self._lost and self._transport is not None:
+                self._transport.resume_reading()
+        self._maybe_finish()
+
+    def _process(self) -> None:
+        """Dispatch the framed lines while there is room; at EOF, the unterminated last one."""
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            framer = self._framer
             while not self._stopping:
+                if self._in_flight >= self._max_in_flight or self._queued_errors:
+                    self._pause_reading()
+                    return
                 try:
-                    line = self._framer.next_line()
+                    line = framer.next_line()
                 except MessageTooLarge as err:
                     log.warning("%r: %s", self, err)
-                    await self._send(encode_message(Response(id=None, error=err.error_object())))
+                    self._write(encode_message(Response(id=None, error=err.error_object())), _ERROR)
                     continue
                 if line is None:
-                    break
-                await self._handle_line(line, calls)
+                    if not self._eof:
+                        return
+                    self._stopping = True  # nothing more will come
+                    line = framer.end_of_input()
+                    if line is None:
+                        break
+                self._handle_line(line)
+        except Exception:
+            # a bug here must not leave the connection half-working
+            log.exception("%r failed", self)
+            self.close()
+        finally:
+            self._processing = False
+        self._maybe_finish()
 
-    async def _handle_line(self, line: bytes, calls: TaskGroup) -> None:
+    def _handle_line(self, line: bytes) -> None:
         parsed = parse_message(line)
-        if isinstance(parsed, InvalidMessage):
-            log.info("%r: %s", self, parsed.error.message)
-            await self._send(encode_message(parsed.response()))
-        elif isinstance(parsed, Response):
-            log.debug("%r: ignoring a response from the client (id %r)", self, parsed.id)
-        else:
-            await self._slots.acquire()
-            if self._stopping:
-                self._slots.release()
-                return
+        if isinstance(parsed, (Request, Notification)):
+            self._in_flight += 1
             self._calls_started += 1
-            if isinstance(parsed, list):
-                calls.start_soon(self._run_batch, parsed)
-            else:
-                calls.start_soon(self._run_one, parsed)
+            ctx = CallContext(self, parsed.method, parsed.id if type(parsed) is Request else UNSET)
+            if self._host is not None and not self._unstarted:
+                # (calls start in the order they were read: none may overtake a task's start)
+                response = self._dispatch_now(parsed, ctx)
+                if response is not NEEDS_TASK:
+                    self._complete(encode_message(response) if response is not None else None)
+                    return
+            self._start(self._run_call(parsed, ctx))
+        elif isinstance(parsed, list):
+            self._in_flight += 1
+            self._calls_started += 1
+            self._start(self._run_batch(parsed))
+        elif isinstance(parsed, InvalidMessage):
+            log.info("%r: %s", self, parsed.error.message)
+            self._write(encode_message(parsed.response()), _ERROR)
+        else:
+            log.debug("%r: ignoring a response from the client (id %r)", self, parsed.id)
+
+    def _dispatch_now(self, msg: Request | Notification, ctx: CallContext) -> Any:
+        """``dispatch_now`` with the host task as the current task (when there is none)."""
+        loop, host = self._loop, self._host
+        if host is None or _current_task(loop) is not None:
+            return self._methods.dispatch_now(msg, ctx)
+        _enter_task(loop, host)
+        try:
+            return self._methods.dispatch_now(msg, ctx)
+        finally:
+            _leave_task(loop, host)
 
     # --- calls ---------------------------------------------------------------------------------
 
-    async def _answer(self, item: Parsed) -> Response | None:
-        if isinstance(item, InvalidMessage):
-            return item.response()
-        if isinstance(item, Response):
-            return None
-        request_id = item.id if isinstance(item, Request) else UNSET
-        return await self._methods.dispatch(item, CallContext(self, item.method, request_id))
+    def _start(self, coro: Any) -> None:
+        self._unstarted += 1
+        task: asyncio.Task[None] = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
 
-    async def _run_one(self, msg: Request | Notification) -> None:
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._closing:
+            self._maybe_closed()
+        else:
+            self._maybe_finish()
+
+    def _complete(self, data: bytes | None) -> None:
+        """A call is done: write its answer (``None``: nothing to answer), free its slot."""
+        if data is not None and self._write(data, _RESPONSE):
+            return  # queued: the slot is freed when it is written
+        self._in_flight -= 1
+        self._unblock()
+
+    async def _run_call(self, msg: Request | Notification, ctx: CallContext) -> None:
+        self._unstarted -= 1
         try:
-            response = await self._answer(msg)
-            if response is not None:
-                await self._send(encode_message(response))
-        finally:
-            self._slots.release()
+            response = await self._methods.dispatch(msg, ctx)
+            data = encode_message(response) if response is not None else None
+        except Exception:
+            # dispatch never raises by contract: a bug, which ends this connection only
+            log.exception("%r failed", self)
+            self._in_flight -= 1
+            self.close()
+            return
+        except BaseException:
+            self._in_flight -= 1
+            raise
+        self._complete(data)
 
     async def _run_batch(self, items: list[Parsed]) -> None:
+        """Answer a batch as one array once every element is done; elements run concurrently
+        (at most ``BATCH_CONCURRENCY`` in tasks). Elements start in order: those that cannot
+        suspend are answered at once until the first that needs a task."""
+        self._unstarted -= 1
         try:
             answers: list[Response | None] = [None] * len(items)
-            limiter = anyio.CapacityLimiter(BATCH_CONCURRENCY)
-
-            async def answer(index: int) -> None:
-                async with limiter:
-                    answers[index] = await self._answer(items[index])
-
-            async with anyio.create_task_group() as tg:
-                for index in range(len(items)):
-                    tg.start_soon(answer, index)
+            deferred: list[tuple[int, Request | Notification, CallContext]] = []
+            for index, item in enumerate(items):
+                if isinstance(item, InvalidMessage):
+                    answers[index] = item.response()
+                elif isinstance(item, (Request, Notification)):
+                    request_id = item.id if isinstance(item, Request) else UNSET
+                    ctx = CallContext(self, item.method, request_id)
+                    answer = NEEDS_TASK if deferred else self._methods.dispatch_now(item, ctx)
+                    if answer is None or isinstance(answer, Response):
+                        answers[index] = answer
+                    else:
+                        deferred.append((index, item, ctx))
+            if deferred:
+                await self._run_deferred(deferred, answers)
             responses = [r for r in answers if r is not None]
-            if responses:  # a batch of notifications only is not answered at all
-                await self._send(encode_message(responses))
-        finally:
-            self._slots.release()
+            # a batch of notifications only is not answered at all
+            data = encode_message(responses) if responses else None
+        except Exception:
+            log.exception("%r failed", self)
+            self._in_flight -= 1
+            self.close()
+            return
+        except BaseException:
+            self._in_flight -= 1
+            raise
+        self._complete(data)
+
+    async def _run_deferred(
+        self,
+        calls: list[tuple[int, Request | Notification, CallContext]],
+        answers: list[Response | None],
+    ) -> None:
+        limiter = anyio.CapacityLimiter(BATCH_CONCURRENCY)
+
+        async def answer(index: int, msg: Request | Notification, ctx: CallContext) -> None:
+            async with limiter:
+                answers[index] = await self._methods.dispatch(msg, ctx)
+
+        async with anyio.create_task_group() as tg:
+            for call in calls:
+                tg.start_soon(answer, *call)
 
     # --- writing -------------------------------------------------------------------------------
 
-    async def _send(self, data: bytes) -> None:
-        """Write one message; writes never interleave. A failed write closes the connection.
+    def _write(self, data: bytes, kind: int) -> bool:
+        """Hand ``data`` to the transport, or queue it (in order) while writing is paused.
 
-        The write itself is shielded (see the lifecycle note): close() wakes it with EPIPE.
+        Returns True when it was queued: a queued response keeps its slot until written. Once
+        the connection is closing, ``data`` is dropped.
         """
-        async with self._write_lock:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._stream.send(data)
-                except _SEND_ERRORS as err:
-                    log.debug("%r: send failed: %r", self, err)
-                    self.close()
-
-    async def _write_notifications(self) -> None:
-        async for data in self._notify_receive:
-            await self._send(data)
+        if self._closing or self._transport is None:
+            return False
+        if self._write_paused or self._pending:
+            self._pending.append((data, kind))
+            if kind == _ERROR:
+                self._queued_errors += 1
+            return True
+        self._transport.write(data)
+        return False

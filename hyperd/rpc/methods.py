@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dis
+import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, overload
+from typing import Any, Final, Protocol, TypeVar, cast, overload
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -105,6 +107,51 @@ class Method:
     handler: Callable[[Any, CallContext], Awaitable[Any]]
     params_type: type[msgspec.Struct] | None
     fields: frozenset[str]  # wire names of params_type's fields
+    synchronous: bool = False
+    """The handler is an ``async def`` whose body never awaits: a call completes in one step."""
+
+
+_SUSPENDING_OPS: Final = frozenset(
+    dis.opmap[name]
+    for name in (
+        "GET_AWAITABLE",
+        "GET_AITER",
+        "GET_ANEXT",
+        "BEFORE_ASYNC_WITH",
+        "END_ASYNC_FOR",
+        "SEND",
+        "YIELD_VALUE",
+        "YIELD_FROM",
+        "GET_YIELD_FROM_ITER",
+        "ASYNC_GEN_WRAP",
+    )
+    if name in dis.opmap
+)
+"""Opcodes through which a coroutine can suspend (await, async for/with); names per version."""
+
+
+def never_suspends(handler: Callable[..., Any]) -> bool:
+    """Whether calling ``handler`` gives a coroutine that cannot suspend.
+
+    True for an ``async def`` function (or bound method) whose own code has no await, ``async
+    for`` or ``async with``: run with ``send(None)`` it returns (``StopIteration``) or raises in
+    that first step. Anything else (other callables, partials) is assumed to suspend.
+    """
+    func = getattr(handler, "__func__", handler)
+    code = getattr(func, "__code__", None)
+    if code is None or not code.co_flags & inspect.CO_COROUTINE:
+        return False
+    return not any(op.opcode in _SUSPENDING_OPS for op in dis.get_instructions(code))
+
+
+class _NeedsTask:
+    """Returned by :meth:`MethodTable.dispatch_now` when the call must run in a task."""
+
+    def __repr__(self) -> str:
+        return "NEEDS_TASK"
+
+
+NEEDS_TASK: Final = _NeedsTask()
 
 
 class _BadParams(Exception):
@@ -161,7 +208,7 @@ class MethodTable:
         fields: frozenset[str] = frozenset()
         if params_type is not None:
             fields = frozenset(f.encode_name for f in msgspec.structs.fields(params_type))
-        self._methods[name] = Method(name, handler, params_type, fields)
+        self._methods[name] = Method(name, handler, params_type, fields, never_suspends(handler))
 
     def method(
         self, name: str, params_type: type[msgspec.Struct] | None = None
@@ -209,31 +256,79 @@ class MethodTable:
         Errors of notifications are logged only.
         """
         id: Id = msg.id if isinstance(msg, Request) else None
-        response = await self._call(msg, ctx, id)
+        prepared = self._prepare(msg, id)
+        if isinstance(prepared, Response):
+            return self._answer(msg, prepared)
+        method, params = prepared
+        try:
+            response = Response(id=id, result=_encodable(await method.handler(params, ctx)))
+        except Exception as raised:
+            response = self._failure(raised, method, ctx, id)
+        return self._answer(msg, response)
+
+    def dispatch_now(
+        self, msg: Request | Notification, ctx: CallContext
+    ) -> Response | _NeedsTask | None:
+        """:meth:`dispatch` without a task switch if the call cannot suspend, else ``NEEDS_TASK``.
+
+        Answered at once: unknown methods, bad params, and methods whose handler never suspends
+        (:attr:`Method.synchronous`), whose coroutine is run to completion here with
+        ``send(None)``. The caller must be on the event loop's thread, inside a task as far as
+        ``asyncio.current_task()`` is concerned (anyio looks the task up even in code that does
+        not await). A subclass that overrides :meth:`dispatch` always gets ``NEEDS_TASK``.
+        """
+        if type(self).dispatch is not MethodTable.dispatch:
+            return NEEDS_TASK
+        method = self._methods.get(msg.method)
+        if method is not None and not method.synchronous:
+            return NEEDS_TASK
+        id: Id = msg.id if isinstance(msg, Request) else None
+        prepared = self._prepare(msg, id)
+        if isinstance(prepared, Response):
+            return self._answer(msg, prepared)
+        method, params = prepared
+        coro = cast(Coroutine[Any, Any, Any], method.handler(params, ctx))
+        try:
+            coro.send(None)
+        except StopIteration as done:
+            try:
+                response = Response(id=id, result=_encodable(done.value))
+            except Exception as raised:
+                response = self._failure(raised, method, ctx, id)
+        except Exception as raised:
+            response = self._failure(raised, method, ctx, id)
+        else:  # a handler object that does not run the code it was registered with
+            coro.close()
+            failure = RuntimeError(f"handler of {method.name} suspended; it was never expected to")
+            response = self._failure(failure, method, ctx, id)
+        return self._answer(msg, response)
+
+    @staticmethod
+    def _answer(msg: Request | Notification, response: Response) -> Response | None:
         if isinstance(msg, Notification):
             if response.error is not UNSET:
                 log.info("notification %s failed: %s", msg.method, response.error)
             return None
         return response
 
-    async def _call(self, msg: Request | Notification, ctx: CallContext, id: Id) -> Response:
+    def _prepare(self, msg: Request | Notification, id: Id) -> tuple[Method, Any] | Response:
+        """The method and its decoded params, or the error response to answer with."""
         method = self._methods.get(msg.method)
         if method is None:
             return make_error(
                 METHOD_NOT_FOUND, f"no method {msg.method!r}", id=id, method=msg.method
             )
         try:
-            params = self._decode_params(method, msg.params)
+            return method, self._decode_params(method, msg.params)
         except _BadParams as err:
             return make_error(INVALID_PARAMS, str(err), id=id)
-        try:
-            return Response(id=id, result=_encodable(await method.handler(params, ctx)))
-        except Exception as raised:
-            exc = _unwrap(raised)
-            if isinstance(exc, HyperdError):
-                return self._hyperd_error(exc, id, method.name)
-            log.exception("method %s (uid %d) failed", method.name, ctx.peer.uid)
-            return make_error(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", id=id)
+
+    def _failure(self, raised: Exception, method: Method, ctx: CallContext, id: Id) -> Response:
+        exc = _unwrap(raised)
+        if isinstance(exc, HyperdError):
+            return self._hyperd_error(exc, id, method.name)
+        log.exception("method %s (uid %d) failed", method.name, ctx.peer.uid, exc_info=raised)
+        return make_error(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", id=id)
 
     @staticmethod
     def _hyperd_error(exc: HyperdError, id: Id, name: str) -> Response:

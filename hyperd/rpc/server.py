@@ -1,16 +1,25 @@
-"""The RPC server: accepts clients on a listener, checks their credentials, serves them."""
+"""The RPC server: accepts clients on a listener, checks their credentials, serves them.
+
+Accepting is one task calling ``loop.sock_accept`` on the listener's socket; each accepted
+socket's credentials are checked right away (``SO_PEERCRED`` and a read of
+``/proc/<pid>/status``, which never waits for I/O), then the socket becomes the transport of an
+:class:`RPCConnection` protocol (``loop.connect_accepted_socket``): from there on a connection
+costs no task. Ending accept is a cancellation of ``sock_accept`` (safe: the loop's own socket
+calls unregister their reader when cancelled).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import itertools
 import logging
+import socket
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import anyio
-import anyio.lowlevel
-from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
+from anyio.abc import SocketAttribute, SocketListener, TaskStatus
 
 from hyperd.rpc.access import AccessPolicy, PeerCredentials, peer_credentials
 from hyperd.rpc.connection import DEFAULT_MAX_IN_FLIGHT, DEFAULT_NOTIFY_QUEUE, RPCConnection
@@ -62,12 +71,12 @@ class RPCServer:
         self._shutdown_grace = shutdown_grace
         self._ids = itertools.count(1)
         self._connections: set[RPCConnection] = set()
-        self._handling = 0  # accepted streams not yet finished (incl. credential checks)
         self._accepted = 0
         self._refused = 0
         self._stopping = False
-        self._listener: SocketListener | None = None
-        self._drained: anyio.Event | None = None
+        self._accept_scope: anyio.CancelScope | None = None
+        self._host: asyncio.Task[None] | None = None
+        self._idle: asyncio.Event | None = None  # set while no connection is open
         self._stopped: anyio.Event | None = None
 
     def statistics(self) -> ServerStatistics:
@@ -93,42 +102,47 @@ class RPCServer:
             await listener.aclose()
             raise RuntimeError("an RPCServer serves once")
         self._stopped = anyio.Event()
-        self._drained = anyio.Event()
-        self._listener = listener
+        self._idle = asyncio.Event()
+        self._idle.set()
+        loop = asyncio.get_running_loop()
+        host_done = loop.create_future()
+        self._host = loop.create_task(_wait(host_done), name="hyperd.rpc synchronous calls")
         try:
-            async with listener, anyio.create_task_group() as tg:
-                try:
-                    task_status.started()
+            async with listener:
+                raw = listener.extra(SocketAttribute.raw_socket)
+                raw.setblocking(False)
+                task_status.started()
+                with anyio.CancelScope() as self._accept_scope:
                     if not self._stopping:
-                        await self._accept_loop(listener, tg)
-                    await self._drain()
-                finally:
-                    # Also on cancellation: shut every socket so no shielded write stays
-                    # blocked. First let the reads just cancelled unregister from the event
-                    # loop, or their sockets turning ready would complete cancelled futures.
-                    with anyio.CancelScope(shield=True):
-                        await anyio.lowlevel.checkpoint()
-                    self._close_all()
+                        await self._accept_loop(loop, raw)
+            # the listener is closed: nobody can connect any more
+            self._stopping = True
+            await self._drain()
         finally:
+            # Also on cancellation: close every connection (cancelling its calls), then wait
+            # for their transports to be gone and their calls to have ended.
+            self._stopping = True
+            with anyio.CancelScope(shield=True):
+                self._close_all()
+                await self._idle.wait()
+                host_done.set_result(None)
+                await self._host
             self._stopped.set()
 
     async def shutdown(self) -> None:
         """Stop accepting, drain (bounded by ``shutdown_grace``), and wait for ``serve`` to end."""
         self._stopping = True
-        if self._listener is not None:
-            # closing the listener ends accept(); cancelling accept() could lose a connection
-            await self._listener.aclose()
-        for connection in list(self._connections):
-            connection.stop_reading()
-        self._check_drained()
+        if self._accept_scope is not None:
+            self._accept_scope.cancel()
         if self._stopped is not None:
             await self._stopped.wait()
 
     async def _drain(self) -> None:
-        assert self._drained is not None
-        self._check_drained()
+        assert self._idle is not None
+        for connection in list(self._connections):
+            connection.stop_reading()
         with anyio.move_on_after(self._shutdown_grace):
-            await self._drained.wait()
+            await self._idle.wait()
             return
         log.warning(
             "shutdown: %d connection(s) still busy after %.1fs: closing them",
@@ -136,78 +150,78 @@ class RPCServer:
             self._shutdown_grace,
         )
         self._close_all()
-        await self._drained.wait()
+        await self._idle.wait()
 
     def _close_all(self) -> None:
         for connection in list(self._connections):
             connection.close()
 
-    def _check_drained(self) -> None:
-        if self._stopping and self._handling == 0 and self._drained is not None:
-            self._drained.set()
-
-    async def _accept_loop(self, listener: SocketListener, tg: anyio.abc.TaskGroup) -> None:
-        while True:
+    async def _accept_loop(self, loop: asyncio.AbstractEventLoop, raw: socket.socket) -> None:
+        while not self._stopping:
             try:
-                stream = await listener.accept()
-            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                if self._stopping:
-                    return
-                raise
+                sock, _ = await loop.sock_accept(raw)
             except OSError as err:
                 if err.errno not in _RESOURCE_ERRNOS:
                     raise
                 log.error("accept failed: %s; retrying in %.1fs", err, ACCEPT_RETRY_DELAY)
                 await anyio.sleep(ACCEPT_RETRY_DELAY)
                 continue
-            if self._stopping:
-                await stream.aclose()
-                return
-            self._handling += 1
             self._accepted += 1
-            tg.start_soon(self._handle_client, stream)
+            connection = self._admit(sock)
+            if connection is not None:
+                await self._connect(loop, sock, connection)
 
-    async def _handle_client(self, stream: SocketStream) -> None:
+    def _admit(self, sock: socket.socket) -> RPCConnection | None:
+        """The connection to serve ``sock`` with; ``None`` (and ``sock`` closed) if refused."""
         try:
-            async with stream:
-                try:
-                    raw = stream.extra(SocketAttribute.raw_socket)
-                    peer = await anyio.to_thread.run_sync(peer_credentials, raw)
-                except OSError as err:
-                    log.warning("cannot read peer credentials (%s): closing", err)
-                    return
-                if not self.access.allows(peer):
-                    await self._refuse(stream, peer)
-                    return
-                await self._serve_connection(stream, peer)
-        finally:
-            self._handling -= 1
-            self._check_drained()
-
-    async def _serve_connection(self, stream: SocketStream, peer: PeerCredentials) -> None:
-        connection = RPCConnection(
-            stream,
+            peer = peer_credentials(sock)
+        except OSError as err:
+            log.warning("cannot read peer credentials (%s): closing", err)
+            sock.close()
+            return None
+        if not self.access.allows(peer):
+            self._refuse(sock, peer)
+            return None
+        return RPCConnection(
             self.methods,
             peer,
             connection_id=next(self._ids),
             max_message=self._max_message,
             max_in_flight=self._max_in_flight,
             notify_queue=self._notify_queue,
+            host_task=self._host,
+            on_finished=self._finished,
         )
+
+    async def _connect(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, connection: RPCConnection
+    ) -> None:
+        """Make ``sock`` the transport of ``connection`` and track it until it has finished."""
+        assert self._idle is not None
         self._connections.add(connection)
+        self._idle.clear()
+        try:
+            await loop.connect_accepted_socket(lambda: connection, sock)
+        except BaseException:
+            if not connection.connected:
+                # no transport was made (a made one is closed by the loop, and connection_lost
+                # then finishes the connection)
+                sock.close()
+                self._finished(connection)
+            raise
         log.debug("%r: connected", connection)
         if self._stopping:
             connection.stop_reading()
-        try:
-            await connection.run()
-        except Exception:
-            # a bug in one connection must not take the server (and every client) down
-            log.exception("%r failed", connection)
-        finally:
-            self._connections.discard(connection)
-            log.debug("%r: closed", connection)
 
-    async def _refuse(self, stream: SocketStream, peer: PeerCredentials) -> None:
+    def _finished(self, connection: RPCConnection) -> None:
+        if connection not in self._connections:
+            return
+        self._connections.discard(connection)
+        log.debug("%r: closed", connection)
+        if not self._connections and self._idle is not None:
+            self._idle.set()
+
+    def _refuse(self, sock: socket.socket, peer: PeerCredentials) -> None:
         self._refused += 1
         error = self.access.refusal(peer)
         log.warning("refused pid %d uid %d gid %d: %s", peer.pid, peer.uid, peer.gid, error)
@@ -217,6 +231,13 @@ class RPCServer:
         )
         # a fresh socket's send buffer is empty: this short message never blocks
         try:
-            await stream.send(encode_message(response))
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            sock.send(encode_message(response))
+        except OSError:
             pass
+        finally:
+            sock.close()
+
+
+async def _wait(done: asyncio.Future[Any]) -> None:
+    """The host task of synchronous calls: it only waits (see hyperd.rpc.connection)."""
+    await done
