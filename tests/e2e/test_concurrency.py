@@ -109,13 +109,15 @@ async def test_vm_killed_mid_command(hyperd: Hyperd, busybox_rootfs: Path) -> No
     try:
         with anyio.fail_after(90):
             shims = await _start_pods(hyperd, busybox_rootfs, 2)
-            await _kill_and_check(hyperd)
+            async with rpc(hyperd.socket) as watcher:
+                await _kill_and_check(hyperd, watcher)
     finally:
         for s in shims:
             await s.shim.aclose()
 
 
-async def _kill_and_check(hyperd: Hyperd) -> None:
+async def _kill_and_check(hyperd: Hyperd, watcher: RPCClient) -> None:
+    await watcher.call("events.subscribe")
     async with rpc(hyperd.socket) as c:
         victim = await c.call("pod.inspect", {"id": "pod0"})
     failures: list[tuple[float, RPCError]] = []
@@ -151,6 +153,13 @@ async def _kill_and_check(hyperd: Hyperd) -> None:
         assert "pod0" in exc.message
         assert when - killed_at[0] < LIVENESS_DEADLINE
 
+    # the pod is declared unreachable within the liveness deadline (at once, in practice:
+    # hyperd watches the VM process), with an event
+    with anyio.fail_after(LIVENESS_DEADLINE):
+        while True:
+            event = (await watcher.next_notification())["params"]
+            if (event["kind"], event["pod"], event["state"]) == ("pod", "pod0", "unreachable"):
+                break
     async with rpc(hyperd.socket) as c:
         # the other pod is unaffected
         ps = await c.call("container.ps", {"pod": "pod1", "id": "main"})
