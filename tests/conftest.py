@@ -49,7 +49,9 @@ def make_busybox_rootfs(root: Path) -> Path:
         link = root / "bin" / applet
         if not link.exists():
             os.symlink("busybox", link)
-    (root / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n")
+    (root / "etc" / "passwd").write_text(
+        "root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n"
+    )
     (root / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
     return root
 
