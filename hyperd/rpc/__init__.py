@@ -33,13 +33,18 @@ Serving::
         ...
         await server.shutdown()                     # graceful; serve() returns
 
-Per connection (:class:`RPCConnection`): lines are framed with ``protocol.jsonrpc.LineFramer``
-(``max_message``, default 1 MiB; an oversized line is answered with a ``-32600`` error, id null,
-and dropped without being buffered); each request, notification or batch runs in its own task,
-so a slow call does not hold up the others and responses come out in completion order; a batch
-is answered as one array (notifications in it get no element; a batch of notifications gets
-nothing); at most ``max_in_flight`` calls run at once, then reading pauses (backpressure); writes
-never interleave. At EOF the calls running are still answered before the connection closes.
+Per connection (:class:`RPCConnection`, an ``asyncio.Protocol`` on the event loop's own
+transport): lines are framed with ``protocol.jsonrpc.LineFramer`` (``max_message``, default
+1 MiB; an oversized line is answered with a ``-32600`` error, id null, and dropped without being
+buffered). A call whose handler never awaits (an ``async def`` without ``await``/``async
+for``/``async with``, see :func:`~hyperd.rpc.methods.never_suspends`) is answered inside the
+read callback, with no task of its own; every other request, notification or batch runs in a
+task of its own, so a slow call does not hold up the others. Calls start in the order they were
+read and responses come out in completion order; a batch is answered as one array
+(notifications in it get no element; a batch of notifications gets nothing); at most
+``max_in_flight`` calls run (or wait for their response to be written) at once, then reading
+pauses (backpressure); writes never interleave. At EOF the calls running are still answered
+before the connection closes. Hot path: one read, one write and one ``epoll_wait`` per call.
 
 Pushing: ``ctx.notify(method, params)`` queues a notification on the caller's connection without
 waiting (``True`` if queued). The queue is bounded (``notify_queue``); a client too slow to take
@@ -65,9 +70,13 @@ connection; ``serve()`` then returns. Cancelling ``serve()`` instead closes ever
 
 Implementation note: on asyncio and uvloop, anyio's unix streams turn "cancel a task blocked in
 ``receive()``/``send()`` just as its socket becomes ready" into an ``InvalidStateError`` in a loop
-callback. So this package never cancels socket I/O it owns: ``shutdown(2)`` on the socket wakes a
-blocked read (EOF) or write (EPIPE), writes are shielded, and accepting ends by closing the
-listener. Code built on top should likewise stop the server with ``shutdown()``.
+callback. The server therefore does no socket I/O through anyio streams: connections are
+protocols (nothing blocks in a read; closing aborts the transport) and accepting uses the loop's
+``sock_accept``, whose cancellation is safe. Handlers that never await run with a placeholder
+task as ``asyncio.current_task()`` (anyio needs one even for ``CancelScope`` or
+``Lock.acquire_nowait``): they must not rely on their task's identity. The client
+(:class:`RPCClient`) still uses anyio streams and never cancels their I/O (``shutdown(2)`` wakes
+its reader). ``python -m hyperd.rpc.bench`` measures the hot path.
 
 Client (:class:`RPCClient`)::
 

@@ -131,7 +131,8 @@ class RPCConnection(asyncio.Protocol):
         self._processing = False  # inside _process (no re-entry)
         self._eof = False  # the client half-closed (or closed)
         self._stopping = False  # no more requests are read
-        self._closing = False  # close() was called: abort, cancel the calls
+        self._closing = False  # nothing more is written (closing gracefully, or aborted)
+        self._aborted = False  # close() was called: transport aborted, calls cancelled
         self._lost = False  # the transport is gone
         self._closed = False  # lost, and no call running: on_close callbacks have run
         self._closed_event = asyncio.Event()
@@ -152,9 +153,9 @@ class RPCConnection(asyncio.Protocol):
 
     def close(self) -> None:
         """Close now: stop reading and writing, cancel the calls running."""
-        if self._closing:
+        if self._aborted:
             return
-        self._stopping = self._closing = True
+        self._stopping = self._closing = self._aborted = True
         for _data, kind in self._pending:
             if kind == _RESPONSE:
                 self._in_flight -= 1
@@ -242,8 +243,7 @@ class RPCConnection(asyncio.Protocol):
         self._lost = True
         if exc is not None:
             log.debug("%r: connection lost: %r", self, exc)
-        if not self._closing:
-            self.close()  # a write failed, or the client reset: nobody reads the answers
+        self.close()  # a write failed, or the client reset: nobody reads the answers
         self._maybe_closed()
 
     # --- Channel (what handlers see through CallContext) --------------------------------------
