@@ -55,28 +55,37 @@ def external_vm_and_proxy(hyperd: Hyperd) -> Iterator[tuple[str, str, str, int, 
             p.wait(10)
 
 
-async def test_external_vm_behind_a_system_proxy(
-    hyperd: Hyperd, external_vm_and_proxy: tuple[str, str, str, int, int], busybox_rootfs: Path
+@pytest.mark.parametrize("proxy_mode", ["system", "pod"])
+async def test_external_vm(
+    hyperd: Hyperd,
+    external_vm_and_proxy: tuple[str, str, str, int, int],
+    busybox_rootfs: Path,
+    proxy_mode: str,
 ) -> None:
+    """An external VM (its sockets given), behind the system proxy or a per-pod proxy."""
     ctl, tty, url, sim_pid, proxy_pid = external_vm_and_proxy
+    proxy = {"mode": "system", "url": url} if proxy_mode == "system" else {"mode": "pod"}
     with anyio.fail_after(30):
         async with rpc(hyperd.socket) as c:
             pod = await start_pod(
-                c,
-                "ext",
-                vm={"backend": "external", "ctl": ctl, "tty": tty},
-                proxy={"mode": "system", "url": url},
+                c, "ext", vm={"backend": "external", "ctl": ctl, "tty": tty}, proxy=proxy
             )
-            assert pod["vm_pid"] is None and pod["proxy_pid"] is None
-            assert pod["proxy_url"] == url
+            assert pod["vm_pid"] is None
+            if proxy_mode == "system":
+                assert pod["proxy_pid"] is None and pod["proxy_url"] == url
+            else:
+                own_proxy = pod["proxy_pid"]
+                assert process_alive(own_proxy)
             ran = await create_and_start(c, "ext", "c", busybox_rootfs, ["echo", "external"])
             assert await ran.wait() == 0
             assert ran.stdout == b"external\n"
             await c.call("container.stop", {"pod": "ext", "id": "c"})
             await c.call("pod.stop", {"id": "ext"})
             await c.call("pod.delete", {"id": "ext"})
-        # hyperd did not start them, so it left them running
+        # hyperd did not start them, so it left them running (and stopped its own proxy)
         assert process_alive(sim_pid) and process_alive(proxy_pid)
+        if proxy_mode == "pod":
+            assert not process_alive(own_proxy)
 
 
 async def test_silent_vm_is_declared_unreachable(
