@@ -87,7 +87,17 @@ def _mounts(specs: list[str] | None) -> list[dict[str, Any]]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hyperctl", description="control hyperd")
+    parser = argparse.ArgumentParser(
+        prog="hyperctl",
+        description="control hyperd over its JSON-RPC socket",
+        epilog="examples:\n"
+        "  hyperctl run demo -- sh -c 'echo hello; exit 7'\n"
+        "  hyperctl pod list\n"
+        "  hyperctl container ps demo run-1a2b3c4d\n"
+        "  hyperctl --json pod inspect demo\n"
+        "  hyperctl call hyperd.stats '{}'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--socket",
         help="hyperd's RPC socket (default: $HYPERD_SOCKET or the embedded default's socket)",
