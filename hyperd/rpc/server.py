@@ -32,6 +32,7 @@ DEFAULT_SHUTDOWN_GRACE: Final = 10.0  # seconds for in-flight calls to finish on
 ACCEPT_RETRY_DELAY: Final = 0.1  # seconds to wait after EMFILE & co before accepting again
 
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_ABORTED_ERRNOS: Final = frozenset({errno.ECONNABORTED, errno.EPROTO})  # that client is gone
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +162,8 @@ class RPCServer:
             try:
                 sock, _ = await loop.sock_accept(raw)
             except OSError as err:
+                if err.errno in _ABORTED_ERRNOS:
+                    continue
                 if err.errno not in _RESOURCE_ERRNOS:
                     raise
                 log.error("accept failed: %s; retrying in %.1fs", err, ACCEPT_RETRY_DELAY)
