@@ -33,15 +33,23 @@ VERSION_REPLY = bytes.fromhex("0000000e0000000c00000008000000090000000c00001094"
 Segment = tuple[dict[str, Any], list[tuple[str, Any]]]
 
 
-def _script(scenario: str, skip_seqs: tuple[int, ...] = ()) -> tuple[list[bytes], list[Segment]]:
+def _script(
+    scenario: str,
+    skip_seqs: tuple[int, ...] = (),
+    seqs: dict[int, int] = SEQS,
+    until: str | None = None,
+) -> tuple[list[bytes], list[Segment]]:
     """The recorded run as (prelude, segments): each segment is one frame the host sent (ctl
     or tty) and what the agent sent after it, up to the host's next frame. Segments for stdin
-    to ``skip_seqs`` (which a proxy never sends) are left out."""
+    to ``skip_seqs`` (which a proxy never sends) are left out; tty seqs are renumbered by
+    ``seqs``; the script ends at the recorder's note starting with ``until``."""
     run = json.loads((HYPERSTART_TRANSCRIPTS / f"{scenario}.json").read_text())["runs"][0]
     prelude: list[bytes] = []
     segments: list[Segment] = []
     skipping = False
     for rec in run["records"]:
+        if until is not None and rec["kind"] == "note" and rec["text"].startswith(until):
+            break
         if rec["kind"] == "frame" and rec["dir"] == "h2a":
             skipping = rec["ch"] == "tty" and rec["seq"] in skip_seqs
             if not skipping:
@@ -56,7 +64,7 @@ def _script(scenario: str, skip_seqs: tuple[int, ...] = ()) -> tuple[list[bytes]
             continue
         raw = bytearray.fromhex(rec["header_hex"] + rec["payload_hex"])
         if rec["ch"] == "tty":
-            struct.pack_into(">Q", raw, 0, SEQS.get(rec["seq"], rec["seq"]))
+            struct.pack_into(">Q", raw, 0, seqs.get(rec["seq"], rec["seq"]))
         if segments:
             segments[-1][1].append((rec["ch"], bytes(raw)))
         else:
@@ -81,6 +89,17 @@ async def _agent(
     prelude, segments = script
     ctl = await ctl_listener.accept()
     tty = await tty_listener.accept()
+    try:
+        await _play(ctl, tty, prelude, segments, seen)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await ctl.aclose()
+            await tty.aclose()
+
+
+async def _play(
+    ctl: Pipe, tty: Pipe, prelude: list[bytes], segments: list[Segment], seen: list[Any]
+) -> None:
     for raw in prelude:
         await ctl.send(raw)
     ctl_decoder, tty_decoder = CtlDecoder(), TtyDecoder()
@@ -112,21 +131,21 @@ async def _register(runtime: RawClient, directory: Path) -> str:
     return str(body["io"]["tokens"][0])
 
 
-def _check_sent(seen: list[Any], segments: list[Segment]) -> None:
+def _check_sent(seen: list[Any], segments: list[Segment], seqs: dict[int, int] = SEQS) -> None:
     """Every frame the proxy sent is the one the real hyperstart accepted (seqs renumbered)."""
     assert len(seen) == len(segments)
     for recorded, frame in seen:
         if recorded["ch"] == "tty":
-            assert frame.seq == SEQS[recorded["seq"]]
+            assert frame.seq == seqs[recorded["seq"]]
             assert frame.data == bytes.fromhex(recorded["payload_hex"])
             continue
         assert frame.code == recorded["code"]
         expected = recorded.get("payload_json")
         if expected is not None and recorded["code"] in (Code.NEWCONTAINER, Code.EXECCMD):
-            expected["process"].update(
-                stdio=SEQS[expected["process"]["stdio"]],
-                stderr=SEQS[expected["process"]["stderr"]],
-            )
+            process = expected["process"]
+            process["stdio"] = seqs[process["stdio"]]
+            if "stderr" in process:
+                process["stderr"] = seqs[process["stderr"]]
             assert msgspec.json.decode(frame.payload) == expected
         else:
             assert frame.payload == bytes.fromhex(recorded["payload_hex"])
@@ -207,3 +226,72 @@ async def test_stdin_cat(anyio_backend: object, short_tmp: Path) -> None:
         await ctl_listener.aclose()
         await tty_listener.aclose()
     _check_sent(seen, segments)
+
+
+EXEC_SEQS = {1: 3, 2: 4, 3: 5, 4: 6, 5: 7, 6: 8, 7: 9}  # init, ex1, ex2, ex3 (terminal)
+
+
+def _without_seqs(process: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in process.items() if k not in ("stdio", "stderr")}
+
+
+async def test_exec_signal_winsize(anyio_backend: object, short_tmp: Path) -> None:
+    """execcmd with output and exit event; a shim's SIGTERM to an exec'd process as
+    SIGNALPROCESS; a terminal process: WINSIZE in the hyperhq form, stdin, output with echo,
+    exit status 5 from the event. (The recording goes on with cases a proxy never produces.)"""
+    ctl_listener = await PipeListener.create(str(short_tmp / "vm.ctl"))
+    tty_listener = await PipeListener.create(str(short_tmp / "vm.tty"))
+    seen: list[Any] = []
+    script = _script("exec_and_signals", seqs=EXEC_SEQS, until="EXECCMD ex4")
+    segments = script[1]
+    data = [rec.get("payload_json") for rec, _ in segments]
+    try:
+        async with proxied(short_tmp) as proxy, anyio.create_task_group() as tg:
+            tg.start_soon(_agent, ctl_listener, tty_listener, script, seen)
+            runtime = await proxy.connect()
+            payload = {
+                "containerId": "hs",
+                "ctlSerial": str(short_tmp / "vm.ctl"),
+                "ioSerial": str(short_tmp / "vm.tty"),
+                "numIOStreams": 4,
+            }
+            ok, body = await runtime.call(Command.REGISTER_VM, payload)
+            assert ok, body
+            tokens = body["io"]["tokens"]
+            shims = []
+            for token in tokens:
+                shim = await proxy.connect()
+                assert await shim.call(Command.CONNECT_SHIM, {"token": token}) == (True, b"")
+                shims.append(shim)
+            _, ex1, ex2, ex3 = shims
+
+            async def run(name: str, body: dict[str, Any], token: str) -> None:
+                body = {**body, "process": _without_seqs(body["process"])}
+                ok, msg = await runtime.call(Command.HYPER, hyper(name, body, [token]))
+                assert ok, msg
+
+            assert (await runtime.call(Command.HYPER, hyper("startpod", data[0])))[0]
+            await run("newcontainer", data[1], tokens[0])
+            await run("execcmd", data[2], tokens[1])
+            assert await ex1.frame() == Frame(FrameType.STREAM, Stream.STDOUT, b"ex\n")
+            assert await ex1.frame() == Frame(FrameType.NOTIFICATION, 0, bytes([0]))
+            await run("execcmd", data[3], tokens[2])
+            assert await ex2.call(Command.SIGNAL, {"signalNumber": 15}) == (True, b"")
+            assert await ex2.frame() == Frame(FrameType.NOTIFICATION, 0, bytes([0]))
+            await run("execcmd", data[5], tokens[3])
+            winch = {"signalNumber": 28, "columns": 111, "rows": 33}
+            assert await ex3.call(Command.SIGNAL, winch) == (True, b"")
+            await ex3.stream_frame(Stream.STDIN, b"go\n")
+            out = b""
+            while True:
+                frame = await ex3.frame()
+                if frame.type is FrameType.NOTIFICATION:
+                    break
+                assert frame.opcode == Stream.STDOUT  # a terminal: one seq for all output
+                out += frame.payload
+            assert frame.payload == bytes([5])
+            assert out == b"go\r\n33 111\r\nto-stderr\r\n"
+    finally:
+        await ctl_listener.aclose()
+        await tty_listener.aclose()
+    _check_sent(seen, segments, EXEC_SEQS)
