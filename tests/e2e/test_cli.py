@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import signal
 import subprocess
 import sys
@@ -316,3 +317,26 @@ async def test_a_second_daemon_on_the_same_state_refuses(hyperd: Hyperd) -> None
         info = await c.call("pod.inspect", {"id": "mine"})
         assert info["state"] == "running" and info["vm_pid"] == pod["vm_pid"]
         assert process_alive(pod["vm_pid"])
+
+
+@pytest.mark.anyio
+async def test_hyperctl_events(hyperd: Hyperd) -> None:
+    proc = await anyio.open_process(
+        [sys.executable, "-m", "hyperd.cli.ctl", "--socket", hyperd.socket, "--json", "events"]
+    )
+    try:
+        with anyio.fail_after(30):
+            assert proc.stdout is not None
+            buffered = b""
+            async with rpc(hyperd.socket) as c:
+                while b"\n" not in buffered:
+                    # events only reach subscribers: create pods until the first one is seen
+                    await c.call("pod.create", {"id": f"e{len(buffered)}-{secrets.token_hex(2)}"})
+                    with anyio.move_on_after(0.5):
+                        buffered += await proc.stdout.receive()
+            event = json.loads(buffered.split(b"\n")[0])
+            assert (event["kind"], event["state"]) == ("pod", "created")
+    finally:
+        proc.terminate()
+        await proc.wait()
+        await proc.aclose()
