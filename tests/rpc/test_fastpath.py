@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+import os
+import resource
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -275,3 +278,29 @@ async def test_client_gone_during_a_call(short_tmp: Path) -> None:
         seen.released.set()
         await eventually(lambda: server.statistics().connections == 0)
         assert seen.finished == 1
+
+
+async def test_accept_out_of_descriptors_is_retried(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen = Seen()
+    path = short_tmp / "rpc.sock"
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    async with fast_server(path, seen) as server:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            lowest_free = os.dup(0)
+            os.close(lowest_free)
+            with caplog.at_level(logging.ERROR, logger="hyperd.rpc"):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+                try:
+                    sock.connect(str(path))  # queued: the server cannot take a descriptor
+                    await eventually(lambda: "accept failed" in caplog.text)
+                finally:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert "Too many open files" in caplog.text
+            sock.setblocking(False)
+            sock.sendall(request("record.sync", 1, {"tag": "t"}))
+            with anyio.fail_after(DEADLINE):
+                await anyio.wait_readable(sock)
+            assert msgspec.json.decode(sock.recv(65536))["result"] == "t"
+        assert server.statistics().accepted == 1
