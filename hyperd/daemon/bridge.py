@@ -213,7 +213,12 @@ async def mount_container(
     pod: PodRecord, c: ContainerRecord
 ) -> tuple[list[MountRecord], list[MountRecord]]:
     """Bind-mount the container's rootfs and volumes; returns (records, layout for fsmap)."""
-    records = await anyio.to_thread.run_sync(_mount_container, pod, c)
+    try:
+        records = await anyio.to_thread.run_sync(_mount_container, pod, c)
+    except OSError as exc:
+        raise HyperdError(
+            f"pod {pod.id!r}: container {c.id!r}: mounting its rootfs and volumes failed: {exc}"
+        ) from None
     return records, records
 
 

@@ -309,7 +309,10 @@ class Daemon:
                 await self._start_locked(pod, rt)
             except BaseException:
                 with anyio.CancelScope(shield=True):
-                    await self.teardown(pod, rt, unregister=True)
+                    try:
+                        await self.teardown(pod, rt, unregister=True)
+                    except HyperdError as exc:  # the start's own error is what the caller needs
+                        log.error("undoing a failed start: %s", exc, extra={"pod": pod.id})
                     pod.state = before  # a failed start changes nothing
                     await self.save(pod)
                 raise
@@ -483,21 +486,39 @@ class Daemon:
             await rt.link_done.wait()
 
     async def teardown(self, pod: PodRecord, rt: PodRuntime, *, unregister: bool) -> None:
-        """Close the link, stop the helper processes hyperd started, undo every mount."""
+        """Close the link, stop the helper processes hyperd started, undo every mount.
+
+        Every step runs even when an earlier one failed; then ``HyperdError`` names what could
+        not be undone (the steps are idempotent: calling this again retries them).
+        """
         await self._close_link(rt, unregister=unregister)
+        failed: list[str] = []
         for attr in ("proxy_process", "vm_process"):
             ref = getattr(pod, attr)
             if ref is not None:
                 await launcher.terminate(ref)
-                setattr(pod, attr, None)
+                if launcher.is_alive(ref):
+                    failed.append(f"pid {ref.pid} does not exit")
+                else:
+                    setattr(pod, attr, None)
         for c in pod.containers.values():
             if c.mounts_made:
-                await bridge.unmount_container(pod, c)
-                c.mounts_made = []
-        await bridge.cleanup_pod(pod)
+                try:
+                    await bridge.unmount_container(pod, c)
+                    c.mounts_made = []
+                except (HyperdError, OSError) as exc:
+                    failed.append(f"container {c.id!r}: {exc}")
+        try:
+            await bridge.cleanup_pod(pod)
+        except (HyperdError, OSError) as exc:
+            failed.append(f"share dir: {exc}")
         if pod.proxy.mode == "pod":
             pod.proxy_url = ""
         await anyio.to_thread.run_sync(podfs.remove_sockets, pod)
+        if failed:
+            for problem in failed:
+                log.error("cleanup: %s", problem, extra={"pod": pod.id})
+            raise HyperdError(f"pod {pod.id!r}: cleanup incomplete: {'; '.join(failed)}")
 
     # ---- pod.stop ---------------------------------------------------------------------------
 
