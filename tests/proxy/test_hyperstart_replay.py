@@ -152,14 +152,14 @@ def _check_sent(seen: list[Any], segments: list[Segment], seqs: dict[int, int] =
 
 
 async def test_pod_container_echo(anyio_backend: object, short_tmp: Path) -> None:
-    ctl_listener = await PipeListener.create(str(short_tmp / "vm.ctl"))
-    tty_listener = await PipeListener.create(str(short_tmp / "vm.tty"))
     seen: list[Any] = []
     script = _script("pod_container_echo")
     segments = script[1]
     startpod = segments[0][0]["payload_json"]
     container = segments[1][0]["payload_json"]
     process = {k: v for k, v in container["process"].items() if k not in ("stdio", "stderr")}
+    ctl_listener = await PipeListener.create(str(short_tmp / "vm.ctl"))
+    tty_listener = await PipeListener.create(str(short_tmp / "vm.tty"))
     try:
         async with proxied(short_tmp) as proxy, anyio.create_task_group() as tg:
             tg.start_soon(_agent, ctl_listener, tty_listener, script, seen)
@@ -197,13 +197,13 @@ async def test_pod_container_echo(anyio_backend: object, short_tmp: Path) -> Non
 async def test_stdin_cat(anyio_backend: object, short_tmp: Path) -> None:
     """stdin to cat and its echo, stdin EOF (an empty frame for a pipe), the exit event, and
     stdin after the exit (hyperstart answers it with an EOF, which changes nothing)."""
-    ctl_listener = await PipeListener.create(str(short_tmp / "vm.ctl"))
-    tty_listener = await PipeListener.create(str(short_tmp / "vm.tty"))
     seen: list[Any] = []
     script = _script("stdin_cat", skip_seqs=(77,))
     segments = script[1]
     container = segments[1][0]["payload_json"]
     process = {k: v for k, v in container["process"].items() if k not in ("stdio", "stderr")}
+    ctl_listener = await PipeListener.create(str(short_tmp / "vm.ctl"))
+    tty_listener = await PipeListener.create(str(short_tmp / "vm.tty"))
     try:
         async with proxied(short_tmp) as proxy, anyio.create_task_group() as tg:
             tg.start_soon(_agent, ctl_listener, tty_listener, script, seen)
@@ -239,12 +239,12 @@ async def test_exec_signal_winsize(anyio_backend: object, short_tmp: Path) -> No
     """execcmd with output and exit event; a shim's SIGTERM to an exec'd process as
     SIGNALPROCESS; a terminal process: WINSIZE in the hyperhq form, stdin, output with echo,
     exit status 5 from the event. (The recording goes on with cases a proxy never produces.)"""
-    ctl_listener = await PipeListener.create(str(short_tmp / "vm.ctl"))
-    tty_listener = await PipeListener.create(str(short_tmp / "vm.tty"))
     seen: list[Any] = []
     script = _script("exec_and_signals", seqs=EXEC_SEQS, until="EXECCMD ex4")
     segments = script[1]
     data = [rec.get("payload_json") for rec, _ in segments]
+    ctl_listener = await PipeListener.create(str(short_tmp / "vm.ctl"))
+    tty_listener = await PipeListener.create(str(short_tmp / "vm.tty"))
     try:
         async with proxied(short_tmp) as proxy, anyio.create_task_group() as tg:
             tg.start_soon(_agent, ctl_listener, tty_listener, script, seen)
