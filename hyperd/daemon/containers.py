@@ -166,14 +166,17 @@ async def container_stop(d: Daemon, pod_id: object, cid: object) -> dict[str, An
         if c.state == ContainerState.RUNNING:
             await _remove(d, pod, c)
         with anyio.CancelScope(shield=True):
-            await bridge.unmount_container(pod, c)
-            c.mounts_made = []
+            # stopped as soon as the agent let it go; a failed unmount below is retried by
+            # container.delete and pod.stop (both undo whatever mounts_made still lists)
             c.state = ContainerState.STOPPED
             for e in pod.execs.values():
                 if e.container == c.id:
                     e.state = ExecState.EXITED
             await d.save(pod)
-    d.publish("container", pod, str(c.state), container=c.id)
+            d.publish("container", pod, str(c.state), container=c.id)
+            await bridge.unmount_container(pod, c)
+            c.mounts_made = []
+            await d.save(pod)
     return container_view(pod, c)
 
 
