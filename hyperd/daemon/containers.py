@@ -186,8 +186,8 @@ async def container_delete(d: Daemon, pod_id: object, cid: object) -> dict[str, 
     c = get_container(pod, cid)
     async with d.rt(pod).container_lock(c.id):
         check_container_transition(pod, c, "delete")
-        if c.mounts_made:  # never true for created/stopped ones, but never leave a mount behind
-            await bridge.unmount_container(pod, c)
+        # found from mountinfo: also what a failed unmount or a crash left behind
+        await bridge.unmount_container(pod, c)
         del pod.containers[c.id]
         for eid in [e.id for e in pod.execs.values() if e.container == c.id]:
             del pod.execs[eid]
