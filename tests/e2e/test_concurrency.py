@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from hyperd.cli.client import RPCClient, RPCError
-from tests.e2e.conftest import Hyperd, Started, create_and_start, rpc, start_pod
+from tests.e2e.conftest import Hyperd, Started, create_and_start, process_alive, rpc, start_pod
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.root]
 
@@ -176,3 +176,30 @@ async def _kill_and_check(hyperd: Hyperd, watcher: RPCClient) -> None:
         await c.call("pod.stop", {"id": "pod0"})
         await c.call("pod.delete", {"id": "pod0"})
         assert [p for p in hyperd.mounts_under_base() if "/pod0" in p] == []
+
+
+async def test_proxy_killed(hyperd: Hyperd, busybox_rootfs: Path) -> None:
+    """The per-pod proxy dies: the pod is declared unreachable, callers get vm_unavailable,
+    and pod.stop still cleans everything up (the VM process included)."""
+    shims: list[Started] = []
+    try:
+        with anyio.fail_after(60):
+            shims = await _start_pods(hyperd, busybox_rootfs, 1)
+            async with rpc(hyperd.socket) as watcher, rpc(hyperd.socket) as c:
+                await watcher.call("events.subscribe")
+                pod = await c.call("pod.inspect", {"id": "pod0"})
+                os.kill(pod["proxy_pid"], signal.SIGKILL)
+                while True:
+                    event = (await watcher.next_notification())["params"]
+                    if (event["kind"], event["state"]) == ("pod", "unreachable"):
+                        break
+                with pytest.raises(RPCError) as err:
+                    await c.call("container.ps", {"pod": "pod0", "id": "main"})
+                assert err.value.kind == "vm_unavailable"
+                stopped = await c.call("pod.stop", {"id": "pod0"})
+                assert stopped["state"] == "stopped"
+                assert not process_alive(pod["vm_pid"])
+                assert hyperd.mounts_under_base() == []
+    finally:
+        for s in shims:
+            await s.shim.aclose()
