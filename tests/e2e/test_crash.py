@@ -8,6 +8,7 @@ mount, no helper process left behind, nothing that cannot be started again or de
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -131,3 +132,26 @@ async def test_failed_pod_start_changes_nothing(hyperd_factory: Hyperd) -> None:
                 await c.call("pod.delete", {"id": pod})
     assert _helper_pids(hyperd_factory.base) == []
     assert hyperd_factory.mounts_under_base() == []
+
+
+async def test_vm_died_while_hyperd_was_down(hyperd_factory: Hyperd, busybox_rootfs: Path) -> None:
+    hyperd_factory.start(stop_pods_on_exit=False)
+    with anyio.fail_after(60):
+        async with rpc(hyperd_factory.socket) as c:
+            pod = await start_pod(c, "gone")
+            ran = await create_and_start(c, "gone", "c", busybox_rootfs, ["sleep", "1000"])
+        await ran.shim.aclose()
+        assert hyperd_factory.stop() == 0
+        os.kill(pod["vm_pid"], signal.SIGKILL)
+
+        hyperd_factory.start()
+        async with rpc(hyperd_factory.socket) as c:
+            info = await c.call("pod.inspect", {"id": "gone"})
+            assert info["state"] == "stopped"
+            assert "died while hyperd was down" in info["reason"]
+            assert info["containers"][0]["state"] == "stopped"
+            assert not process_alive(pod["proxy_pid"])  # its proxy was stopped too
+            assert hyperd_factory.mounts_under_base() == []
+            await c.call("pod.start", {"id": "gone"})  # and it can start again
+            await c.call("pod.stop", {"id": "gone"})
+            await c.call("pod.delete", {"id": "gone"})
