@@ -58,7 +58,9 @@ class LinkEvent:
     """Something the VM reported on its own.
 
     ``kind``: ``"unreachable"`` (``reason`` says why), ``"reconnected"``, ``"reachable"`` (the
-    VM answers again), or ``"process_exited"`` (``container``, ``process``, ``status``).
+    VM answers again), or ``"process_exited"`` (``container``, ``process``, ``status``; the
+    daemon handles it, but :class:`hyperd.vm.VMSession` does not report process exits today:
+    they reach the process's shim through the proxy, not hyperd).
     """
 
     kind: str
