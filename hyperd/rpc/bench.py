@@ -6,12 +6,14 @@ client in this process, so that the figures are the server's cost plus a minimal
 - ``sequential``: one connection on a blocking socket, N calls one after the other (no event loop
   on the client side); per-call round trip p50/p99 and calls/s;
 - ``concurrent``: C connections (default 64) in one client process on an ``asyncio.Protocol``,
-  each doing calls one after the other for a fixed time; aggregate calls/s and per-call p50/p99.
+  each doing calls one after the other for a fixed time; aggregate calls/s and per-call p50/p99;
+- ``connect``: a new connection per call, as ``hyperctl`` does (connect, credential check,
+  call, close), one after the other; per-cycle p50/p99.
 
 Methods: ``bench.version`` returns a small dict without awaiting (as ``hyperd.version``);
 ``bench.yield`` awaits once (``asyncio.sleep(0)``), so it cannot complete synchronously.
-``--method`` picks one. ``--profile`` prints the server's system calls (``strace -c``) for the
-sequential run when strace is installed.
+``--method`` picks one. To profile the server, attach ``py-spy`` or ``strace -c -f -p`` to the
+``--serve`` process while a run is going on.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ DEFAULT_CALLS: Final = 20000  # sequential calls
 WARMUP_CALLS: Final = 1000  # calls before measuring (imports, caches)
 DEFAULT_CLIENTS: Final = 64  # connections of the concurrent run
 DEFAULT_SECONDS: Final = 3.0  # duration of the concurrent run
+CONNECT_FRACTION: Final = 10  # the connect run does calls / CONNECT_FRACTION cycles
 WARMUP_SECONDS: Final = 0.3  # concurrent calls before measuring
 RECEIVE_SIZE: Final = 65536
 METHODS: Final = ("bench.version", "bench.yield")
@@ -83,7 +86,7 @@ def _serve(path: str, loop_name: str, ready_fd: int) -> None:
 
 
 @contextlib.contextmanager
-def server_process(loop_name: str, strace: bool = False) -> Iterator[tuple[str, int]]:
+def server_process(loop_name: str) -> Iterator[tuple[str, int]]:
     """Start the server process; yields (socket path, pid)."""
     tmp = tempfile.mkdtemp(prefix="hd-bench-", dir="/tmp")
     path = os.path.join(tmp, "rpc.sock")
@@ -140,6 +143,24 @@ def sequential(path: str, method: str, calls: int) -> list[float]:
                 raise RuntimeError(f"unexpected answer {answer!r}")
             if i >= WARMUP_CALLS:
                 times.append(elapsed)
+    return times
+
+
+def connect_per_call(path: str, method: str, calls: int) -> list[float]:
+    """Durations (seconds) of ``calls`` cycles of connect, one call, close."""
+    times: list[float] = []
+    for i in range(calls):
+        start = time.perf_counter()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(path)
+            sock.sendall(_request(method, i))
+            buffer = b""
+            while not buffer.endswith(b"\n"):
+                data = sock.recv(RECEIVE_SIZE)
+                if not data:
+                    raise RuntimeError("the server closed the connection")
+                buffer += data
+        times.append(time.perf_counter() - start)
     return times
 
 
@@ -254,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
                 _report(f"{loop_name} {method} sequential", sequential(path, method, args.calls))
                 times, wall = concurrent(path, method, args.clients, args.seconds)
                 _report(f"{loop_name} {method} {args.clients} clients", times, wall)
+            cycles = connect_per_call(path, methods[0], args.calls // CONNECT_FRACTION)
+            _report(f"{loop_name} {methods[0]} connection per call", cycles)
 
 
 if __name__ == "__main__":
