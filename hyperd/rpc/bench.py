@@ -12,8 +12,10 @@ client in this process, so that the figures are the server's cost plus a minimal
 
 Methods: ``bench.version`` returns a small dict without awaiting (as ``hyperd.version``);
 ``bench.yield`` awaits once (``asyncio.sleep(0)``), so it cannot complete synchronously.
-``--method`` picks one. To profile the server, attach ``py-spy`` or ``strace -c -f -p`` to the
-``--serve`` process while a run is going on.
+``--method`` picks one. ``--cpus 0`` pins the client and the server to one CPU: the figures
+are then the CPU cost of a round trip; unpinned, an idle machine adds the latency of waking the
+other CPU (tens of microseconds in a VM) to every call. To profile the server, attach
+``py-spy`` or ``strace -c -f -p`` to the ``--serve`` process while a run is going on.
 """
 
 from __future__ import annotations
@@ -261,12 +263,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calls", type=int, default=DEFAULT_CALLS)
     parser.add_argument("--clients", type=int, default=DEFAULT_CLIENTS)
     parser.add_argument("--seconds", type=float, default=DEFAULT_SECONDS)
+    parser.add_argument(
+        "--cpus", help="comma-separated CPUs to pin the client and the server to, e.g. 0"
+    )
     parser.add_argument("--serve", metavar="PATH", help=argparse.SUPPRESS)
     parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         _serve(args.serve, args.loop, args.ready_fd)
         return
+    if args.cpus:
+        os.sched_setaffinity(0, {int(cpu) for cpu in args.cpus.split(",")})  # inherited
     loops = ("uvloop", "asyncio") if args.loop == "both" else (args.loop,)
     methods = METHODS if args.method == "all" else (args.method,)
     for loop_name in loops:
