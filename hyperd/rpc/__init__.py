@@ -43,8 +43,10 @@ task of its own, so a slow call does not hold up the others. Calls start in the 
 read and responses come out in completion order; a batch is answered as one array
 (notifications in it get no element; a batch of notifications gets nothing); at most
 ``max_in_flight`` calls run (or wait for their response to be written) at once, then reading
-pauses (backpressure); writes never interleave. At EOF the calls running are still answered
-before the connection closes. Hot path: one read, one write and one ``epoll_wait`` per call.
+pauses (backpressure); writes never interleave, and responses and notifications go out in the
+order they were produced (also while a slow reader makes them queue). At EOF the calls running
+are still answered before the connection closes. Hot path: one read, one write and one
+``epoll_wait`` per call.
 
 Pushing: ``ctx.notify(method, params)`` queues a notification on the caller's connection without
 waiting (``True`` if queued). The queue is bounded (``notify_queue``); a client too slow to take

@@ -26,6 +26,7 @@ from tests.rpc.support import DEADLINE, RawClient
 pytestmark = pytest.mark.anyio
 
 BIG = 400_000  # bytes of one big result: more than a unix socket's buffers hold
+BURST = 20  # notifications pushed by one call
 POLL = 0.01  # seconds between looks at the server's statistics
 
 
@@ -168,6 +169,12 @@ def fast_methods(seen: Seen) -> MethodTable:
     async def big(params: SizeParams, ctx: CallContext) -> str:
         return "x" * params.size
 
+    @methods.method("burst", SizeParams)
+    async def burst(params: SizeParams, ctx: CallContext) -> str:
+        for seq in range(BURST):
+            assert ctx.notify("note", {"seq": seq, "pad": "x" * params.size})
+        return "after the notes"
+
     @methods.method("hold")
     async def hold(params: None, ctx: CallContext) -> str:
         try:
@@ -304,3 +311,14 @@ async def test_accept_out_of_descriptors_is_retried(
                 await anyio.wait_readable(sock)
             assert msgspec.json.decode(sock.recv(65536))["result"] == "t"
         assert server.statistics().accepted == 1
+
+
+async def test_output_keeps_its_order_while_writes_queue(short_tmp: Path) -> None:
+    seen = Seen()
+    path = short_tmp / "rpc.sock"
+    async with fast_server(path, seen), RawClient.connect(path) as c:
+        # 20 x 64 KiB: more than the socket and the transport take, so most of it queues
+        await c.send(request("burst", 1, {"size": 65536}))
+        messages = [await c.recv() for _ in range(BURST + 1)]
+        assert [m["params"]["seq"] for m in messages[:BURST]] == list(range(BURST))
+        assert messages[BURST] == {"jsonrpc": "2.0", "result": "after the notes", "id": 1}
