@@ -43,6 +43,7 @@ from hyperd.host.mountsys import (
     MountError,
     MountInfo,
     read_mountinfo,
+    read_mountinfo_prefix,
     umount,
 )
 from hyperd.host.mountsys import mount as sys_mount
@@ -193,14 +194,17 @@ class SharedDir:
         something stays mounted.
         """
         container_dir = self.container_dir(pod, cid)
-        pod_dir = self.pod_dir(pod)
         volume_name = re.compile(re.escape(cid) + r"-[0-9a-f]{16}-[^/]+")
-        in_pod = [(Path(m.mount_point), m) for m in read_mountinfo(pod_dir)]
-        volumes = {p for p, _ in in_pod if p.parent == pod_dir and volume_name.fullmatch(p.name)}
-        tops = [*volumes, container_dir]
-        self._unmount_trees(tops, [m for p, m in in_pod if any(_is_within(p, t) for t in tops)])
-        for point in volumes:
-            _remove_path(point)
+        # one read finds both: every mount point of the container starts with <pod>/<cid>
+        pod_prefix = str(self.pod_dir(pod)) + "/"
+        found = read_mountinfo_prefix(str(container_dir))
+        names = [m.mount_point[len(pod_prefix) :] for m in found]
+        volumes = {n for n in names if volume_name.fullmatch(n)}
+        tops = [cid, *volumes]
+        mine = [m for m, n in zip(found, names, strict=True) if _top_name(n) in tops]
+        self._unmount_trees([pod_prefix + name for name in tops], mine)
+        for name in volumes:
+            _remove_path(Path(pod_prefix + name))
         if container_dir.is_dir() and not container_dir.is_symlink():
             shutil.rmtree(container_dir)
         else:
@@ -209,7 +213,7 @@ class SharedDir:
     def cleanup_pod(self, pod: str) -> None:
         """Unmount everything under the pod's directory and remove it. Idempotent, crash-safe."""
         pod_dir = self.pod_dir(pod)
-        self._unmount_trees([pod_dir])
+        self._unmount_trees([str(pod_dir)])
         if pod_dir.is_dir() and not pod_dir.is_symlink():
             shutil.rmtree(pod_dir)
         else:
@@ -282,40 +286,38 @@ class SharedDir:
 
     def _unmount_tree(self, top: Path) -> None:
         """Unmount every mount at or below ``top``, deepest and most recent first."""
-        self._unmount_trees([top])
+        self._unmount_trees([str(top)])
 
-    def _unmount_trees(self, tops: Sequence[Path], found: list[MountInfo] | None = None) -> None:
+    def _unmount_trees(self, tops: Sequence[str], found: list[MountInfo] | None = None) -> None:
         """Unmount every mount at or below any of ``tops``, deepest and most recent first.
 
         ``found``: those mounts as just read from mountinfo (saves the first read). Each round
         detaches everything one read showed, then reads again to check (a mount may have been
         stacked or propagated meanwhile).
         """
+        root = str(self.root)
         for top in tops:
-            if not _is_within(top, self.root) or top == self.root:
-                raise InvalidParams(f"{str(top)!r} is not inside the shared root", field="path")
+            if not _under(top, root) or top == root:
+                raise InvalidParams(f"{top!r} is not inside the shared root", field="path")
         for _ in range(MAX_UNMOUNT_ROUNDS):
             below = found if found is not None else self._mounts_below(tops)
             found = None
             if not below:
                 return
             # deepest path first; on one path the last mounted (highest id) is on top
-            below.sort(key=lambda m: (len(Path(m.mount_point).parts), m.mount_id), reverse=True)
+            below.sort(key=lambda m: (m.mount_point.count("/"), m.mount_id), reverse=True)
             for victim in below:
                 _detach(victim.mount_point)
-        names = ", ".join(repr(str(top)) for top in tops)
+        names = ", ".join(repr(top) for top in tops)
         raise MountError(f"mounts under {names} do not go away", errno.EBUSY)
 
     @staticmethod
-    def _mounts_below(tops: Sequence[Path]) -> list[MountInfo]:
+    def _mounts_below(tops: Sequence[str]) -> list[MountInfo]:
         if len(tops) == 1:
             return read_mountinfo(tops[0])
-        common = Path(os.path.commonpath(tops))
-        return [
-            m
-            for m in read_mountinfo(common)
-            if any(_is_within(Path(m.mount_point), top) for top in tops)
-        ]
+        # a string prefix of all the tops (not a path): the reader matches strings anyway
+        found = read_mountinfo_prefix(os.path.commonprefix(list(tops)))  # noqa: RUF071
+        return [m for m in found if any(_under(m.mount_point, top) for top in tops)]
 
 
 def _step(parent: int, name: str, create: bool) -> int:
@@ -377,6 +379,15 @@ def _volume_base(destination: str) -> str:
 
 def _is_within(path: Path, top: Path) -> bool:
     return path == top or top in path.parents
+
+
+def _under(path: str, top: str) -> bool:
+    """``path`` is ``top`` or below it (both absolute and normalized)."""
+    return path == top or path.startswith(top + "/")
+
+
+def _top_name(relative: str) -> str:
+    return relative.split("/", 1)[0]
 
 
 def _remove_path(path: Path) -> None:

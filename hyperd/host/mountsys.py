@@ -26,6 +26,7 @@ __all__ = [
     "escape_path",
     "mount",
     "read_mountinfo",
+    "read_mountinfo_prefix",
     "umount",
     "unescape_path",
 ]
@@ -127,13 +128,21 @@ def read_mountinfo(under: str | os.PathLike[str] | None = None) -> list[MountInf
     read once and searched for the escaped form of ``under``; only the lines that contain it are
     parsed, so the cost per call stays close to the kernel's for any number of mounts.
     """
-    with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
-        text = f.read()
     top = os.fspath(under) if under is not None else "/"
     if top == "/":
-        return [m for line in text.split("\n") if (m := _parse(line)) is not None]
-    escaped = escape_path(top)
-    below = escaped + "/"
+        return [m for line in _read().split("\n") if (m := _parse(line)) is not None]
+    return [
+        m
+        for m in read_mountinfo_prefix(top)
+        if m.mount_point == top or m.mount_point.startswith(top + "/")
+    ]
+
+
+def read_mountinfo_prefix(prefix: str) -> list[MountInfo]:
+    """The mounts whose mount point starts with the string ``prefix`` (not only at a ``/``:
+    ``/a/b`` matches ``/a/b``, ``/a/b/c`` and ``/a/bc``), in the kernel's order."""
+    text = _read()
+    escaped = escape_path(prefix)
     mounts = []
     pos = text.find(escaped)
     while pos >= 0:
@@ -142,9 +151,13 @@ def read_mountinfo(under: str | os.PathLike[str] | None = None) -> list[MountInf
         if end < 0:
             end = len(text)
         fields = text[start:end].split(" ", _MOUNT_POINT_FIELD + 1)
-        if len(fields) > _MOUNT_POINT_FIELD:
-            point = fields[_MOUNT_POINT_FIELD]
-            if point == escaped or point.startswith(below):
-                mounts.append(MountInfo(int(fields[0]), int(fields[1]), unescape_path(point)))
+        if len(fields) > _MOUNT_POINT_FIELD and fields[_MOUNT_POINT_FIELD].startswith(escaped):
+            point = unescape_path(fields[_MOUNT_POINT_FIELD])
+            mounts.append(MountInfo(int(fields[0]), int(fields[1]), point))
         pos = text.find(escaped, end)
     return mounts
+
+
+def _read() -> str:
+    with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
+        return f.read()

@@ -19,7 +19,14 @@ from hypothesis import strategies as st
 
 from hyperd.errors import AlreadyExists
 from hyperd.host.mounts import SharedDir
-from hyperd.host.mountsys import MOUNTINFO, MountInfo, escape_path, read_mountinfo, unescape_path
+from hyperd.host.mountsys import (
+    MOUNTINFO,
+    MountInfo,
+    escape_path,
+    read_mountinfo,
+    read_mountinfo_prefix,
+    unescape_path,
+)
 from hyperd.spec import MountSpec
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for mount(2)")
@@ -106,6 +113,11 @@ def test_filtered_read_matches_reference(odd_roots: list[Path], tmp_path: Path) 
         str(tmp_path / "sh" / "sub"),
     }
     assert read_mountinfo(tmp_path / "s") == []
+    # a string prefix matches inside names too: "sh" finds "sh" and "sh ared"
+    for prefix in (str(tmp_path / "sh"), str(tmp_path / "s"), str(tmp_path / "back\\")):
+        expected = [m for m in reference_mountinfo() if m.mount_point.startswith(prefix)]
+        assert read_mountinfo_prefix(prefix) == expected
+        assert expected
     assert read_mountinfo(tmp_path) == reference_under(tmp_path)
 
 
