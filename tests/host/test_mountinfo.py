@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hyperd.errors import AlreadyExists
-from hyperd.host.mounts import SharedDir
+from hyperd.host.mounts import MAX_UNMOUNT_ROUNDS, SharedDir
 from hyperd.host.mountsys import (
     MOUNTINFO,
     MountInfo,
@@ -156,6 +156,26 @@ def test_shared_dir_with_escaped_root(name: str, tmp_path: Path, busybox_rootfs:
         assert len(reference_under(sibling.root)) == 3
         sibling.cleanup_pod("p1")
         assert reference_under(sibling.root) == []
+    finally:
+        for m in sorted(reference_under(tmp_path), key=lambda m: len(m.mount_point), reverse=True):
+            subprocess.run(["umount", "-l", m.mount_point], check=False, capture_output=True)
+
+
+@needs_root
+def test_cleanup_of_more_mounts_than_unmount_rounds(tmp_path: Path) -> None:
+    """A pod with more mounts than MAX_UNMOUNT_ROUNDS is cleaned up (each round detaches every
+    mount one read of mountinfo shows, not one mount)."""
+    shared = SharedDir(tmp_path / "sh ared")
+    data = tmp_path / "data"
+    data.mkdir()
+    count = MAX_UNMOUNT_ROUNDS + 1
+    try:
+        specs = [MountSpec(source=str(data), destination=f"/v{i}") for i in range(count)]
+        made = shared.mount_volumes("p1", "c1", specs)
+        assert len(made) == count == len(reference_under(shared.root))
+        shared.cleanup_pod("p1")
+        assert reference_under(shared.root) == []
+        assert not (shared.root / "p1").exists()
     finally:
         for m in sorted(reference_under(tmp_path), key=lambda m: len(m.mount_point), reverse=True):
             subprocess.run(["umount", "-l", m.mount_point], check=False, capture_output=True)
