@@ -27,9 +27,17 @@ STDIN_CHUNK = 8192  # bytes per stdin frame (the C shim reads BUFSIZ)
 
 
 async def _forward_stdin(shim: ShimClient) -> None:
+    """Forward stdin until its EOF. Reads wait on the event loop (no worker thread: a thread
+    blocked in read() on a terminal would keep hyperctl from exiting after the process ended)."""
     fd = sys.stdin.fileno()
+    pollable = True
     while True:
-        data = await anyio.to_thread.run_sync(os.read, fd, STDIN_CHUNK, abandon_on_cancel=True)
+        if pollable:
+            try:
+                await anyio.wait_readable(fd)
+            except OSError:
+                pollable = False  # a regular file or /dev/null: reading never blocks
+        data = os.read(fd, STDIN_CHUNK)
         await shim.send_stdin(data)
         if not data:
             return
@@ -119,9 +127,11 @@ async def attach_and_start(
 
         status_box: list[int | None] = []
         helpers: list[anyio.CancelScope] = []  # the stdin and signal forwarders
+        finished = anyio.Event()
 
         async def pump() -> None:
             status_box.append(await shim.pump(write(out), write(err)))
+            finished.set()
             for scope in helpers:
                 scope.cancel()
 
@@ -135,6 +145,10 @@ async def attach_and_start(
         async def forward_stdin() -> None:
             with anyio.CancelScope() as scope:
                 helpers.append(scope)
+                if finished.is_set():
+                    # the process exited before this forwarder ran: a read of stdin now would
+                    # block hyperctl until the user typed something
+                    return
                 await _forward_stdin(shim)
 
         with _raw_terminal(terminal and stdin):

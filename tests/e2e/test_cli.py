@@ -340,3 +340,64 @@ async def test_hyperctl_events(hyperd: Hyperd) -> None:
         proc.terminate()
         await proc.wait()
         await proc.aclose()
+
+
+def _run_on_a_terminal(hyperd: Hyperd, args: list[str], typed: list[bytes]) -> tuple[int, bytes]:
+    """Run hyperctl with a pty as its stdin/stdout/stderr, type ``typed`` into it one piece per
+    quiet moment, and return its exit status and everything it printed."""
+    import os
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hyperd.cli.ctl", "--socket", hyperd.socket, *args],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+    )
+    os.close(slave)
+    output = b""
+    deadline = time.monotonic() + CLI_TIMEOUT
+    pending = list(typed)
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: every holder of the pty's slave side has gone
+                    break
+                output += chunk
+            elif pending and (proc.poll() is None):
+                os.write(master, pending.pop(0))
+            if proc.poll() is not None and not ready:
+                break
+        return proc.wait(timeout=max(1.0, deadline - time.monotonic())), output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+
+
+def test_hyperctl_run_with_a_terminal(hyperd: Hyperd, busybox_rootfs: Path) -> None:
+    """``run -t`` on a real terminal: input reaches the process through its pty (echoed), ^D
+    ends it, and hyperctl exits with its status instead of waiting for more keyboard input."""
+    status, output = _run_on_a_terminal(
+        hyperd,
+        ["run", "-t", "tty1", "--rootfs", str(busybox_rootfs), "--", "sh", "-c", "cat; exit 6"],
+        [b"typed line\r", b"\x04"],
+    )
+    assert status == 6, output
+    assert b"typed line" in output
+
+    status, output = _run_on_a_terminal(
+        hyperd,
+        ["run", "-t", "tty1", "--rootfs", str(busybox_rootfs), "--", "sh", "-c", "echo quick"],
+        [],
+    )
+    assert status == 0, output
+    assert b"quick" in output
