@@ -322,6 +322,12 @@ class MethodTable:
             return method, self._decode_params(method, msg.params)
         except _BadParams as err:
             return make_error(INVALID_PARAMS, str(err), id=id)
+        except HyperdError as err:
+            # a params Struct that validates itself (``__post_init__``) raises e.g. InvalidParams
+            return self._hyperd_error(err, id, method.name)
+        except Exception as raised:
+            log.exception("decoding the params of %s failed", method.name, exc_info=raised)
+            return make_error(INVALID_PARAMS, f"{type(raised).__name__}: {raised}", id=id)
 
     def _failure(self, raised: Exception, method: Method, ctx: CallContext, id: Id) -> Response:
         exc = _unwrap(raised)
