@@ -68,7 +68,13 @@ def read_network(netns_path: str) -> HostNetwork:
 
 
 async def discover_network(netns_path: str) -> HostNetwork:
-    """:func:`read_network` in a worker thread (same result, same errors)."""
+    """:func:`read_network` in a worker thread (same result, same errors).
+
+    Not for a process that handles signals on its event loop: pyroute2 forks a helper to enter
+    the namespace, the helper inherits the loop's signal wakeup fd, and a signal sent to the
+    helper then reaches the loop as if sent to the process. The daemon therefore reads the netns
+    in a fresh interpreter (:mod:`hyperd.daemon.netprobe`); this is for tools and tests.
+    """
     return await anyio.to_thread.run_sync(read_network, netns_path)
 
 
