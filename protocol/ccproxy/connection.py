@@ -19,7 +19,15 @@ from typing import Final, Literal, NoReturn
 import msgspec
 
 from protocol import NEED_DATA, _NeedData
-from protocol.ccproxy.constants import MAX_PAYLOAD, Command, FrameType, Notification, Stream
+from protocol.ccproxy.constants import (
+    HEADER_WORDS,
+    MAX_PAYLOAD,
+    VERSION,
+    Command,
+    FrameType,
+    Notification,
+    Stream,
+)
 from protocol.ccproxy.events import (
     CommandReceived,
     ErrorReply,
@@ -28,7 +36,7 @@ from protocol.ccproxy.events import (
     StreamData,
     StreamReceived,
 )
-from protocol.ccproxy.frames import Frame, FrameDecoder, encode_raw
+from protocol.ccproxy.frames import _HEADER, Frame, FrameDecoder, encode_raw
 from protocol.ccproxy.payloads import ErrorResponse, decode_payload, encode_payload
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 
@@ -41,6 +49,9 @@ MAX_EXIT_STATUS: Final = 0xFF
 """ProcessExited carries the status in one byte."""
 
 _COMMANDS: Final = tuple(Command)
+_SPECIAL: Final = frozenset((Command.CONNECT_SHIM, Command.DISCONNECT_SHIM))
+"""Commands that change the connection's role or state (the general send path handles them)."""
+
 _STREAMS: Final = tuple(Stream)
 _OUTPUT_STREAMS: Final = frozenset((Stream.STDOUT, Stream.STDERR))
 _CLIENT_STREAMS: Final = frozenset((Stream.STDIN, Stream.LOG))
@@ -170,6 +181,17 @@ class ClientConnection(_Receiver):
         Raises :class:`LocalProtocolError` for an unknown command, a payload too large or not
         encodable, or anything sent after DisconnectShim.
         """
+        if type(command) is Command and type(payload) is bytes and command not in _SPECIAL:
+            # the hot path (a known command, a bytes payload): what the general path below does
+            if self._disconnecting:
+                self._check_open()
+            size = len(payload)
+            if size > MAX_PAYLOAD:
+                raise LocalProtocolError(
+                    f"payload of {size} bytes exceeds the maximum {MAX_PAYLOAD}"
+                )
+            self._expected.append(command)
+            return _HEADER.pack(VERSION, HEADER_WORDS, FrameType.COMMAND, command, size) + payload
         self._check_open()
         cmd = _command(command)
         data = encode_raw(FrameType.COMMAND, cmd, _payload_bytes(payload))
@@ -194,6 +216,26 @@ class ClientConnection(_Receiver):
         if kind is Stream.STDIN and not self._is_shim():
             raise LocalProtocolError("stdin on a connection that is not a shim")
         return encode_raw(FrameType.STREAM, kind, _payload_bytes(data))
+
+    def next_payload(self) -> bytes | None:
+        """Fast path of :meth:`next_event` for the common event, a success response.
+
+        If the next frame is a complete success response to the oldest pending command (other
+        than ConnectShim), consume it and return its payload: exactly what :meth:`next_event`
+        would have returned as ``Response(command, payload)``, without building the event.
+        Otherwise consume nothing and return ``None``; :meth:`next_event` then returns the
+        event, :data:`NEED_DATA`, or raises.
+        """
+        expected = self._expected
+        if not expected or self._error is not None:
+            return None
+        command = expected[0]
+        if command is Command.CONNECT_SHIM:
+            return None
+        payload = self._decoder.next_payload_of(FrameType.RESPONSE, command)
+        if payload is not None:
+            expected.popleft()
+        return payload
 
     def next_event(self) -> Response | ErrorReply | StreamData | ProcessExited | _NeedData:
         """Return the next event, or :data:`NEED_DATA`.

@@ -161,6 +161,45 @@ class FrameDecoder:
             self._pos = 0
         return Frame(_TYPES[frame_type], opcode, payload, bool(flags & ERROR_FLAG))
 
+    def next_payload_of(self, frame_type: int, opcode: int) -> bytes | None:
+        """Fast path of :meth:`next_frame` for a frame the caller expects.
+
+        If the next frame is complete, has the standard 12-byte version 2 header, ``frame_type``
+        with no flags set, ``opcode`` and a payload within the maximum, consume it and return its
+        payload (no :class:`Frame` is built). Otherwise consume nothing and return ``None``:
+        :meth:`next_frame` then returns that frame, ``None`` (more bytes needed) or raises.
+        """
+        buffer = self._buffer
+        pos = self._pos
+        if len(buffer) - pos < HEADER_SIZE or self._error is not None:
+            return None
+        version, words, flags, op, size = _HEADER.unpack_from(buffer, pos)
+        if (
+            flags != frame_type
+            or op != opcode
+            or words != HEADER_WORDS
+            or version != VERSION
+            or size > self._max_payload
+        ):
+            return None
+        start = pos + HEADER_SIZE
+        end = start + size
+        if end > len(buffer):
+            return None
+        if not size:
+            payload = b""
+        elif size < _COPY_VIA_VIEW:
+            payload = bytes(buffer[start:end])
+        else:
+            with memoryview(buffer) as view:
+                payload = bytes(view[start:end])
+        if end == len(buffer):
+            buffer.clear()
+            self._pos = 0
+        else:
+            self._pos = end
+        return payload
+
     def _compact(self) -> None:
         if self._pos:
             del self._buffer[: self._pos]
