@@ -71,16 +71,27 @@ COMMAND_LABELS: Final[dict[Command, str]] = {
 
 
 class Counters:
-    """Mutable counters; a session shares one object across its successive connections."""
+    """Mutable counters; a session shares one object across its successive connections.
 
-    __slots__ = ("discarded", "failed", "last_rtt", "sent", "timed_out")
+    The round trip of the last answered command is kept as its two times (taken anyway) and
+    only subtracted when :attr:`last_rtt` is read: the hot path does no statistics arithmetic.
+    """
+
+    __slots__ = ("answered_at", "answered_start", "discarded", "failed", "sent", "timed_out")
 
     def __init__(self) -> None:
         self.sent = 0
         self.failed = 0
         self.timed_out = 0
         self.discarded = 0
-        self.last_rtt: float | None = None
+        self.answered_start: float | None = None
+        self.answered_at = 0.0
+
+    @property
+    def last_rtt(self) -> float | None:
+        """Seconds from enqueue to reply of the last answered command (``None`` before)."""
+        start = self.answered_start
+        return None if start is None else self.answered_at - start
 
 
 class _Slot:
@@ -111,8 +122,7 @@ class VMConnection:
         self._protocol = ClientConnection("runtime")
         self._counters = counters if counters is not None else Counters()
         self._slots: deque[_Slot] = deque()
-        self._outbuf: list[bytes] = []
-        self._unwritten = 0  # slots at the tail of _slots whose frames are still in _outbuf
+        self._outbuf: list[bytes] = []  # frames of the last len(_outbuf) slots, not yet written
         self._flush_scheduled = False
         self._deadlines: list[tuple[float, int, _Slot]] = []
         self._sequence = 0
@@ -155,9 +165,10 @@ class VMConnection:
 
     def statistics(self) -> ConnectionStatistics:
         c = self._counters
+        queued = len(self._outbuf)
         return ConnectionStatistics(
-            queued=self._unwritten,
-            in_flight=len(self._slots) - self._unwritten,
+            queued=queued,
+            in_flight=len(self._slots) - queued,
             sent=c.sent,
             failed=c.failed,
             timed_out=c.timed_out,
@@ -187,25 +198,7 @@ class VMConnection:
         the command in error messages (default: the opcode name). Proxy and agent errors carry
         the proxy's text as ``data["proxy_message"]``.
         """
-        name = label if label is not None else COMMAND_LABELS[command]
-        if self._closed:
-            raise VMUnavailable(f"VM {self.vm_id}: {self.close_reason}; {name} not sent")
-        if command is Command.DISCONNECT_SHIM:
-            raise InvalidParams("DisconnectShim has no response; it is not a runtime command")
-        try:
-            frame = self._protocol.send_command(command, payload)
-        except LocalProtocolError as exc:
-            raise InvalidParams(f"VM {self.vm_id}: {name}: {exc}") from None
-        future: asyncio.Future[bytes] = self._loop.create_future()
-        start = monotonic()
-        slot = _Slot(future, name, start, start + timeout)
-        self._slots.append(slot)
-        self._outbuf.append(frame)
-        self._unwritten += 1
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-        self._arm(slot)
+        future = self.submit(command, payload, timeout=timeout, label=label)
         try:
             return await future
         except BaseException:
@@ -214,6 +207,44 @@ class VMConnection:
             if not future.done():
                 future.cancel()
             raise
+
+    def submit(
+        self,
+        command: Command,
+        payload: bytes | msgspec.Struct = b"",
+        *,
+        timeout: float,
+        label: str | None = None,
+    ) -> asyncio.Future[bytes]:
+        """The synchronous half of :meth:`command`: enqueue the command, return its future.
+
+        The future gets the reply payload or the exception :meth:`command` would raise. Raises
+        what :meth:`command` raises before anything is sent (:class:`VMUnavailable`,
+        :class:`InvalidParams`). A caller that stops waiting cancels the future (awaiting it in
+        a task does that on cancellation); its reply is then discarded.
+        """
+        if self._closed:
+            name = label if label is not None else COMMAND_LABELS[command]
+            raise VMUnavailable(f"VM {self.vm_id}: {self.close_reason}; {name} not sent")
+        if command is Command.DISCONNECT_SHIM:
+            raise InvalidParams("DisconnectShim has no response; it is not a runtime command")
+        try:
+            frame = self._protocol.send_command(command, payload)
+        except LocalProtocolError as exc:
+            name = label if label is not None else COMMAND_LABELS[command]
+            raise InvalidParams(f"VM {self.vm_id}: {name}: {exc}") from None
+        future: asyncio.Future[bytes] = self._loop.create_future()
+        start = monotonic()
+        slot = _Slot(
+            future, label if label is not None else COMMAND_LABELS[command], start, start + timeout
+        )
+        self._slots.append(slot)
+        self._outbuf.append(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        self._arm(slot)
+        return future
 
     # -- deadlines ---------------------------------------------------------------------------
     # One timer per connection instead of a cancel scope per command: a heap of deadlines, the
@@ -263,58 +294,71 @@ class VMConnection:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def _take_output(self) -> bytes | None:
-        buf = self._outbuf
-        if not buf:
-            return None
-        data = buf[0] if len(buf) == 1 else b"".join(buf)
-        self._counters.sent += len(buf)
-        self._unwritten -= len(buf)
-        buf.clear()
-        return data
-
     def _flush(self) -> None:
         """Loop callback: write everything queued in this iteration with one write."""
         self._flush_scheduled = False
-        if self._closed or self._transport is None:
+        buf = self._outbuf
+        if self._closed or self._transport is None or not buf:
             return
-        data = self._take_output()
-        if data is not None:
-            self._transport.write(data)
+        count = len(buf)
+        data = buf[0] if count == 1 else b"".join(buf)
+        self._counters.sent += count
+        buf.clear()
+        self._transport.write(data)
 
     # -- reading (called by the driver) -----------------------------------------------------
 
     def _received(self, data: bytes) -> None:
         if self._closed:
             return  # closed locally: whatever was still buffered has no caller left
-        self.last_receive = monotonic()
+        self.last_receive = now = monotonic()
         protocol = self._protocol
         protocol.receive_data(data)
+        next_payload = protocol.next_payload
+        slots = self._slots
+        answered: _Slot | None = None
+        discarded = 0
         try:
             while True:
-                event = protocol.next_event()
-                if event is NEED_DATA:
-                    return
-                if isinstance(event, Response):
-                    self._deliver(event.payload, None)
-                elif isinstance(event, ErrorReply):
-                    self._deliver(b"", event.message)
-                else:  # the runtime role refuses these already; never trust that silently
-                    raise RemoteProtocolError(f"unexpected {type(event).__name__} frame")
+                # the common event, a success response, without an event object
+                payload = next_payload()
+                if payload is None:
+                    event = protocol.next_event()
+                    if event is NEED_DATA:
+                        return
+                    if isinstance(event, ErrorReply):
+                        slot = slots.popleft()
+                        if slot.future.done():
+                            discarded += 1
+                        else:
+                            answered = slot
+                            self._fail(slot, event.message)
+                        continue
+                    if not isinstance(event, Response):
+                        # the runtime role refuses these already; never trust that silently
+                        raise RemoteProtocolError(f"unexpected {type(event).__name__} frame")
+                    payload = event.payload
+                slot = slots.popleft()
+                future = slot.future
+                if future.done():
+                    discarded += 1  # its caller gave up: drop the late reply
+                else:
+                    answered = slot
+                    future.set_result(payload)
         except RemoteProtocolError as exc:
             self.close(f"connection to proxy lost (protocol error: {exc})")
+        finally:
+            counters = self._counters
+            if discarded:
+                counters.discarded += discarded
+            if answered is not None:
+                counters.answered_start = answered.start
+                counters.answered_at = now
 
-    def _deliver(self, payload: bytes, error: str | None) -> None:
-        slot = self._slots.popleft()
-        future = slot.future
-        if future.done():
-            self._counters.discarded += 1  # its caller gave up: drop the late reply
-            return
-        self._counters.last_rtt = self.last_receive - slot.start
-        if error is None:
-            future.set_result(payload)
-            return
+    def _fail(self, slot: _Slot, error: str) -> None:
+        """Fail ``slot``'s caller with the exception for the proxy's error response."""
         self._counters.failed += 1
+        future = slot.future
         if error.startswith(AGENT_ERROR_PREFIX):
             future.set_exception(
                 AgentError(f"VM {self.vm_id}: {slot.label}: {error}", proxy_message=error)
@@ -360,7 +404,7 @@ class VMConnection:
             return
         self._closed = True
         self.close_reason = reason
-        written = len(self._slots) - self._unwritten
+        written = len(self._slots) - len(self._outbuf)
         for index, slot in enumerate(self._slots):
             future = slot.future
             if future.done():
@@ -380,7 +424,6 @@ class VMConnection:
             self._timer.cancel()
             self._timer = None
         self._outbuf.clear()
-        self._unwritten = 0
         if self._transport is not None:
             self._transport.abort()  # nothing queued matters any more: every caller has failed
         self._closed_event.set()

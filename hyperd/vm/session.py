@@ -29,6 +29,7 @@ from hyperd.vm.types import (
     VMEvent,
     VMStatistics,
 )
+from protocol import LocalProtocolError
 from protocol.ccproxy import (
     AttachVM,
     Command,
@@ -57,6 +58,27 @@ UNKNOWN_CONTAINER: Final = "unknown containerID"
 PING: Final = "ping"
 PING_PAYLOAD: Final = encode_payload(Hyper(hyperName=PING))
 _JSON: Final = msgspec.json.Encoder()
+
+
+PLAIN_CACHE_SIZE: Final = 64
+"""Encoded payloads of data-less Hyper commands kept (the agent knows a few dozen names)."""
+_PLAIN_PAYLOADS: dict[str, bytes | Hyper] = {}
+
+
+def _plain_payload(name: str) -> bytes | Hyper:
+    """The payload of ``Hyper(hyperName=name)``: its encoding, cached for the next call.
+
+    A name that cannot be encoded gives the Struct back, so that the command reports it
+    (:class:`InvalidParams`) as any other payload.
+    """
+    hyper = Hyper(hyperName=name)
+    try:
+        payload = encode_payload(hyper)
+    except LocalProtocolError:
+        return hyper
+    if len(_PLAIN_PAYLOADS) < PLAIN_CACHE_SIZE:
+        _PLAIN_PAYLOADS[name] = payload
+    return payload
 
 
 def socket_path(url: str) -> str:
@@ -172,7 +194,23 @@ class VMSession:
         :class:`ConnectionLost`, :class:`Timeout`, :class:`AgentError`, :class:`ProxyError`,
         :class:`InvalidParams` (``data`` cannot be encoded).
         """
-        conn = self._usable(name)
+        conn = self._conn
+        if conn is None or not self._reachable or conn.closed:
+            conn = self._usable(name)  # raises
+        if timeout is None:
+            timeout = self._config.command_timeout
+        if data is None and tokens is None:
+            # the common command without data (ping and the like): its payload is encoded once
+            plain = _PLAIN_PAYLOADS.get(name)
+            if plain is None:
+                plain = _plain_payload(name)
+            future = conn.submit(Command.HYPER, plain, timeout=timeout, label=name)
+            try:
+                return await future
+            except BaseException:
+                if not future.done():
+                    future.cancel()  # as VMConnection.command: the slot stays, its reply is dropped
+                raise
         raw: msgspec.Raw | msgspec.UnsetType
         if data is None:
             raw = msgspec.UNSET
@@ -188,7 +226,7 @@ class VMSession:
         return await conn.command(
             Command.HYPER,
             Hyper(hyperName=name, tokens=tokens, data=raw),
-            timeout=self._config.command_timeout if timeout is None else timeout,
+            timeout=timeout,
             label=name,
         )
 
