@@ -322,7 +322,9 @@ class VMConnection:
             while True:
                 # the common event, a success response, without an event object
                 payload = next_payload()
-                if payload is None:
+                if type(payload) is not bytes:
+                    if payload is NEED_DATA:
+                        return
                     event = protocol.next_event()
                     if event is NEED_DATA:
                         return

@@ -217,25 +217,27 @@ class ClientConnection(_Receiver):
             raise LocalProtocolError("stdin on a connection that is not a shim")
         return encode_raw(FrameType.STREAM, kind, _payload_bytes(data))
 
-    def next_payload(self) -> bytes | None:
-        """Fast path of :meth:`next_event` for the common event, a success response.
+    def next_payload(self) -> bytes | _NeedData | None:
+        """Fast path of :meth:`next_event` for the common events.
 
         If the next frame is a complete success response to the oldest pending command (other
         than ConnectShim), consume it and return its payload: exactly what :meth:`next_event`
         would have returned as ``Response(command, payload)``, without building the event.
-        Otherwise consume nothing and return ``None``; :meth:`next_event` then returns the
-        event, :data:`NEED_DATA`, or raises.
+        Return :data:`NEED_DATA` when no byte is buffered (and no EOF or error is pending), as
+        :meth:`next_event` would. Otherwise consume nothing and return ``None``:
+        :meth:`next_event` then returns the event, :data:`NEED_DATA`, or raises.
         """
-        expected = self._expected
-        if not expected or self._error is not None:
-            return None
-        command = expected[0]
-        if command is Command.CONNECT_SHIM:
-            return None
-        payload = self._decoder.next_payload_of(FrameType.RESPONSE, command)
-        if payload is not None:
-            expected.popleft()
-        return payload
+        if self._error is None:
+            decoder = self._decoder
+            if not decoder.buffered and not self._eof:
+                return NEED_DATA
+            expected = self._expected
+            if expected and expected[0] is not Command.CONNECT_SHIM:
+                payload = decoder.next_payload_of(FrameType.RESPONSE, expected[0])
+                if payload is not None:
+                    expected.popleft()
+                    return payload
+        return None
 
     def next_event(self) -> Response | ErrorReply | StreamData | ProcessExited | _NeedData:
         """Return the next event, or :data:`NEED_DATA`.

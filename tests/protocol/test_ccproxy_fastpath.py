@@ -78,6 +78,9 @@ def outcomes(client: ClientConnection, chunks: list[bytes], *, fast: bool) -> li
             while True:
                 if fast:
                     payload = client.next_payload()
+                    if payload is NEED_DATA:
+                        assert client.next_event() is NEED_DATA
+                        break
                     if payload is not None:
                         seen.append(("payload", payload, client.pending))
                         continue
@@ -129,7 +132,7 @@ def test_next_payload_takes_only_success_responses_to_the_oldest_command() -> No
     client = ClientConnection()
     client.send_command(Command.HYPER, b"{}")
     client.send_command(Command.ATTACH_VM, b"{}")
-    assert client.next_payload() is None  # nothing received
+    assert client.next_payload() is NEED_DATA  # nothing received
     client.receive_data(encode_frame(Frame(FrameType.RESPONSE, Command.HYPER, b"ack"))[:-1])
     assert client.next_payload() is None  # incomplete
     client.receive_data(b"k")
@@ -143,7 +146,10 @@ def test_next_payload_takes_only_success_responses_to_the_oldest_command() -> No
     assert client.pending == 1
     event = client.next_event()
     assert event.message == "no"  # type: ignore[union-attr]
-    assert client.next_payload() is None  # none pending
+    assert client.next_payload() is NEED_DATA  # none pending, nothing buffered
+    assert client.next_event() is NEED_DATA
+    client.receive_data(b"")
+    assert client.next_payload() is None  # EOF is next_event's to report
     assert client.next_event() is NEED_DATA
 
 
