@@ -6,12 +6,17 @@ command written, and hands each response to the oldest slot. A caller that gives
 cancellation) leaves its slot in place; the reply that eventually arrives for it is discarded, so
 no reply ever reaches the wrong caller.
 
-Cost model (the hot path): a command costs one payload encode, one future and one heap push
+Cost model (the hot path): a command costs one payload encode (none for a data-less Hyper
+command: :class:`~hyperd.vm.session.VMSession` caches those), one future and one heap push
 (deadlines are served by one timer per connection, not a cancel scope per command); no task is
-created per command. Frames are appended to an output buffer and flushed by a loop callback
-scheduled once per event-loop iteration, so the frames of every caller that enqueued in the same
-iteration go out in one transport write, whole frames only (the reference proxy reads a header
-with a single ``read()``).
+created per command, and a success reply builds no event object (``ClientConnection.next_payload``).
+Frames are appended to an output buffer and flushed by a loop callback scheduled once per
+event-loop iteration, so the frames of every caller that enqueued in the same iteration go out in
+one transport write, whole frames only (the reference proxy reads a header with a single
+``read()``). When replies arrive, that callback is scheduled right after the woken callers, so
+the commands they send next are written in the same loop iteration instead of the next one (on a
+loaded pipeline each reply wakes the client: this saves a poll and an iteration per command).
+Statistics cost integer increments only (``last_rtt`` is subtracted when read).
 
 The byte driver is an asyncio protocol on the event loop's own transport (C in uvloop): its
 ``data_received`` is the one reader -- it feeds the sans-IO ``ClientConnection`` and resolves the
@@ -68,6 +73,10 @@ COMMAND_LABELS: Final[dict[Command, str]] = {
     Command.DISCONNECT_SHIM: "DisconnectShim",
     Command.SIGNAL: "Signal",
 }
+
+
+_DISCONNECT_SHIM: Final = Command.DISCONNECT_SHIM
+"""As a module constant: reading an enum member through its class costs ~60 ns on Python 3.11."""
 
 
 class Counters:
@@ -226,7 +235,7 @@ class VMConnection:
         if self._closed:
             name = label if label is not None else COMMAND_LABELS[command]
             raise VMUnavailable(f"VM {self.vm_id}: {self.close_reason}; {name} not sent")
-        if command is Command.DISCONNECT_SHIM:
+        if command is _DISCONNECT_SHIM:
             raise InvalidParams("DisconnectShim has no response; it is not a runtime command")
         try:
             frame = self._protocol.send_command(command, payload)
@@ -356,6 +365,11 @@ class VMConnection:
             if answered is not None:
                 counters.answered_start = answered.start
                 counters.answered_at = now
+                # queued behind the callers just woken: what they send next goes out in this
+                # loop iteration, in one write
+                if not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    self._loop.call_soon(self._flush)
 
     def _fail(self, slot: _Slot, error: str) -> None:
         """Fail ``slot``'s caller with the exception for the proxy's error response."""

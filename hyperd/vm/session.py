@@ -58,6 +58,8 @@ UNKNOWN_CONTAINER: Final = "unknown containerID"
 PING: Final = "ping"
 PING_PAYLOAD: Final = encode_payload(Hyper(hyperName=PING))
 _JSON: Final = msgspec.json.Encoder()
+_HYPER: Final = Command.HYPER
+"""As a module constant: reading an enum member through its class costs ~60 ns on Python 3.11."""
 
 
 PLAIN_CACHE_SIZE: Final = 64
@@ -204,7 +206,7 @@ class VMSession:
             plain = _PLAIN_PAYLOADS.get(name)
             if plain is None:
                 plain = _plain_payload(name)
-            future = conn.submit(Command.HYPER, plain, timeout=timeout, label=name)
+            future = conn.submit(_HYPER, plain, timeout=timeout, label=name)
             try:
                 return await future
             except BaseException:

@@ -13,7 +13,8 @@ import pytest
 
 from hyperd.errors import AgentError, ConnectionLost, ProxyError, Timeout, VMUnavailable
 from hyperd.vm import VMConnection
-from protocol.ccproxy import Command, Hyper
+from protocol import NEED_DATA
+from protocol.ccproxy import Command, CommandReceived, Hyper, ServerConnection
 from tests.vm.fakeproxy import AGENT_ERROR
 from tests.vm.helpers import VM, connected, serving
 
@@ -285,3 +286,60 @@ async def test_large_frames_interleaved_with_small_ones(
             2: msgspec.json.encode([big]),
             3: b"3",
         }
+
+
+async def test_callers_woken_by_one_read_send_their_next_frames_in_one_write(
+    anyio_backend: Any, short_tmp: Path
+) -> None:
+    """Ten replies arrive in one write; the ten follow-up commands go out in one write too."""
+    path = str(short_tmp / "batch.sock")
+    callers = 10
+    follow_up_chunks: list[int] = []
+
+    async def peer(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            await answer(stream)
+
+    async def answer(stream: anyio.abc.SocketStream) -> None:
+        server = ServerConnection()
+        for round_ in range(2):
+            got: list[Command] = []
+            while len(got) < callers:
+                server.receive_data(await stream.receive())
+                if round_ == 1:
+                    follow_up_chunks.append(len(got))
+                while (event := server.next_event()) is not NEED_DATA:
+                    assert isinstance(event, CommandReceived)
+                    got.append(event.command)
+            await stream.send(b"".join(server.send_response(c, b"ok") for c in got))
+
+    async with await anyio.create_unix_listener(path) as listener, anyio.create_task_group() as tg:
+        tg.start_soon(partial(listener.serve, peer, task_group=tg))
+        conn = await VMConnection.connect(path, vm_id=VM)
+        tg.start_soon(conn.run)
+        transport = conn._transport
+        assert transport is not None
+        write = transport.write
+        writes: list[int] = []
+
+        class CountingTransport:
+            def write(self, data: bytes) -> None:
+                writes.append(len(data))
+                write(data)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(transport, name)
+
+        conn._transport = CountingTransport()  # type: ignore[assignment]
+
+        async def caller() -> None:
+            for _ in range(2):
+                assert await conn.command(Command.HYPER, Hyper("ping"), timeout=5) == b"ok"
+
+        async with anyio.create_task_group() as callers_tg:
+            for _ in range(callers):
+                callers_tg.start_soon(caller)
+        conn.close("test done")
+        tg.cancel_scope.cancel()
+    assert len(writes) == 2  # the first ten commands, then the ten follow-ups
+    assert follow_up_chunks == [0]  # the peer read the follow-ups in one piece
