@@ -4,7 +4,9 @@
 - :mod:`.frames` -- :func:`encode_frame` and the incremental :class:`FrameDecoder`;
 - :mod:`.payloads` -- the JSON payload Structs, encoded and decoded as Go does;
 - :mod:`.events` and :mod:`.connection` -- :class:`ClientConnection` (runtime or shim) and
-  :class:`ServerConnection` (a proxy's view of one client).
+  :class:`ServerConnection` (a proxy's view of one client). ``ClientConnection.next_payload``
+  (and ``FrameDecoder.next_payload_of`` under it) is the fast path of ``next_event`` for the
+  common event, a success response, returning its payload without building an event object.
 
 Only the standard library and msgspec are imported; nothing here performs I/O.
 """
