@@ -64,7 +64,7 @@ _HYPER: Final = Command.HYPER
 
 PLAIN_CACHE_SIZE: Final = 64
 """Encoded payloads of data-less Hyper commands kept (the agent knows a few dozen names)."""
-_PLAIN_PAYLOADS: dict[str, bytes | Hyper] = {}
+_PLAIN_PAYLOADS: dict[str, bytes] = {}
 
 
 def _plain_payload(name: str) -> bytes | Hyper:

@@ -10,9 +10,9 @@ import anyio
 import msgspec
 import pytest
 
-from hyperd.errors import ConnectionLost, ProxyError, Timeout, VMUnavailable
+from hyperd.errors import ConnectionLost, InvalidParams, ProxyError, Timeout, VMUnavailable
 from hyperd.vm import VMConfig, VMSession
-from protocol.ccproxy import Command, RegisterVM, decode_payload
+from protocol.ccproxy import Command, Hyper, RegisterVM, decode_payload, encode_payload
 from tests.vm.fakeproxy import AGENT_ERROR, FakeProxy
 from tests.vm.helpers import VM, EventLog, serving
 
@@ -405,3 +405,30 @@ async def test_unregister_without_proxy_fails_clearly(anyio_backend: Any, short_
     s = VMSession(VM, f"unix://{short_tmp}/none.sock", register=False, config=FAST)
     with pytest.raises(VMUnavailable, match="cannot connect to proxy"):
         await s.unregister()
+
+
+async def test_data_less_commands_payloads_and_timeouts(
+    anyio_backend: Any, short_tmp: Path
+) -> None:
+    """The cached payload of a data-less command is the encoding of ``Hyper(name)``; a name
+    that cannot be encoded is refused before anything is sent; deadlines and cancellation act
+    on the cached path as on the general one."""
+    async with serving(short_tmp, delays={"slow": 0.3}) as proxy, anyio.create_task_group() as tg:
+        s = session(proxy, config=QUIET)
+        await tg.start(s.run)
+        for _ in range(2):  # the second call uses the cached payload
+            assert await s.hyper("ping") == b""
+            assert proxy.received[-1].payload == encode_payload(Hyper("ping"))
+        sent = len(proxy.received)
+        with pytest.raises(InvalidParams, match="cannot encode Hyper"):
+            await s.hyper("bad\ud800name")
+        with pytest.raises(Timeout, match=r"slow: no reply from the proxy within 0\.05s"):
+            await s.hyper("slow", timeout=0.05)
+        with anyio.move_on_after(0.05) as scope:
+            await s.hyper("slow")
+        assert scope.cancelled_caught
+        assert await s.hyper("ping") == b""  # both late replies were discarded, in step
+        assert proxy.names()[sent:] == ["slow", "slow", "ping"]
+        stats = s.statistics()
+        assert (stats.timed_out, stats.in_flight) == (1, 0)
+        await s.close()
