@@ -203,7 +203,7 @@ class VMSession:
             timeout = self._config.command_timeout
         if data is None and tokens is None:
             # the common command without data (ping and the like): its payload is encoded once
-            plain = _PLAIN_PAYLOADS.get(name)
+            plain: bytes | Hyper | None = _PLAIN_PAYLOADS.get(name)
             if plain is None:
                 plain = _plain_payload(name)
             future = conn.submit(_HYPER, plain, timeout=timeout, label=name)
