@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import pytest
 
 from hyperd.cli.client import RPCError, ShimClient
 from tests.e2e.conftest import Hyperd, create_and_start, process_alive, rpc, start_pod
+from tests.procs import spawn_ready
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.root]
 
@@ -24,13 +24,7 @@ READY_DEADLINE = 20.0
 
 def _launch(argv: list[str]) -> subprocess.Popen[bytes]:
     """Start one of our programs with --ready-fd and wait for its ``ready`` line."""
-    r, w = os.pipe()
-    proc = subprocess.Popen([*argv, "--ready-fd", str(w)], pass_fds=(w,))
-    os.close(w)
-    with os.fdopen(r, "rb") as ready:
-        line = ready.readline()
-    assert line == b"ready\n", f"{argv[2]} did not become ready"
-    return proc
+    return spawn_ready(argv, deadline=READY_DEADLINE)
 
 
 @pytest.fixture

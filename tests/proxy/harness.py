@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import select
-import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -36,6 +33,7 @@ from protocol.hyperstart import (
     encode_ctl,
     encode_tty,
 )
+from tests.procs import spawn_ready, stop
 
 READY_DEADLINE = 20.0
 IO_DEADLINE = 5.0
@@ -50,14 +48,7 @@ class ProxyProcess:
     url: str
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop(self.proc)
 
 
 def spawn_proxy(
@@ -71,31 +62,12 @@ def spawn_proxy(
 
     ``quick`` shortens the three 30 s waits to 1 s so that tests stay fast.
     """
-    read_fd, write_fd = os.pipe()
     where = ["--uri", f"unix://{sock}"] if pod else ["--socket", str(sock)]
     timeouts = (
         ["--ready-timeout", "2", "--shim-timeout", "1", "--process-timeout", "1"] if quick else []
     )
-    argv = [
-        sys.executable, "-m", "hyperd.proxy", *where, "--ready-fd", str(write_fd),
-        *timeouts, *extra,
-    ]  # fmt: skip
-    proc = subprocess.Popen(
-        argv,
-        pass_fds=(write_fd,),
-        stderr=subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    os.close(write_fd)
-    try:
-        ready, _, _ = select.select([read_fd], [], [], READY_DEADLINE)
-        line = os.read(read_fd, 64) if ready else b""
-    finally:
-        os.close(read_fd)
-    if line != b"ready\n":
-        proc.kill()
-        _, err = proc.communicate()
-        raise RuntimeError(f"proxy did not get ready: {line!r} {err.decode(errors='replace')}")
+    argv = [sys.executable, "-m", "hyperd.proxy", *where, *timeouts, *extra]
+    proc = spawn_ready(argv, stderr=subprocess.PIPE, env=env or {}, deadline=READY_DEADLINE)
     return ProxyProcess(proc, str(sock), f"unix://{sock}")
 
 

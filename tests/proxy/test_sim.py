@@ -6,8 +6,6 @@ exits once the VM is unregistered and gone."""
 from __future__ import annotations
 
 import contextlib
-import os
-import select
 import shutil
 import signal
 import subprocess
@@ -22,6 +20,7 @@ import pytest
 
 from protocol.ccproxy import Command, Frame, FrameType, Stream
 from tests.conftest import make_busybox_rootfs
+from tests.procs import spawn_ready, stop
 from tests.proxy.harness import RawClient, hyper, proxied, spawn_proxy
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -50,33 +49,16 @@ def sim(base: Path, dialect: str, *extra: str) -> Iterator[tuple[subprocess.Pope
     share = base / "share"
     for cid in ("c1", "c2"):
         make_busybox_rootfs(share / cid / "rootfs")
-    read_fd, write_fd = os.pipe()
     argv = [
         sys.executable, "-m", "hyperd.sim", "--ctl", str(base / "vm.ctl"), "--tty",
         str(base / "vm.tty"), "--share", str(share), "--dialect", dialect,
-        "--record", str(base / "record.jsonl"), "--ready-fd", str(write_fd), *extra,
+        "--record", str(base / "record.jsonl"), *extra,
     ]  # fmt: skip
-    proc = subprocess.Popen(argv, pass_fds=(write_fd,), stderr=subprocess.DEVNULL)
-    os.close(write_fd)
-    try:
-        ready, _, _ = select.select([read_fd], [], [], READY_DEADLINE)
-        line = os.read(read_fd, 64) if ready else b""
-    finally:
-        os.close(read_fd)
-    if line != b"ready\n":
-        proc.kill()
-        proc.wait()
-        raise AssertionError(f"hyperd-sim did not get ready: {line!r}")
+    proc = spawn_ready(argv, stderr=subprocess.DEVNULL, deadline=READY_DEADLINE)
     try:
         yield proc, base
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
         shutil.rmtree(share, ignore_errors=True)
 
 

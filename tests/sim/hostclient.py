@@ -7,7 +7,6 @@ both sockets, keeps every ctl and tty event it reads, and waits for the ones a t
 
 from __future__ import annotations
 
-import os
 import select
 import signal
 import socket
@@ -43,6 +42,7 @@ from protocol.hyperstart import (
     UnexpectedReply,
     encode_message,
 )
+from tests.procs import spawn_ready, stop
 
 READY_TIMEOUT = 10.0  # seconds for the simulator to start listening
 WAIT_TIMEOUT = 10.0  # seconds any single wait may take
@@ -83,52 +83,17 @@ def start_sim(base: Path, *extra: str, dialect: Dialect = CC) -> Iterator[Sim]:
     share = base / "share"
     share.mkdir(exist_ok=True)
     ctl, tty, record = base / "ctl.sock", base / "tty.sock", base / "record.jsonl"
-    r, w = os.pipe()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hyperd.sim",
-            "--ctl",
-            str(ctl),
-            "--tty",
-            str(tty),
-            "--share",
-            str(share),
-            "--dialect",
-            dialect.name,
-            "--record",
-            str(record),
-            "--ready-fd",
-            str(w),
-            "--log-level",
-            "DEBUG",
-            *extra,
-        ],
-        pass_fds=(w,),
-    )
-    os.close(w)
-    try:
-        ready, _, _ = select.select([r], [], [], READY_TIMEOUT)
-        line = os.read(r, 64) if ready else b""
-        assert line == b"ready\n", f"simulator did not get ready: {line!r}"
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    finally:
-        os.close(r)
+    argv = [
+        sys.executable, "-m", "hyperd.sim", "--ctl", str(ctl), "--tty", str(tty),
+        "--share", str(share), "--dialect", dialect.name, "--record", str(record),
+        "--log-level", "DEBUG", *extra,
+    ]  # fmt: skip
+    proc = spawn_ready(argv, deadline=READY_TIMEOUT)
     sim = Sim(proc, ctl, tty, share, record, dialect)
     try:
         yield sim
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(EXIT_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc, EXIT_TIMEOUT)
 
 
 @dataclass

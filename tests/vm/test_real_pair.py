@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import select
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,6 +15,7 @@ import pytest
 
 from hyperd.errors import VMUnavailable
 from hyperd.vm import VMConfig, VMSession
+from tests.procs import spawn_ready, stop
 from tests.vm.helpers import VM, EventLog
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -37,31 +35,13 @@ SLACK = 1.0
 
 def spawn(module: str, *args: str, log: Path) -> subprocess.Popen[bytes]:
     """Start ``python -m module args --ready-fd FD`` (stderr to ``log``), wait for ``ready``."""
-    read_fd, write_fd = os.pipe()
-    argv = [sys.executable, "-m", module, *args, "--ready-fd", str(write_fd)]
     with log.open("ab") as stderr:
-        proc = subprocess.Popen(argv, pass_fds=(write_fd,), stderr=stderr)
-    os.close(write_fd)
-    try:
-        ready, _, _ = select.select([read_fd], [], [], READY_DEADLINE)
-        line = os.read(read_fd, 64) if ready else b""
-    finally:
-        os.close(read_fd)
-    if line != b"ready\n":
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"{module} did not get ready: {line!r}; stderr: {log.read_text()}")
-    return proc
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            return spawn_ready(
+                [sys.executable, "-m", module, *args], stderr=stderr, deadline=READY_DEADLINE
+            )
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}; stderr: {log.read_text()}") from None
 
 
 class Pair:
