@@ -15,7 +15,8 @@ from hyperd.daemon.model import PodRecord
 
 def make_dirs(pod: PodRecord) -> None:
     Path(pod.run_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
-    Path(pod.share_dir).mkdir(parents=True, exist_ok=True, mode=0o755)
+    Path(pod.share_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(pod.share_dir, 0o700)  # volumes are mounted inside: not for other users
 
 
 def remove_sockets(pod: PodRecord) -> None:
