@@ -449,7 +449,9 @@ def _remove_tree_unless_mounted(top: Path) -> bool:
             return False
     finally:
         os.close(fd)
-    for entry in os.scandir(top):
+    with os.scandir(top) as it:
+        entries = list(it)
+    for entry in entries:
         path = Path(entry.path)
         if entry.is_dir(follow_symlinks=False):
             if not _remove_tree_unless_mounted(path):
