@@ -20,6 +20,7 @@ from hyperd.errors import HyperdError
 __all__ = [
     "MNT_DETACH",
     "MS_BIND",
+    "MS_NODEV",
     "MS_RDONLY",
     "MS_REC",
     "MS_REMOUNT",
@@ -44,6 +45,7 @@ __all__ = [
 
 # from <sys/mount.h>
 MS_RDONLY = 0x1
+MS_NODEV = 0x4
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_REC = 0x4000
@@ -70,6 +72,7 @@ _AT_SYMLINK_NOFOLLOW = 0x100
 _MOVE_MOUNT_F_EMPTY_PATH = 0x04
 _MOVE_MOUNT_T_EMPTY_PATH = 0x40
 _MOUNT_ATTR_RDONLY = 0x1
+_MOUNT_ATTR_NODEV = 0x4
 _STATX_ATTR_MOUNT_ROOT = 0x2000  # stx_attributes bit: the file is the root of a mount
 _STATX_BASIC_STATS = 0x7FF
 _STATX_SIZE = 256  # sizeof(struct statx)
@@ -197,13 +200,14 @@ def _sys(number: int, *args: object) -> int:
     return int(rc)
 
 
-def bind_fd(source_fd: int, target_fd: int, *, readonly: bool) -> None:
+def bind_fd(source_fd: int, target_fd: int, *, readonly: bool, nodev: bool = False) -> None:
     """Bind-mount the object open at ``source_fd`` on the one open at ``target_fd``.
 
     Both ends are file descriptors, so nothing is looked up by name again: what was checked is
     what gets mounted, where it was checked. With the new mount API (Linux 5.12+) the copy is
-    made read-only before it is attached, so it is never visible writable; on older kernels
-    (``ENOSYS``) it falls back to ``mount(2)`` on the ``/proc/self/fd`` links and a remount.
+    made read-only (and ``nodev``: device nodes on it cannot be opened) before it is attached,
+    so it is never visible without those; on older kernels (``ENOSYS``) it falls back to
+    ``mount(2)`` on the ``/proc/self/fd`` links and a remount.
     Raises :class:`MountError`.
     """
     tree = _sys(
@@ -213,13 +217,14 @@ def bind_fd(source_fd: int, target_fd: int, *, readonly: bool) -> None:
         ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC | _AT_EMPTY_PATH),
     )
     if tree == -errno.ENOSYS:
-        _bind_fd_legacy(source_fd, target_fd, readonly)
+        _bind_fd_legacy(source_fd, target_fd, readonly, nodev)
         return
     if tree < 0:
         raise MountError(f"open_tree of the mount source failed: {os.strerror(-tree)}", -tree)
     try:
-        if readonly:
-            attr = _MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0)
+        attrs = (_MOUNT_ATTR_RDONLY if readonly else 0) | (_MOUNT_ATTR_NODEV if nodev else 0)
+        if attrs:
+            attr = _MountAttr(attrs, 0, 0, 0)
             rc = _sys(
                 _SYS_MOUNT_SETATTR,
                 ctypes.c_int(tree),
@@ -229,7 +234,7 @@ def bind_fd(source_fd: int, target_fd: int, *, readonly: bool) -> None:
                 ctypes.c_size_t(ctypes.sizeof(attr)),
             )
             if rc < 0:
-                raise MountError(f"making the bind mount read-only failed: {os.strerror(-rc)}", -rc)
+                raise MountError(f"setting the bind mount's flags failed: {os.strerror(-rc)}", -rc)
         rc = _sys(
             _SYS_MOVE_MOUNT,
             ctypes.c_int(tree),
@@ -244,15 +249,16 @@ def bind_fd(source_fd: int, target_fd: int, *, readonly: bool) -> None:
         os.close(tree)
 
 
-def _bind_fd_legacy(source_fd: int, target_fd: int, readonly: bool) -> None:
+def _bind_fd_legacy(source_fd: int, target_fd: int, readonly: bool, nodev: bool) -> None:
     target = f"/proc/self/fd/{target_fd}"
     mount(f"/proc/self/fd/{source_fd}", target, MS_BIND)
-    if not readonly:
+    if not readonly and not nodev:
         return
     # the fd still names the directory below the new mount; its root is reached by path
     point = os.readlink(target)
     try:
-        mount("none", point, MS_BIND | MS_REMOUNT | MS_RDONLY)
+        flags = (MS_RDONLY if readonly else 0) | (MS_NODEV if nodev else 0)
+        mount("none", point, MS_BIND | MS_REMOUNT | flags)
     except BaseException:
         umount(point, UMOUNT_NOFOLLOW | MNT_DETACH)
         raise
