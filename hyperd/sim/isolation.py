@@ -63,6 +63,7 @@ MS_NODEV = 0x4
 MS_NOEXEC = 0x8
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
+MS_MOVE = 0x2000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 0x2
@@ -289,8 +290,16 @@ def enter_container(root: bytes, binds: Sequence[tuple[str, str, bool]], hostnam
     finally:
         os.close(root_fd)
     os.chdir(root)
-    _pivot_root(b".", b".")
-    _check(_libc.umount2(b".", MNT_DETACH), "detach the old root")
+    try:
+        _pivot_root(b".", b".")
+        _check(_libc.umount2(b".", MNT_DETACH), "detach the old root")
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        # the current root is an initramfs (a guest booted from an initrd), which cannot be
+        # pivoted away from: move the container's root over it, as switch_root does
+        _mount(b".", "/", None, MS_MOVE)
+        os.chroot(".")
     os.chdir("/")
 
 

@@ -135,9 +135,20 @@ def _isolated_setup(spec: LaunchSpec, root: bytes, status_fd: int, sim_pidfd: in
 
 
 def _check_workdir(spec: LaunchSpec) -> None:
-    path = spec.root / (spec.workdir or "/").lstrip("/")
-    if not path.is_dir():
-        raise FileNotFoundError(errno.ENOENT, "working directory does not exist", spec.workdir)
+    """The working directory must exist, as the container sees it (inside its root)."""
+    if not spec.chroot:
+        if not (spec.root / (spec.workdir or "/").lstrip("/")).is_dir():
+            raise FileNotFoundError(errno.ENOENT, "working directory does not exist", spec.workdir)
+        return
+    root = os.open(spec.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.close(isolation.resolve_in_root(root, spec.workdir or "/", os.O_PATH | os.O_DIRECTORY))
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(
+            errno.ENOENT, "working directory does not exist", spec.workdir
+        ) from None
+    finally:
+        os.close(root)
 
 
 @dataclass(eq=False)
