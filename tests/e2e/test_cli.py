@@ -390,12 +390,10 @@ def _run_on_a_terminal(
 def test_hyperctl_run_with_a_terminal(hyperd: Hyperd, busybox_rootfs: Path) -> None:
     """``run -t`` on a real terminal: input reaches the process through its pty (echoed), ^D
     ends it, and hyperctl exits with its status instead of waiting for more keyboard input."""
+    command = ["sh", "-c", "echo started; cat; exit 6"]
     status, output = _run_on_a_terminal(
         hyperd,
-        [
-            "run", "-t", "tty1", "--rootfs", str(busybox_rootfs), "--",
-            "sh", "-c", "echo started; cat; exit 6",
-        ],  # fmt: skip
+        ["run", "-t", "tty1", "--rootfs", str(busybox_rootfs), "--", *command],
         [(b"started", b"typed line\r"), (b"typed line", b"\x04")],
     )
     assert status == 6, output
