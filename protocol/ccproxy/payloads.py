@@ -40,6 +40,7 @@ class RegisterVM(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_d
     ioSerial: str
     console: str = ""  # omitempty
     numIOStreams: int = 0  # omitempty
+    exitNotifications: bool = False  # hyperd's extension (omitempty); the reference ignores it
 
 
 class UnregisterVM(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -53,6 +54,7 @@ class AttachVM(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_def
 
     containerId: str
     numIOStreams: int = 0  # omitempty
+    exitNotifications: bool = False  # hyperd's extension (omitempty); the reference ignores it
 
 
 class IOResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -62,10 +64,36 @@ class IOResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tokens: list[str] | None = None
 
 
-class VMResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Success payload of RegisterVM and AttachVM."""
+class VMResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Success payload of RegisterVM and AttachVM.
+
+    ``exitNotifications`` is hyperd's extension: true when the proxy will send this connection a
+    ``VM_PROCESS_EXITED`` notification for every process exit of the VM. The reference never
+    sends the key (it decodes as false), so a runtime can tell which proxy it talks to.
+    """
 
     io: IOResponse
+    exitNotifications: bool = False  # omitempty
+
+
+class ProcessExitNotice(
+    msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True, kw_only=True
+):
+    """Payload of the ``VM_PROCESS_EXITED`` notification (**hyperd's extension**, notification
+    opcode 1, proxy → runtime connection that registered or attached with exitNotifications).
+
+    ``containerId`` is the VM; ``token`` the I/O token the process was started with (empty for a
+    process started without one); ``container`` and ``process`` the agent's ids;
+    ``status`` the exit status as the agent reported it (0..255). ``backlog`` is true for an
+    exit that happened while no runtime connection listened, delivered on the next AttachVM.
+    """
+
+    containerId: str
+    token: str = ""
+    container: str = ""
+    process: str = ""
+    status: int = 0
+    backlog: bool = False
 
 
 class Hyper(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -119,6 +147,7 @@ PAYLOAD_TYPES: Final[tuple[type[msgspec.Struct], ...]] = (
     Signal,
     ErrorResponse,
     LogEntry,
+    ProcessExitNotice,
 )
 
 _ENCODER: Final = msgspec.json.Encoder()
@@ -249,7 +278,7 @@ def _error(cls: type[Any], payload: bytes, exc: Exception) -> PayloadError:
     name = cls.__name__
     if not payload:
         return PayloadError(f"invalid {name} payload: empty")
-    if isinstance(exc, UnicodeDecodeError):
+    if isinstance(exc, UnicodeDecodeError) or "Invalid UTF-8" in str(exc):
         return PayloadError(f"invalid {name} payload: a string is not valid UTF-8")
     return PayloadError(f"invalid {name} payload: {exc}")
 
@@ -282,6 +311,7 @@ __all__ = [
     "IOResponse",
     "LogEntry",
     "PayloadError",
+    "ProcessExitNotice",
     "RegisterVM",
     "Signal",
     "UnregisterVM",
