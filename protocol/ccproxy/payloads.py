@@ -89,11 +89,11 @@ class ProcessExitNotice(
     """
 
     containerId: str
-    token: str = ""
-    container: str = ""
-    process: str = ""
-    status: int = 0
-    backlog: bool = False
+    token: str = ""  # omitempty
+    container: str = ""  # omitempty
+    process: str = ""  # omitempty
+    status: int  # always sent, 0 included
+    backlog: bool = False  # omitempty
 
 
 class Hyper(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
