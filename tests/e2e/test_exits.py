@@ -7,14 +7,18 @@ waits on 100 containers each return once with their own status."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 from hyperd.cli.client import RPCClient, RPCError, ShimClient
@@ -261,3 +265,162 @@ async def test_without_exit_notifications_the_shim_pid_is_watched(
     finally:
         shim_process.kill()
         shim_process.wait()
+
+
+def hyperctl(hyperd: Hyperd, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "hyperd.cli.ctl", "--socket", hyperd.socket, *args],
+        capture_output=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+
+
+async def test_hyperctl_wait_prints_the_status_and_exits_with_it(
+    hyperd: Hyperd, busybox_rootfs: Path
+) -> None:
+    with anyio.fail_after(DEADLINE * 2):
+        async with rpc(hyperd.socket) as c:
+            await start_pod(c, "p")
+            started = await create_and_start(c, "p", "c1", busybox_rootfs, ["sh", "-c", "exit 42"])
+            assert await started.wait() == 42
+            r = await anyio.to_thread.run_sync(hyperctl, hyperd, "wait", "p", "c1")
+            assert (r.returncode, r.stdout) == (42, b"42\n"), r.stderr
+            long = await create_and_start(c, "p", "c2", busybox_rootfs, ["sleep", "1000"])
+            eid, shim = await start_exec(c, "p", "c2", ["sh", "-c", "exit 6"])
+            r = await anyio.to_thread.run_sync(hyperctl, hyperd, "exec", "wait", "p", eid)
+            assert (r.returncode, r.stdout) == (6, b"6\n"), r.stderr
+            await shim.aclose()
+            r = await anyio.to_thread.run_sync(
+                hyperctl, hyperd, "wait", "p", "c2", "--timeout", "1"
+            )
+            assert r.returncode == 1 and b"[timeout]" in r.stderr
+            await c.call("container.kill", {"pod": "p", "id": "c2", "signal": "KILL"})
+            r = await anyio.to_thread.run_sync(hyperctl, hyperd, "--json", "wait", "p", "c2")
+            assert r.returncode == 128 + 9 and json.loads(r.stdout)["exit_status"] == 128 + 9
+            await long.wait()
+            await c.call("pod.stop", {"id": "p"})
+
+
+def test_a_shim_pid_must_be_the_callers(hyperd_factory: Hyperd, busybox_rootfs: Path) -> None:
+    """A non-root caller naming a root-owned pid as its shim is refused (invalid_params); its
+    own process is accepted."""
+    nobody = 65534
+    config = hyperd_factory.base.parent / "hyperd.toml"
+    config.write_text(
+        f'base_dir = "{hyperd_factory.base}"\n[rpc]\nmode = "0666"\ngroup = {nobody}\n'
+    )
+    hyperd_factory.args = ["--config", str(config)]
+    hyperd_factory.base.parent.chmod(0o755)  # let the unprivileged client reach the socket
+    busybox_rootfs.parent.chmod(0o755)
+    hyperd_factory.start()
+
+    async def start() -> None:
+        async with rpc(hyperd_factory.socket) as c:
+            await start_pod(c, "p")
+
+    anyio.run(start)
+    root_owned = spawn(["sleep", "1000"])
+    # the client runs as nobody: the system python, stdlib only
+    system_python = shutil.which("python3", path="/usr/bin:/bin") or "/usr/bin/python3"
+    client = "\n".join(
+        [
+            "import json, socket, subprocess, sys",
+            "own = subprocess.Popen(['sleep', '1000'])",
+            "s = socket.socket(socket.AF_UNIX)",
+            "s.connect(sys.argv[1])",
+            "f = s.makefile('rwb')",
+            "def call(i, pid):",
+            "    params = {'pod': 'p', 'id': 'c%d' % i, 'shim_pid': pid,",
+            "              'rootfs': {'path': sys.argv[3]}, 'process': {'args': ['true']}}",
+            "    req = {'jsonrpc': '2.0', 'id': i, 'method': 'container.create', 'params': params}",
+            "    f.write(json.dumps(req).encode() + b'\\n'); f.flush()",
+            "    return json.loads(f.readline())",
+            "print(json.dumps([call(1, int(sys.argv[2])), call(2, own.pid)]))",
+            "own.kill()",
+        ]
+    )
+    try:
+        r = subprocess.run(
+            [system_python, "-c", client, hyperd_factory.socket, str(root_owned.pid),
+             str(busybox_rootfs)],
+            capture_output=True, timeout=DEADLINE, check=False, user=nobody, group=nobody,
+            extra_groups=[], env={"PATH": os.environ.get("PATH", "")},
+        )  # fmt: skip
+    finally:
+        root_owned.kill()
+        root_owned.wait()
+    refused, accepted = msgspec.json.decode(r.stdout)
+    assert refused["error"]["data"]["kind"] == "invalid_params", r
+    assert refused["error"]["data"]["field"] == "shim_pid"
+    assert "not a process of the caller (uid 65534)" in refused["error"]["message"]
+    assert "result" in accepted, accepted
+    assert accepted["result"]["state"] == "created"
+
+
+async def test_100_concurrent_waits_on_100_containers(hyperd: Hyperd, busybox_rootfs: Path) -> None:
+    count = 100
+    with anyio.fail_after(DEADLINE * 6):  # 100 container starts on a busy 2-core machine
+        async with subscribed(hyperd.socket) as ev, rpc(hyperd.socket) as c:
+            await start_pod(c, "p")
+            shims: list[ShimClient] = []
+            for i in range(count):
+                started = await create_and_start(
+                    c, "p", f"c{i}", busybox_rootfs, ["sh", "-c", f"read x; exit {i}"]
+                )
+                shims.append(started.shim)
+            results: dict[int, list[dict[str, Any]]] = {i: [] for i in range(count)}
+
+            async def wait(i: int) -> None:
+                async with rpc(hyperd.socket) as own:  # one client each
+                    results[i].append(await own.call("container.wait", {"pod": "p", "id": f"c{i}"}))
+
+            async with anyio.create_task_group() as tg:
+                for i in range(count):
+                    tg.start_soon(wait, i)
+                # every wait is registered before any process is let go (hyperd publishes no
+                # event for that: its statistics are read until they say so)
+                async with rpc(hyperd.socket) as probe:
+                    while (await probe.call("hyperd.stats"))["exits"]["waiting"] < count:  # noqa: ASYNC110
+                        await anyio.sleep(0.05)
+                for shim in shims:
+                    await shim.send_stdin(b"go\n")
+            assert {i: [r["exit_status"] for r in rs] for i, rs in results.items()} == {
+                i: [i] for i in range(count)
+            }
+            for shim in shims:
+                await shim.aclose()
+            await c.call("pod.stop", {"id": "p"})
+            exited = exits_of(await ev.drain(), "p")
+            assert sorted(exited, key=str) == sorted(
+                [("container", f"c{i}", i) for i in range(count)], key=str
+            )
+
+
+async def test_a_client_that_goes_away_cancels_its_wait(
+    hyperd: Hyperd, busybox_rootfs: Path
+) -> None:
+    with anyio.fail_after(DEADLINE):
+        async with rpc(hyperd.socket) as c:
+            await start_pod(c, "p")
+            started = await create_and_start(c, "p", "c1", busybox_rootfs, ["sleep", "1000"])
+
+            async def waiting() -> int:
+                return int((await c.call("hyperd.stats"))["exits"]["waiting"])
+
+            gone = await RPCClient.connect(hyperd.socket)
+            request = {"jsonrpc": "2.0", "id": 1, "method": "container.wait"}
+            await gone.send_raw(
+                msgspec.json.encode({**request, "params": {"pod": "p", "id": "c1"}}) + b"\n"
+            )
+            # no event says "a wait was registered" or "ended": the statistics are read
+            while await waiting() != 1:  # noqa: ASYNC110 - hyperd has the call
+                await anyio.sleep(0.05)
+            await gone.aclose()  # the client goes away without reading its answer
+            while await waiting() != 0:  # noqa: ASYNC110 - the wait was cancelled
+                await anyio.sleep(0.05)
+            # other clients' calls were never disturbed, and the container still runs
+            seen = await c.call("container.inspect", {"pod": "p", "id": "c1"})
+            assert seen["state"] == "running"
+            await started.shim.aclose()
+            await c.call("pod.stop", {"id": "p"})
