@@ -238,22 +238,16 @@ def record_exit(
 
 
 def _find(pod: PodRecord, event: LinkEvent) -> ContainerRecord | ExecRecord | None:
-    if event.token:
-        for c in pod.containers.values():
-            if c.token == event.token:
-                return c
-        for e in pod.execs.values():
-            if e.token == event.token:
-                return e
+    """The container or exec started with the exit's token (hyperd gives every process one;
+    the proxy notifies only exits of processes started with a token)."""
+    if not event.token:
         return None
-    from hyperd.daemon import bridge  # the agent's process ids, when no token is given
-
+    for c in pod.containers.values():
+        if c.token == event.token:
+            return c
     for e in pod.execs.values():
-        if e.container == event.container and bridge.process_id_of_exec(e) == event.process:
+        if e.token == event.token:
             return e
-    init = pod.containers.get(event.container)
-    if init is not None and event.process == bridge.process_id_of_init(init):
-        return init
     return None
 
 
