@@ -68,6 +68,7 @@ import msgspec
 from hyperd.daemon import containers as ops
 from hyperd.daemon.model import ProxySpec, VMSpec
 from hyperd.daemon.service import Daemon
+from hyperd.rpc.access import HostPathPolicy
 from hyperd.rpc.methods import CallContext, MethodTable
 from hyperd.spec import DeviceSpec, MountSpec, ProcessSpec, ResourcesSpec, RootfsSpec, parse
 
@@ -217,15 +218,25 @@ def build_methods(d: Daemon) -> MethodTable:
     async def pod_inspect(p: PodRef, ctx: CallContext) -> Any:
         return d.pod_inspect(p.id)
 
+    host_paths = HostPathPolicy(d.config.rpc.allowed_host_paths)
+
     @add("container.create", ContainerCreate)
     async def container_create(p: ContainerCreate, ctx: CallContext) -> Any:
+        rootfs = parse(RootfsSpec, p.rootfs)
+        mounts = _decode_list(MountSpec, p.mounts, "mounts")
+        if host_paths.restricts(ctx.peer):
+            if rootfs.path is not None:
+                host_paths.check(ctx.peer, "rootfs.path", rootfs.path)
+            for index, mount in enumerate(mounts):
+                if mount.type == "bind":
+                    host_paths.check(ctx.peer, f"mounts[{index}].source", mount.source)
         return await ops.container_create(
             d,
             p.pod,
             p.id,
-            rootfs=parse(RootfsSpec, p.rootfs),
+            rootfs=rootfs,
             process=parse(ProcessSpec, p.process),
-            mounts=_decode_list(MountSpec, p.mounts, "mounts"),
+            mounts=mounts,
             devices=_decode_list(DeviceSpec, p.devices, "devices"),
             resources=parse(ResourcesSpec, p.resources) if p.resources is not None else None,
             bind_mount_dev=p.bind_mount_dev,
