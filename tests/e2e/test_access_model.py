@@ -155,9 +155,8 @@ def member_flow(sock: str, pod: str, allowed_rootfs: str, allowed_vol: str, outs
                 finally:
                     await shim.aclose()
                 out["stdout"] = stdout.decode()
-                out["ctl"] = _connect_errno(
-                    created["proxy_url"].removeprefix("unix://")[:-10] + "ctl.sock"
-                )
+                run_dir = os.path.dirname(created["proxy_url"].removeprefix("unix://"))
+                out["ctl"] = _connect_errno(os.path.join(run_dir, "ctl.sock"))
         return out
 
     return anyio.run(main)
