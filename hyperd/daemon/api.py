@@ -48,7 +48,13 @@ Methods (``params`` → ``result``):
   proxy_url}``
 - ``events.subscribe {}`` → ``{subscribed: true}``, then notifications
   ``{"method": "event", "params": {kind: "pod"|"container"|"exec"|"vm", pod, container?,
-  exec_id?, state, reason?, time}}`` until the connection closes.
+  exec_id?, state, reason?, time}}`` until the connection closes. A subscriber that falls
+  behind the event bus gets one ``events.dropped`` notification ``{reason}`` and no more events
+  (subscribe again); one whose connection does not read its queued notifications
+  (``rpc.notify_queue``) is disconnected.
+- ``container.create`` by a caller other than root: ``rootfs.path`` and bind ``mounts[].source``
+  must lie under ``rpc.allowed_host_paths`` when that is set (else ``invalid_params`` naming
+  the path).
 
 Nested process/rootfs/mount/device/resources objects are decoded with :func:`hyperd.spec.parse`
 inside the handler, so that every problem in them becomes an ``invalid_params`` error naming
@@ -66,6 +72,7 @@ import anyio.abc
 import msgspec
 
 from hyperd.daemon import containers as ops
+from hyperd.daemon.events import SUBSCRIBER_BUFFER
 from hyperd.daemon.model import ProxySpec, VMSpec
 from hyperd.daemon.service import Daemon
 from hyperd.rpc.access import HostPathPolicy
@@ -306,5 +313,11 @@ async def _forward_events(
         tg.start_soon(until_closed)
         async for event in events:
             if not ctx.notify("event", event):
-                break
+                break  # the connection is gone, or was dropped for not reading its queue
+        else:
+            # the bus dropped this subscriber (it fell behind): say so, rather than go quiet
+            ctx.notify(
+                "events.dropped",
+                {"reason": f"fell {SUBSCRIBER_BUFFER} events behind; subscribe again"},
+            )
         tg.cancel_scope.cancel()
