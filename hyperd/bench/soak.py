@@ -58,6 +58,7 @@ log = logging.getLogger("hyperd.bench.soak")
 
 CALL_DEADLINE: Final = 90.0  # seconds one call may take: pod.start is bounded by ready (35 s)
 RECONNECT_DEADLINE: Final = 60.0  # seconds a client waits for hyperd to listen again
+ORPHAN_GRACE: Final = 10.0  # seconds for killed leftovers to be reaped at the very end
 FD_SETTLE: Final = 10.0  # seconds for hyperd to close what the cleanup's connection used
 DEFAULT_CLIENTS: Final = 6
 FAULT_INTERVAL: Final = (1.5, 5.0)  # seconds between faults (uniform)
@@ -67,6 +68,16 @@ PR_SET_CHILD_SUBREAPER: Final = 36
 READ_SIZE: Final = 1 << 16
 EXIT_VIOLATIONS = 1
 EXIT_USAGE = 2
+
+
+PROXY_GONE: Final = (
+    ShimError,  # refused the token, or closed before answering
+    OSError,  # the socket is gone (connect) or was reset
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    anyio.EndOfStream,
+)
+"""What a shim sees when the proxy refuses it or goes away: a clear error, not a breach."""
 
 
 class Misrouted(Exception):
@@ -300,6 +311,9 @@ class Soak:
                     await self._look(rpc, pod)
             except (Dropped, Misrouted, CallError):
                 pass  # tallied; start over on a fresh connection
+            except Exception as exc:  # the runner's own bug: the figures cannot be trusted
+                self.tally.violation("runner error", f"client {index}: {exc!r}")
+                log.exception("client %d", index)
             finally:
                 await rpc.stream.aclose()
 
@@ -334,7 +348,7 @@ class Soak:
         try:
             with anyio.fail_after(CALL_DEADLINE):
                 shim = await ShimClient.connect(created["proxy_url"], created["token"])
-        except (OSError, ShimError, TimeoutError) as exc:
+        except (*PROXY_GONE, TimeoutError) as exc:
             self.tally.errors["proxy refused or gone"] += 1
             log.info("%s: shim cannot connect: %r", marker, exc)
             await self._delete(rpc, pod, cid)
@@ -345,7 +359,7 @@ class Soak:
                 await shim.wait_connected()
                 await rpc.call("container.start", {"pod": pod, "id": cid})
                 status = await shim.pump(output.extend, lambda _data: None)
-        except ShimError as exc:
+        except PROXY_GONE as exc:
             self.tally.errors["proxy refused or gone"] += 1
             log.info("%s: shim: %r", marker, exc)
             status = None
@@ -404,6 +418,9 @@ class Soak:
                     self.tally.faults[what] += 1
             except (OSError, Dropped, Misrouted, CallError, TimeoutError) as exc:
                 log.info("fault %s not injected: %r", what, exc)
+            except Exception as exc:  # e.g. hyperd did not restart: the run cannot go on
+                self.tally.violation("runner error", f"fault {what}: {exc!r}")
+                raise
 
     async def _kill_helper(self, what: str) -> bool:
         """SIGKILL the simulated VM or the proxy of a random running pod."""
@@ -537,10 +554,22 @@ def _become_subreaper() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
-def _reap_orphans() -> None:
-    with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
+def _stop_orphans() -> None:
+    """Kill whatever is still below the runner (only this run's processes can be: it is their
+    subreaper), then reap them, so that not even a failed run leaves a process behind."""
+    for pid in _live_descendants(os.getpid()):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + ORPHAN_GRACE
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return  # none left
+        if pid == 0:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -578,7 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tally = anyio.run(soak.run, backend="asyncio", backend_options={"use_uvloop": True})
     finally:
         ws.close()
-        _reap_orphans()
+        _stop_orphans()
     report = {
         "minutes": args.minutes,
         "clients": args.clients,
