@@ -2,6 +2,7 @@
 
     python -m hyperd.bench [--quick] [--only 1,2,3,4] [--repetitions N] [--scale 1,100,1000]
                            [--plot FILE.png] [--json FILE] [--profile DIR]
+    python -m hyperd.bench soak [--minutes N] [--clients C] [--seed S] [--json FILE]
 
 Every process the run starts (proxies, simulated VMs, the daemon and what the daemon starts) is
 stopped before it returns, also on an error, ^C or SIGTERM; SIGKILL of the runner reaches them
@@ -276,6 +277,11 @@ def _raise_fd_limit() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["soak"]:
+        from hyperd.bench.soak import main as soak_main
+
+        return soak_main(argv[1:])
     args = _parser().parse_args(argv)
     _raise_fd_limit()
     logging.basicConfig(

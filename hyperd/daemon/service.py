@@ -50,6 +50,7 @@ from hyperd.errors import (
     NotFound,
     VMUnavailable,
 )
+from hyperd.rpc.access import SocketAccess, group_id
 from hyperd.spec import validate_id
 from hyperd.store import StateStore
 
@@ -326,7 +327,8 @@ class Daemon:
 
     async def _start_locked(self, pod: PodRecord, rt: PodRuntime) -> None:
         network = await bridge.discover_network(pod.netns) if pod.netns else None
-        await anyio.to_thread.run_sync(podfs.make_dirs, pod)
+        sockets = SocketAccess(self.config.rpc.file_mode(), group_id(self.config.rpc.group))
+        await anyio.to_thread.run_sync(podfs.make_dirs, pod, sockets)
         deadline = self.config.timeouts.ready
         if pod.vm.backend == "sim":
             argv = [*self._sim_command(), "--ctl", pod.ctl_path, "--tty", pod.tty_path]
@@ -352,6 +354,7 @@ class Daemon:
                 pod.proxy_process = launcher.spawn(argv, what=what)
             else:
                 argv = [*launcher.python_module_argv("hyperd.proxy"), "--uri", pod.proxy_url]
+                argv += sockets.proxy_args()
                 if pod.agent_dialect:
                     argv += ["--agent-dialect", pod.agent_dialect]
                 pod.proxy_process = await launcher.launch(argv, what=what, deadline=deadline)
