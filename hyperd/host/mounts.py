@@ -46,11 +46,14 @@ from hyperd.errors import AlreadyExists, InvalidParams
 from hyperd.host.model import SharedMount
 from hyperd.host.mountsys import (
     MNT_DETACH,
+    RESOLVE_NO_MAGICLINKS,
+    RESOLVE_NO_SYMLINKS,
     UMOUNT_NOFOLLOW,
     MountError,
     MountInfo,
     bind_fd,
     is_mount_root,
+    openat2,
     read_mountinfo,
     read_mountinfo_prefix,
     umount,
@@ -82,6 +85,8 @@ SYSTEM_MOUNT_PREFIXES = ("/proc", "/sys", "/dev")  # never carried into the VM (
 _O_PATH_DIR = os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
 _O_PATH_ANY = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_PATH_RESOLVE = os.O_PATH | os.O_CLOEXEC  # a mount source: its symlinks are resolved, once
+_AT_FDCWD = -100  # openat2 relative to the working directory (absolute paths anyway)
+_NO_LINKS = RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
 MAX_UNMOUNT_STACK = 64  # umount2 calls per recorded mount point (stacked or propagated mounts)
 
 
@@ -102,9 +107,15 @@ class ContainerMounts:
 class SharedDir:
     """The shared root holding one 9p-exported directory per pod."""
 
-    def __init__(self, root: str | os.PathLike[str] = DEFAULT_SHARED_ROOT) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str] = DEFAULT_SHARED_ROOT, *, source_symlinks: bool = True
+    ) -> None:
+        """``source_symlinks=False``: a mount source whose path holds any symlink is refused
+        (``openat2`` ``RESOLVE_NO_SYMLINKS``), for sources that were resolved and checked
+        against an allowlist earlier: nothing swapped in since can lead elsewhere."""
         check_absolute_path("shared_root", os.fspath(root))
         self.root = Path(os.path.realpath(root))
+        self.source_symlinks = source_symlinks
 
     # paths -------------------------------------------------------------------------------
 
@@ -241,12 +252,19 @@ class SharedDir:
         another's). The check is made on what was opened, and that is what gets mounted."""
         check_absolute_path(field, source)
         try:
-            fd = os.open(source, _O_PATH_RESOLVE)
+            if self.source_symlinks:
+                fd = os.open(source, _O_PATH_RESOLVE)
+            else:
+                fd = openat2(_AT_FDCWD, source, os.O_PATH, _NO_LINKS)
         except FileNotFoundError:
             raise InvalidParams(
                 f"invalid {field} {source!r}: does not exist", field=field
             ) from None
         except OSError as exc:
+            if exc.errno == errno.ELOOP and not self.source_symlinks:
+                raise InvalidParams(
+                    f"invalid {field} {source!r}: a component is a symlink", field=field
+                ) from None
             raise InvalidParams(
                 f"invalid {field} {source!r}: cannot open it: {exc.strerror}", field=field
             ) from None

@@ -192,3 +192,23 @@ def test_pod_share_is_private(shared: SharedDir, busybox_rootfs: Path, tmp_path:
     shared.mount_rootfs("p1", "c1", str(busybox_rootfs))
     assert stat.S_IMODE(pod.stat().st_mode) == POD_DIR_MODE
     assert not pod.stat().st_mode & (stat.S_IRWXO | stat.S_IRWXG)
+
+
+def test_sources_without_symlinks_refuse_any_link(shared: SharedDir, tmp_path: Path) -> None:
+    """For a source checked against an allowlist when the container was created: a symlink
+    swapped into its path since is refused, not followed."""
+    real = tmp_path / "allowed" / "rootfs"
+    real.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "allowed")
+    strict = SharedDir(shared.root, source_symlinks=False)
+    with pytest.raises(InvalidParams, match="symlink"):
+        strict.mount_rootfs("p1", "c1", str(tmp_path / "link" / "rootfs"))
+    with pytest.raises(InvalidParams, match="symlink"):
+        strict.mount_volumes(
+            "p1", "c1", [MountSpec(source=str(tmp_path / "link"), destination="/d")]
+        )
+    assert mounts_under(shared.root) == []
+    target = strict.mount_rootfs("p1", "c1", str(real))
+    assert mounts_under(shared.root) == [target]
+    # the default follows the links, once
+    assert shared.mount_rootfs("p1", "c2", str(tmp_path / "link" / "rootfs"))
