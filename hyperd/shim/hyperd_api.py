@@ -1,0 +1,52 @@
+"""The shim's calls to hyperd's RPC socket, with hyperd's errors turned into ttrpc statuses.
+
+Each call uses its own connection: the shim makes a few calls per task, and a hyperd restart
+(pods keep running) then costs nothing but the calls made while it was down.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from hyperd.rpc.client import RemoteError, RPCClient, RPCConnectionClosed
+from hyperd.shim.ttrpc import Code, TtrpcError
+
+_KIND_CODES: Final = {
+    "not_found": Code.NOT_FOUND,
+    "already_exists": Code.ALREADY_EXISTS,
+    "invalid_state": Code.FAILED_PRECONDITION,
+    "invalid_params": Code.INVALID_ARGUMENT,
+    "vm_unavailable": Code.UNAVAILABLE,
+    "timeout": Code.DEADLINE_EXCEEDED,
+}
+
+
+class HyperdError(TtrpcError):
+    """A failed hyperd call; ``kind`` is hyperd's ``error.data.kind`` (``None`` when hyperd
+    could not be reached)."""
+
+    def __init__(self, code: Code, message: str, kind: str | None) -> None:
+        super().__init__(code, message)
+        self.kind = kind
+
+
+class HyperdAPI:
+    """hyperd's JSON-RPC methods, called on the socket at ``socket``."""
+
+    def __init__(self, socket: str) -> None:
+        self.socket = socket
+
+    async def call(self, method: str, params: dict[str, Any]) -> Any:
+        """The method's result; raises :class:`HyperdError`."""
+        try:
+            async with RPCClient.connect(self.socket) as client:
+                return await client.call(method, params)
+        except RemoteError as exc:
+            code = _KIND_CODES.get(exc.kind or "", Code.UNKNOWN)
+            raise HyperdError(code, f"hyperd {method}: {exc.message}", exc.kind) from None
+        except (OSError, RPCConnectionClosed) as exc:
+            raise HyperdError(
+                Code.UNAVAILABLE,
+                f"hyperd {method}: cannot reach hyperd at {self.socket}: {exc}",
+                None,
+            ) from None
