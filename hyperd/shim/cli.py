@@ -34,6 +34,7 @@ from hyperd.shim import bundle as bundles
 
 VERSION: Final = "0.1.0"
 SOCKET_DIR: Final = "/run/containerd/s"  # where containerd's own shims put theirs
+START_LOCK: Final = ".hyperd-shim-start.lock"
 MAX_SOCKET_PATH: Final = 106  # containerd refuses longer unix socket paths
 DELETE_EXIT_STATUS: Final = 137  # what runc's and kata's delete report: 128 + SIGKILL
 CLEANUP_DEADLINE: Final = 4.0  # seconds; containerd gives the delete action 5
@@ -177,8 +178,9 @@ def start(args: Args) -> int:
     address = socket_address(args.address, args.namespace, key)
     path = address.removeprefix("unix://")
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    with open(path + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one start per pod at a time
+    # one start at a time in this directory, so two tasks of a pod never start two daemons
+    with open(os.path.join(os.path.dirname(path), START_LOCK), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         if not _alive(path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -41,12 +41,23 @@ class HyperdAPI:
         try:
             async with RPCClient.connect(self.socket) as client:
                 return await client.call(method, params)
-        except RemoteError as exc:
-            code = _KIND_CODES.get(exc.kind or "", Code.UNKNOWN)
-            raise HyperdError(code, f"hyperd {method}: {exc.message}", exc.kind) from None
-        except (OSError, RPCConnectionClosed) as exc:
-            raise HyperdError(
-                Code.UNAVAILABLE,
-                f"hyperd {method}: cannot reach hyperd at {self.socket}: {exc}",
-                None,
-            ) from None
+        except BaseException as raised:
+            exc = _leaf(raised)
+            if isinstance(exc, RemoteError):
+                code = _KIND_CODES.get(exc.kind or "", Code.UNKNOWN)
+                raise HyperdError(code, f"hyperd {method}: {exc.message}", exc.kind) from None
+            if isinstance(exc, OSError | RPCConnectionClosed):
+                raise HyperdError(
+                    Code.UNAVAILABLE,
+                    f"hyperd {method}: cannot reach hyperd at {self.socket}: {exc}",
+                    None,
+                ) from None
+            raise
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-member groups (the client's task group wraps
+    what its block raised)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
