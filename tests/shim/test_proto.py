@@ -24,11 +24,14 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
 
 def test_ttrpc_envelope_field_numbers() -> None:
     req = ttrpc_pb2.Request(
-        service="S", method="M", payload=b"p", timeout_nano=2,
+        service="S",
+        method="M",
+        payload=b"p",
+        timeout_nano=2,
         metadata=[ttrpc_pb2.KeyValue(key="k", value="v")],
     )
     assert req.SerializeToString() == (
-        b"\x0a\x01S" b"\x12\x01M" b"\x1a\x01p" b"\x20\x02" b"\x2a\x06\x0a\x01k\x12\x01v"
+        b"\x0a\x01S\x12\x01M\x1a\x01p\x20\x02\x2a\x06\x0a\x01k\x12\x01v"
     )
     resp = ttrpc_pb2.Response(status=ttrpc_pb2.Status(code=5, message="x"), payload=b"")
     assert resp.SerializeToString() == b"\x0a\x05\x08\x05\x12\x01x"
@@ -36,8 +39,16 @@ def test_ttrpc_envelope_field_numbers() -> None:
 
 def test_task_messages_field_numbers() -> None:
     state = shim_pb2.StateResponse(
-        id="a", bundle="b", pid=3, status=task_types_pb2.STOPPED, stdin="i", stdout="o",
-        stderr="e", terminal=True, exit_status=9, exited_at=timestamp_pb2.Timestamp(seconds=1),
+        id="a",
+        bundle="b",
+        pid=3,
+        status=task_types_pb2.STOPPED,
+        stdin="i",
+        stdout="o",
+        stderr="e",
+        terminal=True,
+        exit_status=9,
+        exited_at=timestamp_pb2.Timestamp(seconds=1),
         exec_id="x",
     )
     assert state.SerializeToString() == (
