@@ -3,14 +3,15 @@
 containerd runs ``delete`` after every task teardown (the shim has already cleaned up: nothing
 is left to do), when a shim died, and at its own start for bundles whose shim cannot be reached.
 It must be idempotent and quick. The rootfs mount in the bundle is always undone. hyperd is only
-asked to forget the container (and the pod, once empty) when the pod's shim does not answer on
-its socket: a living shim still serves the pod's other tasks and cleans up itself.
+asked to remove the pod when the pod's shim does not answer on its socket: a living shim still
+serves the pod's other tasks and cleans up itself.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 import anyio
@@ -29,7 +30,7 @@ def delete_response(exit_status: int, at: float) -> bytes:
 
 
 def cleanup(args: Any, bundle: str, *, deadline: float) -> None:
-    """Unmount ``<bundle>/rootfs``; if the pod's shim is gone, forget the container in hyperd."""
+    """Unmount ``<bundle>/rootfs``; if the pod's shim is gone, remove the pod from hyperd."""
     from hyperd.shim.cli import _alive, hyperd_socket, socket_address
 
     bundles.unmount(os.path.join(bundle, "rootfs"))
@@ -41,27 +42,21 @@ def cleanup(args: Any, bundle: str, *, deadline: float) -> None:
     if _alive(socket_address(args.address, args.namespace, key).removeprefix("unix://")):
         return
     pod = bundles.pod_id(args.namespace, key)
-    anyio.run(_forget, hyperd_socket(), pod, args.id, deadline)
+    anyio.run(_forget, hyperd_socket(), pod, deadline)
 
 
-async def _forget(socket: str, pod: str, cid: str, deadline: float) -> None:
+async def _forget(socket: str, pod: str, deadline: float) -> None:
+    """Stop and delete ``pod``. Its shim is gone, so every task of the pod has lost its shim
+    (one shim serves the whole pod) and containerd cleans each of them up: the first ``delete``
+    removes the pod, the others find nothing left."""
     from hyperd.shim.hyperd_api import HyperdAPI, HyperdError
 
     api = HyperdAPI(socket)
     with anyio.move_on_after(deadline):
-        for method in ("container.stop", "container.delete"):
+        for method in ("pod.stop", "pod.delete"):
             try:
-                await api.call(method, {"pod": pod, "id": cid})
+                await api.call(method, {"id": pod})
             except HyperdError as exc:
-                if exc.kind is None:
-                    return  # hyperd is not there: nothing to tell it
-        try:
-            info = await api.call("pod.inspect", {"id": pod})
-        except HyperdError:
-            return
-        if not info.get("containers"):
-            for method in ("pod.stop", "pod.delete"):
-                try:
-                    await api.call(method, {"id": pod})
-                except HyperdError:
-                    pass
+                if exc.kind == "not_found":
+                    return
+                print(exc.message, file=sys.stderr)

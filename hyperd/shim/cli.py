@@ -226,8 +226,10 @@ def delete(args: Args) -> int:
     from hyperd.shim.cleanup import cleanup, delete_response
 
     bundle = args.bundle or os.getcwd()
-    with contextlib.suppress(Exception):
+    try:
         cleanup(args, bundle, deadline=CLEANUP_DEADLINE)
+    except Exception as exc:  # containerd logs our stderr as "cleanup warnings"
+        print(f"cleanup of {args.id}: {exc}", file=sys.stderr)
     sys.stdout.buffer.write(delete_response(DELETE_EXIT_STATUS, time.time()))
     sys.stdout.buffer.flush()
     return 0

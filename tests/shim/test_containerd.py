@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -245,3 +246,35 @@ def test_containerd_restart_keeps_the_task(containerd: Containerd) -> None:
     c.ctr("task", "delete", "r1")
     c.ctr("container", "rm", "r1")
     assert_gone(c, "r1", f"{NAMESPACE}.r1")
+
+
+def test_hyperd_restart_leaves_the_shim_working(containerd: Containerd, events: Events) -> None:
+    c = containerd
+    c.run("hr1", "sleep", "1000", flags=("-d",))
+    c.hyperd.stop()  # the pod keeps running (the session's hyperd does not stop pods)
+    c.hyperd.start(stop_pods_on_exit=False)
+    after = c.ctr("task", "exec", "--fifo-dir", str(c.dir / "fifo"), "--exec-id", "a", "hr1",
+                  "echo", "after-restart")  # fmt: skip
+    assert after.stdout == b"after-restart\n"
+    c.ctr("task", "kill", "-s", "SIGKILL", "hr1")
+    assert events.wait("/tasks/exit", "hr1")["exit_status"] == 137
+    c.ctr("task", "delete", "hr1")
+    c.ctr("container", "rm", "hr1")
+    assert_gone(c, "hr1", f"{NAMESPACE}.hr1")
+
+
+def test_dead_shim_is_cleaned_up_by_the_delete_action(
+    containerd: Containerd, events: Events
+) -> None:
+    c = containerd
+    c.run("k1", "sleep", "1000", flags=("-d",))
+    assert f"{NAMESPACE}.k1" in hyperd_pods(c)
+    (shim,) = shims_of(c, "k1")
+    os.kill(shim, signal.SIGKILL)
+    assert wait_exit(shim)
+    # containerd sees the connection close, runs `delete` and reports the task's end itself
+    assert events.wait("/tasks/exit", "k1")["exit_status"] == 137
+    events.wait("/tasks/delete", "k1")
+    assert task_status(c, "k1") is None
+    c.ctr("container", "rm", "k1")
+    assert_gone(c, "k1", f"{NAMESPACE}.k1")

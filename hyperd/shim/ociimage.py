@@ -53,7 +53,7 @@ def build_image(root: Path, out: Path, name: str) -> Path:
             "WorkingDir": "/",
         },
         "rootfs": {"type": "layers", "diff_ids": [layer_desc["digest"]]},
-        "history": [{"created_by": "tests/shim/image.py"}],
+        "history": [{"created_by": "hyperd.shim.ociimage"}],
     }
     config_desc = _blob(blobs, json.dumps(config).encode(), CONFIG)
     manifest = {
