@@ -16,6 +16,7 @@ import itertools
 import os
 import secrets
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +119,7 @@ def _measure(ws: Workspace, s: ShimSettings, sec: Section) -> None:
         ctd.stop()
         for pid in ctd.shim_pids():  # only left if a run failed half-way
             with contextlib.suppress(OSError):
-                os.kill(pid, 9)
+                os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
             os.rmdir(f"/run/containerd/runc/{namespace}")
 

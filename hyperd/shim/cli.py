@@ -34,6 +34,7 @@ from hyperd.shim import bundle as bundles
 
 VERSION: Final = "0.1.0"
 SOCKET_DIR: Final = "/run/containerd/s"  # where containerd's own shims put theirs
+LISTEN_BACKLOG: Final = 128  # connections containerd may open before the daemon accepts
 START_LOCK: Final = ".hyperd-shim-start.lock"
 MAX_SOCKET_PATH: Final = 106  # containerd refuses longer unix socket paths
 DELETE_EXIT_STATUS: Final = 137  # what runc's and kata's delete report: 128 + SIGKILL
@@ -196,7 +197,7 @@ def _spawn_daemon(args: Args, bundle: str, path: str, hyperd: str) -> int:
     try:
         listener.bind(path)
         os.chmod(path, 0o600)
-        listener.listen(128)  # containerd's connect waits in the backlog until we accept
+        listener.listen(LISTEN_BACKLOG)  # containerd's connect waits there until we accept
         argv = [
             sys.executable, "-m", "hyperd.shim",
             "-namespace", args.namespace, "-address", args.address,

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.conftest import mounts_under
 from tests.shim.conftest import CTR_TIMEOUT, NAMESPACE, Containerd
 
 pytestmark = [pytest.mark.containerd, pytest.mark.e2e, pytest.mark.root]
@@ -128,8 +129,8 @@ def assert_gone(c: Containerd, cid: str, pod: str) -> None:
     for pid in shims_of(c, cid):  # the shim exits right after answering Shutdown
         assert wait_exit(pid), f"shim {pid} of {cid} did not exit"
     assert pod not in hyperd_pods(c)
-    mounts = Path("/proc/self/mountinfo").read_text().splitlines()
-    assert [m for m in mounts if f"/{cid}/" in m] == []
+    # neither the bundle's rootfs nor hyperd's bind of it in the pod's shared dir is left
+    assert [m for m in mounts_under(str(c.dir)) if f"/{cid}/" in m + "/"] == []
 
 
 @pytest.mark.parametrize(
