@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+import anyio
+
 from hyperd.rpc.client import RemoteError, RPCClient, RPCConnectionClosed
 from hyperd.shim.ttrpc import Code, TtrpcError
 
@@ -19,6 +21,11 @@ _KIND_CODES: Final = {
     "vm_unavailable": Code.UNAVAILABLE,
     "timeout": Code.DEADLINE_EXCEEDED,
 }
+
+
+CALL_DEADLINE: Final = 120.0
+"""Seconds for one hyperd call: far above hyperd's own deadlines (a VM's READY 35 s, a command
+30 s), so it only ends a call to a hyperd that hangs."""
 
 
 class HyperdError(TtrpcError):
@@ -39,13 +46,20 @@ class HyperdAPI:
     async def call(self, method: str, params: dict[str, Any]) -> Any:
         """The method's result; raises :class:`HyperdError`."""
         try:
-            async with RPCClient.connect(self.socket) as client:
-                return await client.call(method, params)
+            with anyio.fail_after(CALL_DEADLINE):
+                async with RPCClient.connect(self.socket) as client:
+                    return await client.call(method, params)
         except BaseException as raised:
             exc = _leaf(raised)
             if isinstance(exc, RemoteError):
                 code = _KIND_CODES.get(exc.kind or "", Code.UNKNOWN)
                 raise HyperdError(code, f"hyperd {method}: {exc.message}", exc.kind) from None
+            if isinstance(exc, TimeoutError):
+                raise HyperdError(
+                    Code.DEADLINE_EXCEEDED,
+                    f"hyperd {method}: no answer within {CALL_DEADLINE:.0f} s",
+                    "timeout",
+                ) from None
             if isinstance(exc, OSError | RPCConnectionClosed):
                 raise HyperdError(
                     Code.UNAVAILABLE,

@@ -42,6 +42,9 @@ EXIT_LOST: Final = 255  # the process's status never arrived (proxy connection l
 SIGNAL_EXIT_BASE: Final = 128  # exit status of a process killed by signal N is 128 + N
 PROCESS_SPEC_TYPE: Final = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 VERSION: Final = "hyperd-shim 1"
+CLAIM_DEADLINE: Final = 60.0
+"""Seconds for the proxy to answer ConnectShim (it answers at once; this only ends a wait on a
+proxy that hangs)."""
 
 
 class Status(enum.IntEnum):
@@ -199,13 +202,17 @@ class TaskService:
         except OSError as exc:
             raise TtrpcError(Code.UNAVAILABLE, f"cannot reach the pod's proxy: {exc}") from None
         events = proc.proxy.events()
-        async for event in events:
-            if isinstance(event, Response):
-                proc.proxy_events = events
-                return
-            if isinstance(event, ErrorReply):
-                raise TtrpcError(Code.UNKNOWN, f"proxy refused the token: {event.message}")
-        raise TtrpcError(Code.UNAVAILABLE, "the proxy closed the connection before ConnectShim")
+        with anyio.move_on_after(CLAIM_DEADLINE):
+            async for event in events:
+                if isinstance(event, Response):
+                    proc.proxy_events = events
+                    return
+                if isinstance(event, ErrorReply):
+                    raise TtrpcError(Code.UNKNOWN, f"proxy refused the token: {event.message}")
+            raise TtrpcError(
+                Code.UNAVAILABLE, "the proxy closed the connection before answering ConnectShim"
+            )
+        raise TtrpcError(Code.DEADLINE_EXCEEDED, "the proxy did not answer ConnectShim")
 
     async def _relay(self, task: Task, proc: Process) -> None:
         """Output from the proxy to the FIFOs until the exit status; then the exit."""
@@ -288,9 +295,11 @@ class TaskService:
         proc = Process(req.id, "", req.stdin, req.stdout, req.stderr, req.terminal)
         mounted = False
         created = False
+        began = time.monotonic()
         try:
             mounted = bundles.mount_rootfs(mounts, rootfs, readonly=bundles.readonly_root(spec))
             await self._ensure_pod(spec, req.id)
+            pod_ready = time.monotonic()
             proc.open_stdio()
             result = await self.hyperd.call(
                 "container.create",
@@ -322,6 +331,10 @@ class TaskService:
         proc.pid = self.vm_pid
         task = Task(req.id, req.bundle, mounted, proc, create_request=req)
         self.tasks[req.id] = task
+        log.info(
+            "created task %s in pod %s: pod ready after %.3f s, container after %.3f s more",
+            req.id, self.pod, pod_ready - began, time.monotonic() - pod_ready,
+        )  # fmt: skip
         self.publisher.publish(
             "/tasks/create",
             events_pb2.TaskCreate(
