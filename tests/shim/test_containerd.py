@@ -24,12 +24,16 @@ pytestmark = [pytest.mark.containerd, pytest.mark.e2e, pytest.mark.root]
 EVENT_TIMEOUT = 60.0  # seconds for an event to reach `ctr events` on a loaded machine
 
 
-def hyperd_pods(c: Containerd) -> dict[str, dict[str, Any]]:
-    hyperctl = [sys.executable, "-m", "hyperd.cli.ctl", "--socket", c.hyperd.socket]
+def hyperctl_json(c: Containerd, *args: str) -> Any:
+    hyperctl = [sys.executable, "-m", "hyperd.cli.ctl", "--socket", c.hyperd.socket, "--json"]
     out = subprocess.run(
-        [*hyperctl, "--json", "pod", "list"], capture_output=True, check=True, timeout=CTR_TIMEOUT
+        [*hyperctl, *args], capture_output=True, check=True, timeout=CTR_TIMEOUT
     ).stdout
-    return {p["id"]: p for p in json.loads(out)["pods"]}
+    return json.loads(out)
+
+
+def hyperd_pods(c: Containerd) -> dict[str, dict[str, Any]]:
+    return {p["id"]: p for p in hyperctl_json(c, "pod", "list")["pods"]}
 
 
 def shims_of(c: Containerd, cid: str) -> list[int]:
@@ -195,6 +199,10 @@ def test_two_tasks_share_one_pod_and_one_shim(containerd: Containerd, events: Ev
     assert (c.bundle("g1") / "address").read_text() == (c.bundle("g2") / "address").read_text()
     assert len(shims_of(c, "g1")) == 1 and shims_of(c, "g2") == []
     shim = shims_of(c, "g1")[0]
+    for cid in ("g1", "g2"):  # hyperd knows the pod's shim as each container's shim
+        assert (
+            hyperctl_json(c, "container", "inspect", f"{NAMESPACE}.grp1", cid)["shim_pid"] == shim
+        )
     hello = c.ctr("task", "exec", "--fifo-dir", str(c.dir / "fifo"), "--exec-id", "x", "g2",
                   "echo", "from-g2")  # fmt: skip
     assert hello.stdout == b"from-g2\n"
@@ -279,3 +287,21 @@ def test_dead_shim_is_cleaned_up_by_the_delete_action(
     assert task_status(c, "k1") is None
     c.ctr("container", "rm", "k1")
     assert_gone(c, "k1", f"{NAMESPACE}.k1")
+
+
+def test_exec_on_a_terminal(containerd: Containerd) -> None:
+    c = containerd
+    c.run("te1", "sleep", "1000", flags=("-d",))
+    inner = (
+        f"ctr -a {c.socket} -n {NAMESPACE} task exec -t --fifo-dir {c.dir / 'fifo'} "
+        "--exec-id tx te1 sh -c 'tty; stty size; exit 6'"
+    )
+    result = subprocess.run(
+        ["script", "-qec", inner, "/dev/null"], capture_output=True, timeout=CTR_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 6, result.stdout.decode(errors="replace")
+    assert b"/dev/pts/" in result.stdout
+    c.ctr("task", "delete", "--force", "te1")
+    c.ctr("container", "rm", "te1")
+    assert_gone(c, "te1", f"{NAMESPACE}.te1")
