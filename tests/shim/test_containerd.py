@@ -305,3 +305,17 @@ def test_exec_on_a_terminal(containerd: Containerd) -> None:
     c.ctr("task", "delete", "--force", "te1")
     c.ctr("container", "rm", "te1")
     assert_gone(c, "te1", f"{NAMESPACE}.te1")
+
+
+def test_dead_vm_turns_into_an_exit(containerd: Containerd, events: Events) -> None:
+    """The pod's VM dies under a running task: the task ends (status 255, unknown), and
+    delete still cleans everything up."""
+    c = containerd
+    c.run("vm1", "sleep", "1000", flags=("-d",))
+    vm_pid = hyperctl_json(c, "pod", "inspect", f"{NAMESPACE}.vm1")["vm_pid"]
+    os.kill(vm_pid, signal.SIGKILL)
+    assert events.wait("/tasks/exit", "vm1")["exit_status"] == 255
+    assert task_status(c, "vm1") == "STOPPED"
+    c.ctr("task", "delete", "vm1")
+    c.ctr("container", "rm", "vm1")
+    assert_gone(c, "vm1", f"{NAMESPACE}.vm1")
