@@ -40,6 +40,7 @@ from hyperd.bench.lifecycle import LifecycleSettings, lifecycle
 from hyperd.bench.manyvm import ManyVMSettings
 from hyperd.bench.profile import Profiler
 from hyperd.bench.scale import ScaleSettings, scale
+from hyperd.bench.shim import ShimSettings, shim
 from hyperd.bench.stats import Section, render
 from hyperd.bench.summary import summary
 from hyperd.bench.throughput import ThroughputSettings, throughput
@@ -49,7 +50,7 @@ log = logging.getLogger("hyperd.bench")
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-SCENARIOS = ("1", "2", "3", "4", "5")
+SCENARIOS = ("1", "2", "3", "4", "5", "6")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Settings:
     scale: ScaleSettings = field(default_factory=ScaleSettings)
     lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
     exits: ExitSettings = field(default_factory=ExitSettings)
+    shim: ShimSettings = field(default_factory=ShimSettings)
 
 
 DEFAULT = Settings()
@@ -76,6 +78,7 @@ QUICK = Settings(
     scale=ScaleSettings(sizes=(1, 20), calls=200, repetitions=1, process_limit=4),
     lifecycle=LifecycleSettings(containers=3, repetitions=1, warmup=1),
     exits=ExitSettings(containers=10, warmup=1),
+    shim=ShimSettings(runs=3, warmup=1),
 )
 
 
@@ -92,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
         "--only",
         default=",".join(SCENARIOS),
         help="comma-separated scenarios to run: 1 throughput, 2 RPC latency, "
-        "3 scale, 4 container lifecycle, 5 exit delivery (default: all)",
+        "3 scale, 4 container lifecycle, 5 exit delivery, 6 containerd shim vs runc "
+        "(default: all)",
     )
     p.add_argument("--repetitions", type=int, help="repetitions of every scenario")
     p.add_argument("--scale", help="pod counts of scenario 3, e.g. 1,100,1000")
@@ -169,7 +173,10 @@ def _scenarios() -> dict[str, Scenario]:
     async def five(ws: Workspace, s: Settings) -> Section:
         return await exit_delivery(ws, s.exits)
 
-    table: dict[str, Scenario] = {"1": one, "2": two, "3": three, "4": four, "5": five}
+    async def six(ws: Workspace, s: Settings) -> Section:
+        return await shim(ws, s.shim)
+
+    table: dict[str, Scenario] = {"1": one, "2": two, "3": three, "4": four, "5": five, "6": six}
     return table
 
 
