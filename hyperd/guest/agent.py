@@ -21,14 +21,13 @@ import socket
 import anyio
 from anyio.abc import TaskStatus
 
-from hyperd.guest import CTL_PORT, TTY_PORT
 from hyperd.guest.net import NetworkError, apply_network
 from hyperd.guest.ports import VirtioPort
 from hyperd.sim.agent import Agent
 from hyperd.sim.server import Simulator
 from protocol.hyperstart import Pod
 
-__all__ = ["CTL_PORT", "GuestAgent", "GuestSimulator", "TTY_PORT"]
+__all__ = ["GuestAgent", "GuestSimulator"]
 
 log = logging.getLogger(__name__)
 

@@ -91,13 +91,13 @@ def apply_network(interfaces: list[NetworkIface], routes: list[Route]) -> None:
             if route.gateway:
                 spec["gateway"] = route.gateway
             if route.device:
-                index = names.get(route.device)
-                if index is None:
-                    found = ipr.link_lookup(ifname=route.device)
-                    if not found:
+                found = names.get(route.device)
+                if found is None:
+                    looked_up = ipr.link_lookup(ifname=route.device)
+                    if not looked_up:
                         raise NetworkError(f"route {dest}: no guest device {route.device!r}")
-                    index = found[0]
-                spec["oif"] = index
+                    found = int(looked_up[0])
+                spec["oif"] = found
             try:
                 ipr.route("replace", **spec)
             except NetlinkError as exc:

@@ -51,13 +51,14 @@ PACKAGES = (
     "libexpat1",
     "libffi8",  # ctypes (pyroute2 uses it for setns)
     "libssl3",  # _ssl: anyio imports ssl
+    "libsqlite3-0",  # _sqlite3: pyroute2 imports sqlite3
 )
 LIB_DIR = "lib/x86_64-linux-gnu"
 LOADER = "lib64/ld-linux-x86-64.so.2"
 # stdlib parts an agent never imports: tests, GUI, build and packaging tools, databases
 STDLIB_SKIP = frozenset({
     "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
-    "distutils", "venv", "sqlite3", "dbm", "curses", "site-packages", "dist-packages",
+    "distutils", "venv", "dbm", "curses", "site-packages", "dist-packages",
     "__phello__", "config-3.11-x86_64-linux-gnu", "turtle.py", "pydoc.py",
 })
 DYNLOAD_SKIP = re.compile(r"^(_test|_xx|xxlimited|_ctypes_test)")
@@ -134,7 +135,7 @@ def _marker_true(marker: str) -> bool:
     python_version, os_name); a clause it cannot read counts as true.
     """
     env = {
-        "python_version": "%d.%d" % sys.version_info[:2],
+        "python_version": "{}.{}".format(*sys.version_info[:2]),
         "platform_system": "Linux",
         "sys_platform": "linux",
         "os_name": "posix",
@@ -248,10 +249,8 @@ def _stage_python(sysroot: Path, stage: Path, progress: Progress) -> None:
                 continue
             _copy(src, dst_lib / rel / name)
     for dist in _agent_distributions():
-        if dist.metadata["Name"] == "hyperd":
-            files = _hyperd_sources()
-        else:
-            files = _dist_files(dist)
+        own = dist.metadata["Name"] == "hyperd"
+        files = _hyperd_sources() if own else _dist_files(dist)
         for name, path in files:
             if path.suffix == ".so":
                 so_libs = _needed_libs(sysroot, path)

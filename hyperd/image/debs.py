@@ -9,7 +9,6 @@ SHA-256, which is what makes a build reproducible (and what the image's cache ke
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 from dataclasses import dataclass
