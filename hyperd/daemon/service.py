@@ -359,6 +359,8 @@ class Daemon:
                 argv = [*launcher.python_module_argv("hyperd.proxy"), "--uri", pod.proxy_url]
                 if pod.agent_dialect:
                     argv += ["--agent-dialect", pod.agent_dialect]
+                if pod.vm.backend == "qemu":  # the guest boots while RegisterVM waits for READY
+                    argv += ["--ready-timeout", repr(deadline)]
                 pod.proxy_process = await launcher.launch(argv, what=what, deadline=deadline)
             await self.save(pod)
         link = await self.connect_vm(pod, rt, attach=False)

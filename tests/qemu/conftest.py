@@ -13,7 +13,12 @@ from pathlib import Path
 import pytest
 
 from hyperd.image import build_image
-from tests.e2e.conftest import Hyperd, hyperd_factory, netns  # noqa: F401  (fixtures)
+from tests.e2e.conftest import (  # noqa: F401  (fixtures)
+    Hyperd,
+    anyio_backend,
+    hyperd_factory,
+    netns,
+)
 
 # the cache outlives a test run: rebuilt only when an input (a package, hyperd's source) changes
 IMAGE_CACHE = Path(os.environ.get("HYPERD_TEST_IMAGE_CACHE", "/var/tmp/hyperd-test-image"))

@@ -24,7 +24,8 @@ from tests.e2e.conftest import (
     start_pod,
 )
 
-pytestmark = [pytest.mark.anyio, pytest.mark.qemu, pytest.mark.root]
+# a hang guard well above the named deadlines below (each test boots one VM under TCG)
+pytestmark = [pytest.mark.anyio, pytest.mark.qemu, pytest.mark.root, pytest.mark.timeout(600)]
 
 BOOT_DEADLINE = 180.0  # QEMU start to READY under TCG on a loaded 2-core machine (~6-15 s idle)
 STEP_DEADLINE = 60.0  # one container or exec round trip through the guest (chroot on 9p)
