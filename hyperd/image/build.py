@@ -6,10 +6,11 @@ the kernel modules the guest needs, Debian's Python 3.11 (binary, the libraries 
 the standard library without tests/GUI/build tools, compiled to sourceless ``.pyc``) and hyperd's
 agent with its dependencies as installed in the running Python.
 
-Reproducible: every package is pinned to the archive's version and SHA-256, files are archived in
-sorted order with fixed owners and times, ``.pyc`` files carry a hash instead of an mtime, and gzip
-gets a zero mtime. The cache key hashes all inputs; a build whose key matches the manifest in the
-cache does nothing (``force`` rebuilds).
+Pinned inputs: every package is pinned to the archive's version and SHA-256, files are archived
+in sorted order with fixed owners and times, ``.pyc`` files carry a hash instead of an mtime, and
+gzip gets a zero mtime. The cache key hashes all inputs; a build whose key matches the manifest in
+the cache does nothing (``force`` rebuilds). Known gap: the vmlinux is byte-identical across
+builds, the initrd not yet (not traced; ``.pyc`` marshalling is the suspect).
 """
 
 from __future__ import annotations
