@@ -35,8 +35,14 @@ def guest_image() -> Iterator[tuple[Path, Path]]:
 
 
 @pytest.fixture
-def qemu_hyperd(hyperd_factory: Hyperd, guest_image: tuple[Path, Path]) -> Hyperd:  # noqa: F811
-    """A ``hyperd`` (not started) whose config points the qemu backend at the test image."""
+def qemu_hyperd(
+    hyperd_factory: Hyperd,  # noqa: F811
+    guest_image: tuple[Path, Path],
+) -> Iterator[Hyperd]:
+    """A ``hyperd`` (not started) whose config points the qemu backend at the test image.
+
+    Afterwards the guests' console and QEMU logs are printed (pytest shows them on failure).
+    """
     kernel, initrd = guest_image
     config = hyperd_factory.base.parent / "hyperd.toml"
     config.write_text(
@@ -44,4 +50,9 @@ def qemu_hyperd(hyperd_factory: Hyperd, guest_image: tuple[Path, Path]) -> Hyper
         f'[vm.qemu]\nkernel = "{kernel}"\ninitrd = "{initrd}"\naccel = "auto"\n'
     )
     hyperd_factory.args = ["--config", str(config)]
-    return hyperd_factory
+    try:
+        yield hyperd_factory
+    finally:
+        for log in sorted((hyperd_factory.base / "run").glob("*/*.log")):
+            text = log.read_text(errors="replace")[-6000:]
+            print(f"---- {log.parent.name}/{log.name} ----\n{text}")
