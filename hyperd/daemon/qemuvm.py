@@ -21,7 +21,7 @@ import anyio
 from hyperd.config import Config
 from hyperd.daemon import launcher
 from hyperd.daemon.model import PodRecord, PodState, ProcessRef, VMSpec
-from hyperd.errors import VMUnavailable
+from hyperd.errors import HyperdError, InvalidParams, VMUnavailable
 from hyperd.image.build import default_cache_dir, image_paths
 from hyperd.vm import qemunet
 from hyperd.vm.qemu import (
@@ -38,7 +38,9 @@ from hyperd.vm.qemu import (
     spawn_argv,
 )
 
-__all__ = ["check_qemu_spec", "start_vm", "stop_vm"]
+__all__ = ["check_qemu_spec", "explain_failure", "start_vm", "stop_vm"]
+
+CONSOLE_TAIL_LINES = 5  # guest console lines quoted when a VM died while starting
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,22 @@ async def start_vm(pod: PodRecord, config: Config, *, deadline: float) -> Proces
     return ref
 
 
+def explain_failure(pod: PodRecord, exc: HyperdError) -> HyperdError:
+    """``exc`` of a failed start, with why QEMU exited (its log, the guest console's end)."""
+    ref = pod.vm_process
+    if ref is None or launcher.is_alive(ref):
+        return exc
+    p = paths(pod.run_dir)
+    try:
+        with open(p["console"], errors="replace") as f:
+            console = " / ".join(f.read().strip().splitlines()[-CONSOLE_TAIL_LINES:])
+    except OSError:
+        console = ""
+    detail = log_tail(pod.run_dir) or "no message"
+    return VMUnavailable(f"{exc}; QEMU exited ({detail}); guest console: {console or 'empty'}",
+                         pod=pod.id)
+
+
 async def stop_vm(pod: PodRecord, ref: ProcessRef) -> None:
     """Stop the pod's QEMU gracefully (see :func:`hyperd.vm.qemu.shut_down`)."""
     if launcher.is_alive(ref):
@@ -120,8 +138,6 @@ MAX_CPUS = 255
 
 def check_qemu_spec(pod_id: str, vm: VMSpec) -> None:
     """Refuse a ``pod.create`` qemu spec with out-of-range or relative values."""
-    from hyperd.errors import InvalidParams
-
     if vm.memory_mib is not None and not 64 <= vm.memory_mib <= MAX_MEMORY_MIB:
         raise InvalidParams(f"pod {pod_id!r}: vm.memory_mib must be 64..{MAX_MEMORY_MIB}",
                             field="vm.memory_mib")

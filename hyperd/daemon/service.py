@@ -363,7 +363,12 @@ class Daemon:
                     argv += ["--ready-timeout", repr(deadline)]
                 pod.proxy_process = await launcher.launch(argv, what=what, deadline=deadline)
             await self.save(pod)
-        link = await self.connect_vm(pod, rt, attach=False)
+        try:
+            link = await self.connect_vm(pod, rt, attach=False)
+        except HyperdError as exc:
+            if pod.vm.backend == "qemu":
+                raise qemuvm.explain_failure(pod, exc) from None
+            raise
         pod.proxy_url = link.proxy_url
         await self.save(pod)
         testhooks.crash_point("pod.start:registered")

@@ -16,6 +16,7 @@ from hyperd.image import build_image
 from tests.e2e.conftest import (  # noqa: F401  (fixtures)
     Hyperd,
     anyio_backend,
+    hyperd,
     hyperd_factory,
     netns,
 )

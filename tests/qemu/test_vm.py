@@ -157,3 +157,29 @@ async def test_qemu_pod_readopted_after_restart_and_lost_on_kill(
         assert str(qemu_pid) in info["reason"]
         await c.call("pod.stop", {"id": "vm2"})
         await c.call("pod.delete", {"id": "vm2"})
+
+
+async def test_qemu_pod_requests_are_checked(hyperd: Hyperd, short_tmp: Path) -> None:
+    """Bad qemu specs are refused at pod.create; a missing image fails pod.start with the fix."""
+    from hyperd.cli.client import RPCError
+
+    async with rpc(hyperd.socket) as c:
+        for vm, field in (
+            ({"backend": "qemu", "memory_mib": 1}, "memory_mib"),
+            ({"backend": "qemu", "cpus": 0}, "cpus"),
+            ({"backend": "qemu", "kernel": "relative/vmlinux"}, "kernel"),
+            ({"backend": "sim", "kernel": "/k"}, "qemu backend only"),
+            ({"backend": "qemu", "accel": "hvf"}, "accel"),
+        ):
+            with pytest.raises(RPCError) as err:
+                await c.call("pod.create", {"id": "bad", "vm": vm})
+            assert err.value.kind == "invalid_params", vm
+            assert field in err.value.message, (vm, err.value.message)
+        missing = str(short_tmp / "no-such-vmlinux")
+        await c.call("pod.create", {"id": "noimg", "vm": {"backend": "qemu", "kernel": missing}})
+        with pytest.raises(RPCError) as err:
+            await c.call("pod.start", {"id": "noimg"})
+        assert err.value.kind == "vm_unavailable"
+        assert missing in err.value.message and "vm.kernel" in err.value.message
+        info = await c.call("pod.inspect", {"id": "noimg"})
+        assert info["state"] == "created" and info["vm_pid"] is None
