@@ -6,11 +6,10 @@ the kernel modules the guest needs, Debian's Python 3.11 (binary, the libraries 
 the standard library without tests/GUI/build tools, compiled to sourceless ``.pyc``) and hyperd's
 agent with its dependencies as installed in the running Python.
 
-Pinned inputs: every package is pinned to the archive's version and SHA-256, files are archived
-in sorted order with fixed owners and times, ``.pyc`` files carry a hash instead of an mtime, and
-gzip gets a zero mtime. The cache key hashes all inputs; a build whose key matches the manifest in
-the cache does nothing (``force`` rebuilds). Known gap: the vmlinux is byte-identical across
-builds, the initrd not yet (not traced; ``.pyc`` marshalling is the suspect).
+Reproducible: every package is pinned to the archive's version and SHA-256, files are archived
+in sorted order with fixed owners and times, ``.pyc`` files carry a hash instead of an mtime and
+are compiled in a fresh interpreter, and gzip gets a zero mtime. The cache key hashes all inputs;
+a build whose key matches the manifest in the cache does nothing (``force`` rebuilds).
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import importlib.metadata
 import io
 import json
 import os
-import py_compile
 import re
 import shutil
 import stat
@@ -267,19 +265,33 @@ def _stage_python(sysroot: Path, stage: Path, progress: Progress) -> None:
     _compile(dst_lib, "/usr/lib/" + PYTHON)
 
 
+# Run in a fresh interpreter: marshal marks objects by reference count, which depends on what the
+# process imported before, so compiling in the builder itself (a CLI, a test run) gives .pyc bytes
+# that differ between callers; a fresh ``python -I`` starts from the same state every time.
+_COMPILE_SCRIPT = """
+import pathlib, py_compile, sys
+root, guest = pathlib.Path(sys.argv[1]), sys.argv[2]
+mode = py_compile.PycInvalidationMode.UNCHECKED_HASH
+for path in sorted(root.rglob("*.py")):
+    target = guest + "/" + path.relative_to(root).as_posix()
+    try:
+        py_compile.compile(str(path), cfile=str(path) + "c", dfile=target, doraise=True,
+                           invalidation_mode=mode)
+    except py_compile.PyCompileError:
+        continue  # keep the source (e.g. Python 2 leftovers nothing imports)
+    path.unlink()
+"""
+
+
 def _compile(root: Path, guest_root: str) -> None:
     """Replace every ``.py`` under ``root`` by a sourceless, hash-based ``.pyc``.
 
     Tracebacks name the file as the guest sees it (``guest_root``), not the build's scratch dir.
     """
-    for path in sorted(root.rglob("*.py")):
-        guest_path = guest_root + "/" + path.relative_to(root).as_posix()
-        try:
-            py_compile.compile(str(path), cfile=str(path) + "c", dfile=guest_path, doraise=True,
-                               invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
-        except py_compile.PyCompileError:
-            continue  # keep the source (e.g. Python 2 leftovers nothing imports)
-        path.unlink()
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", _COMPILE_SCRIPT, str(root),
+                           guest_root], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise ImageError(f"compiling the guest's Python modules failed: {done.stderr.strip()}")
 
 
 def _stage_busybox(sysroot: Path, stage: Path) -> None:
