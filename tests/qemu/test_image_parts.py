@@ -116,3 +116,22 @@ def test_qemu_command_line() -> None:
     assert "virtio-9p-pci,fsdev=share,mount_tag=tag" in argv
     assert "virtio-net-pci,netdev=net0,mac=02:00:00:00:00:01" in argv
     assert "file:/r/p/console.log" in argv
+
+
+def test_compiled_modules_are_sourceless_and_identical(tmp_path: Path) -> None:
+    import marshal
+
+    from hyperd.image.build import _compile
+
+    source = "VALUE = ('a', 'b', 1.5)\ndef f():\n    return VALUE\n"
+    outputs = []
+    for name in ("one", "two"):
+        root = tmp_path / name / "pkg"
+        root.mkdir(parents=True)
+        (root / "mod.py").write_text(source)
+        _compile(root.parent, "/usr/lib/python3.11")
+        assert not (root / "mod.py").exists()
+        outputs.append((root / "mod.pyc").read_bytes())
+    assert outputs[0] == outputs[1]
+    code = marshal.loads(outputs[0][16:])  # after the 16-byte pyc header
+    assert code.co_filename == "/usr/lib/python3.11/pkg/mod.py"
