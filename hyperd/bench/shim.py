@@ -1,4 +1,4 @@
-"""Scenario 5: ``ctr run --rm IMAGE ID true`` through containerd-shim-hyperd-v2 against
+"""Scenario 6: ``ctr run --rm IMAGE ID true`` through containerd-shim-hyperd-v2 against
 containerd's own runc shim (``io.containerd.runc.v2``), on the same image, the same private
 containerd, in the same run; and the memory of one shim per pod.
 
