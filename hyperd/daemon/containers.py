@@ -7,6 +7,15 @@ shim has connected, so a caller must claim the token before (or while) it calls 
 
 Every function takes the :class:`~hyperd.daemon.service.Daemon` and validated parameters, and
 raises :class:`hyperd.errors.HyperdError` subclasses whose message names the object.
+
+Persistence, intent first: ``start`` records ``intent="start"`` before its first mount, the mounts
+once made (before NEWCONTAINER), and the running container; ``stop`` records ``intent="stop"``
+before REMOVECONTAINER and the stopped container after the unmount. Each save writes the one
+container's row (and the pod's, if it changed). A restart settles an intent left by a crash
+(:mod:`hyperd.daemon.adoption`). A save that fails before the agent acted undoes the call and
+fails it; after the agent acted (the container runs, or was removed) the call fails with a
+``StateError`` saying so, hyperd's memory keeps the truth, and the intent record already makes a
+restart reach the same state.
 """
 
 from __future__ import annotations
@@ -32,7 +41,15 @@ from hyperd.daemon.model import (
 )
 from hyperd.daemon.service import Daemon
 from hyperd.daemon.testhooks import crash_point
-from hyperd.errors import AgentError, AlreadyExists, InvalidParams, InvalidState, NotFound
+from hyperd.errors import (
+    AgentError,
+    AlreadyExists,
+    HyperdError,
+    InvalidParams,
+    InvalidState,
+    NotFound,
+    StateError,
+)
 from hyperd.spec import DeviceSpec, MountSpec, ProcessSpec, ResourcesSpec, RootfsSpec, validate_id
 
 log = logging.getLogger(__name__)
@@ -119,7 +136,11 @@ async def container_create(
             f"container {cid!r} already exists in pod {pod.id!r}", pod=pod.id, container=cid
         )
     pod.containers[cid] = c
-    await d.save(pod)
+    try:
+        d.save_now(pod, c)
+    except StateError:
+        del pod.containers[cid]  # the token is simply never used
+        raise
     d.publish("container", pod, str(c.state), container=cid)
     return {"id": cid, "token": token, "proxy_url": pod.proxy_url, "state": str(c.state)}
 
@@ -138,21 +159,38 @@ async def container_start(d: Daemon, pod_id: object, cid: object) -> dict[str, A
         # not cancelled half-way by a caller that goes away: the mounts and the agent's view
         # must agree (every step below has its own deadline)
         with anyio.CancelScope(shield=True):
-            made, layout = await bridge.mount_container(pod, c)
-            c.mounts_made = made
-            await d.save(pod)  # a crash from here on leaves a record of what to unmount
-            crash_point("container.start:mounted")
+            c.intent = "start"
             try:
+                d.save_now(pod, c)  # intent first: a crash from here on may leave mounts
+            except StateError:
+                c.intent = ""
+                raise
+            try:
+                made, layout = await bridge.mount_container(pod, c)
+                c.mounts_made = made
+                d.save_now(pod, c)  # what to unmount, before the agent may use it
+                crash_point("container.start:mounted")
                 message = bridge.container_message(pod, c, layout)
                 await bridge.call(pod, link, "newcontainer", message, tokens=[c.token])
             except BaseException:
                 await bridge.unmount_container(pod, c)
                 c.mounts_made = []
-                await d.save(pod)
+                c.intent = ""
+                d.save_logged(pod, c)  # (if this fails too, a restart finds the intent)
                 raise
             c.state = ContainerState.RUNNING
-            await d.save(pod)
-    d.publish("container", pod, str(c.state), container=c.id)
+            c.intent = ""
+            try:
+                d.save_now(pod, c)
+            except StateError as exc:
+                raise StateError(
+                    f"container {c.id!r} of pod {pod.id!r} was started, but its state could "
+                    f"not be saved ({exc.message}); a restart finds it running",
+                    pod=pod.id,
+                    container=c.id,
+                ) from None
+            finally:
+                d.publish("container", pod, str(c.state), container=c.id)
     return container_view(pod, c)
 
 
@@ -164,19 +202,45 @@ async def container_stop(d: Daemon, pod_id: object, cid: object) -> dict[str, An
         check_pod_transition(pod, "use")
         check_container_transition(pod, c, "stop")
         if c.state == ContainerState.RUNNING:
-            await _remove(d, pod, c)
+            c.intent = "stop"
+            try:
+                d.save_now(pod, c)  # intent first: the agent may free it from here on
+            except StateError:
+                c.intent = ""
+                raise
+            try:
+                await _remove(d, pod, c)
+            except AgentError:
+                c.intent = ""  # refused: nothing changed (other errors leave the outcome
+                d.save_logged(pod, c)  # unknown: the intent stays for a restart to settle)
+                raise
         with anyio.CancelScope(shield=True):
             # stopped as soon as the agent let it go; a failed unmount below is retried by
             # container.delete and pod.stop (both undo whatever mounts_made still lists)
             c.state = ContainerState.STOPPED
-            for e in pod.execs.values():
-                if e.container == c.id:
-                    e.state = ExecState.EXITED
-            await d.save(pod)
-            d.publish("container", pod, str(c.state), container=c.id)
-            await bridge.unmount_container(pod, c)
-            c.mounts_made = []
-            await d.save(pod)
+            c.intent = ""
+            execs = [e for e in pod.execs.values() if e.container == c.id]
+            for e in execs:
+                e.state = ExecState.EXITED
+            unmount_error: HyperdError | OSError | None = None
+            try:
+                await bridge.unmount_container(pod, c)
+                c.mounts_made = []
+            except (HyperdError, OSError) as exc:
+                unmount_error = exc
+            try:
+                d.save_now(pod, c, *execs)
+            except StateError as exc:
+                raise StateError(
+                    f"container {c.id!r} of pod {pod.id!r} was stopped, but its state could "
+                    f"not be saved ({exc.message}); a restart finds it stopped",
+                    pod=pod.id,
+                    container=c.id,
+                ) from None
+            finally:
+                d.publish("container", pod, str(c.state), container=c.id)
+            if unmount_error is not None:
+                raise unmount_error
     return container_view(pod, c)
 
 
@@ -188,10 +252,17 @@ async def container_delete(d: Daemon, pod_id: object, cid: object) -> dict[str, 
         check_container_transition(pod, c, "delete")
         # found from mountinfo: also what a failed unmount or a crash left behind
         await bridge.unmount_container(pod, c)
+        execs = [e for e in pod.execs.values() if e.container == c.id]
         del pod.containers[c.id]
-        for eid in [e.id for e in pod.execs.values() if e.container == c.id]:
-            del pod.execs[eid]
-        await d.save(pod)
+        for e in execs:
+            del pod.execs[e.id]
+        try:
+            d.save_now(pod, c, *execs)  # deletes their rows
+        except StateError:
+            pod.containers[c.id] = c  # still there, as its record says
+            for e in execs:
+                pod.execs[e.id] = e
+            raise
     d.rt(pod).container_locks.pop(c.id, None)
     d.publish("container", pod, "deleted", container=c.id)
     return {"pod": pod.id, "id": c.id, "state": "deleted"}
@@ -295,7 +366,11 @@ async def exec_create(
             f"exec {eid!r} already exists in pod {pod.id!r}", pod=pod.id, exec_id=eid
         )
     pod.execs[eid] = e
-    await d.save(pod)
+    try:
+        d.save_now(pod, e)
+    except StateError:
+        del pod.execs[eid]
+        raise
     d.publish("exec", pod, str(e.state), container=c.id, exec_id=eid)
     return {"exec_id": eid, "token": token, "proxy_url": pod.proxy_url, "state": str(e.state)}
 
@@ -336,7 +411,7 @@ async def exec_start(d: Daemon, pod_id: object, exec_id: object) -> dict[str, An
     except BaseException:
         e.state = ExecState.CREATED
         raise
-    await d.save(pod)
+    d.save_logged(pod, e)  # (a restart finds the exec created: the VM has its process)
     d.publish("exec", pod, str(e.state), container=c.id, exec_id=e.id)
     return {"exec_id": e.id, "container": c.id, "state": str(e.state)}
 

@@ -7,15 +7,18 @@ mount, no helper process left behind, nothing that cannot be started again or de
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 from pathlib import Path
 
 import anyio
 import pytest
 
 from hyperd.cli.client import ConnectionClosed, RPCError
+from hyperd.store import DB_NAME
 from tests.e2e.conftest import Hyperd, create_and_start, process_alive, rpc, start_pod
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.root]
@@ -103,13 +106,32 @@ async def test_corrupt_state_is_quarantined(hyperd_factory: Hyperd) -> None:
     async with rpc(hyperd_factory.socket) as c:
         await c.call("pod.create", {"id": "good"})
     assert hyperd_factory.stop() == 0
-    state = hyperd_factory.base / "state" / "pods"
-    (state / "bad.json").write_bytes(b'{"version": 1, "kind": "pods", "key": "bad", "rec')
+    state = hyperd_factory.base / "state"
+    with contextlib.closing(sqlite3.connect(state / DB_NAME)) as db:
+        (row,) = db.execute("SELECT data FROM records WHERE key = 'good'").fetchall()
+        db.execute("INSERT INTO records VALUES ('pods', 'bad', 1, ?)", (b'{"id": "bad", "st',))
+        db.commit()
+    # state files of the earlier file-per-pod format: a good one is imported, a torn one set aside
+    old = json.loads(row[0].replace(b"good", b"old"))
+    (state / "pods").mkdir()
+    envelope = {"version": 1, "kind": "pods", "key": "old", "record": old}
+    (state / "pods" / "old.json").write_text(json.dumps(envelope))
+    (state / "pods" / "torn.json").write_bytes(b'{"version": 1, "kind": "pods", "key": "to')
     hyperd_factory.start()
     async with rpc(hyperd_factory.socket) as c:
-        assert [p["id"] for p in (await c.call("pod.list"))["pods"]] == ["good"]
-    quarantined = list((hyperd_factory.base / "state" / "quarantine").iterdir())
-    assert [q.name.startswith("pods-bad.json") for q in quarantined] == [True]
+        assert [p["id"] for p in (await c.call("pod.list"))["pods"]] == ["good", "old"]
+        health = await c.call("hyperd.health")
+        assert health["status"] == "degraded"
+        problems = health["state"]["load_problems"]
+        assert len(problems) == 2 and "pods/bad" in problems[0] and "torn.json" in problems[1]
+    assert hyperd_factory.stop() == 0
+    quarantined = list((state / "quarantine").iterdir())
+    assert [q.name.startswith("pods-torn.json") for q in quarantined] == [True]
+    assert not (state / "pods").exists()  # imported, then removed
+    with contextlib.closing(sqlite3.connect(state / DB_NAME)) as db:
+        assert db.execute("SELECT kind, key FROM quarantine").fetchall() == [("pods", "bad")]
+        keys = db.execute("SELECT key FROM records WHERE kind = 'pods'").fetchall()
+        assert sorted(keys) == [("good",), ("old",)]
 
 
 async def test_failed_pod_start_changes_nothing(hyperd_factory: Hyperd) -> None:
