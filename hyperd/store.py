@@ -42,6 +42,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from hyperd.errors import StateError
+from protocol import jsonerrors
 
 STATE_VERSION = 1  # bump when a record's shape changes incompatibly
 DB_NAME = "state.db"
@@ -243,7 +244,7 @@ class StateStore:
             else:
                 try:
                     result.records[key] = decoder.decode(data)
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                except jsonerrors.DECODE_ERRORS as exc:
                     problem = f"unreadable state record: {exc}"
             if problem is not None:
                 bad.append((key, version, data, problem))
@@ -310,7 +311,7 @@ class StateStore:
             problem = None
             try:
                 env: Any = decoder.decode(path.read_bytes())
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except jsonerrors.DECODE_ERRORS as exc:
                 problem = f"{path}: unreadable state record: {exc}"
             except OSError as exc:
                 problem = f"{path}: cannot read: {exc.strerror}"

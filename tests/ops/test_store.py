@@ -127,9 +127,9 @@ def test_unreadable_database_is_set_aside(tmp_path: Path) -> None:
 def test_second_store_on_the_same_dir_is_refused(tmp_path: Path) -> None:
     s = StateStore(tmp_path)
     s.save("pods", "a", Rec("a"))  # the exclusive lock is taken with the first write
-    with contextlib.closing(sqlite3.connect(tmp_path / DB_NAME, timeout=0)) as db:
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
-            db.execute("SELECT * FROM records").fetchall()
+    db = sqlite3.connect(tmp_path / DB_NAME, timeout=0)
+    with contextlib.closing(db), pytest.raises(sqlite3.OperationalError, match="locked"):
+        db.execute("SELECT * FROM records").fetchall()
     s.close()
 
 
