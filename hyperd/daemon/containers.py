@@ -67,17 +67,24 @@ def get_container(pod: PodRecord, cid: object) -> ContainerRecord:
     return c
 
 
+_SIGNALS: dict[str, int] = {
+    **{s.name: int(s) for s in signal_module.Signals},
+    **{s.name[3:]: int(s) for s in signal_module.Signals if s.name.startswith("SIG")},
+}  # "SIGKILL" and "KILL" -> 9, looked up once here rather than through the enum per call
+
+
 def parse_signal(value: int | str) -> int:
     """A signal number from ``9``, ``"9"``, ``"KILL"`` or ``"SIGKILL"``; ``InvalidParams``."""
     if isinstance(value, str):
+        known = _SIGNALS.get(value)
+        if known is not None:
+            return known
         name = value.strip().upper()
         if name.isdigit():
             value = int(name)
         else:
-            if not name.startswith("SIG"):
-                name = "SIG" + name
             try:
-                return int(signal_module.Signals[name])
+                return _SIGNALS[name]
             except KeyError:
                 raise InvalidParams(f"invalid signal {value!r}", field="signal") from None
     if not 1 <= value <= MAX_SIGNAL:
