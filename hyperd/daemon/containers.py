@@ -179,6 +179,7 @@ async def container_start(d: Daemon, pod_id: object, cid: object) -> dict[str, A
                 crash_point("container.start:mounted")
                 message = bridge.container_message(pod, c, layout)
                 await bridge.call(pod, link, "newcontainer", message, tokens=[c.token])
+                crash_point("container.start:sent")
             except BaseException:
                 await bridge.unmount_container(pod, c)
                 c.mounts_made = []
@@ -217,6 +218,7 @@ async def container_stop(d: Daemon, pod_id: object, cid: object) -> dict[str, An
                 raise
             try:
                 await _remove(d, pod, c)
+                crash_point("container.stop:removed")
             except AgentError:
                 c.intent = ""  # refused: nothing changed (other errors leave the outcome
                 d.save_logged(pod, c)  # unknown: the intent stays for a restart to settle)

@@ -17,7 +17,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from hyperd.cli.client import ConnectionClosed, RPCError
+from hyperd.cli.client import ConnectionClosed, RPCError, ShimClient
 from hyperd.store import DB_NAME
 from tests.e2e.conftest import Hyperd, create_and_start, process_alive, rpc, start_pod
 
@@ -98,6 +98,70 @@ async def test_crash_during_container_start(hyperd_factory: Hyperd, busybox_root
             await c.call("pod.stop", {"id": "p"})
             await c.call("pod.delete", {"id": "p"})
         assert hyperd_factory.mounts_under_base() == []
+        assert _helper_pids(hyperd_factory.base) == []
+
+
+async def test_crash_after_newcontainer_adopts_the_running_container(
+    hyperd_factory: Hyperd, busybox_rootfs: Path
+) -> None:
+    """The agent started it, the record says "start" with its mounts: adopted as running."""
+    hyperd_factory.start(env={CRASH: "container.start:sent"}, stop_pods_on_exit=False)
+    with anyio.fail_after(60):
+        async with rpc(hyperd_factory.socket) as c:
+            await start_pod(c, "p")
+            created = await c.call(
+                "container.create",
+                {
+                    "pod": "p",
+                    "id": "c",
+                    "rootfs": {"path": str(busybox_rootfs)},
+                    "process": {"args": ["sh", "-c", "read line; echo got $line"]},
+                },
+            )
+            shim = await ShimClient.connect(created["proxy_url"], created["token"])
+            await shim.wait_connected()
+            with pytest.raises((ConnectionClosed, RPCError, anyio.BrokenResourceError)):
+                await c.call("container.start", {"pod": "p", "id": "c"})
+        await anyio.to_thread.run_sync(_wait_killed, hyperd_factory)
+
+        hyperd_factory.start()
+        async with rpc(hyperd_factory.socket) as c:
+            info = await c.call("container.inspect", {"pod": "p", "id": "c"})
+            assert info["state"] == "running"
+            assert info["mounts"] == [str(hyperd_factory.base / "shared" / "p" / "c" / "rootfs")]
+            assert hyperd_factory.mounts_under_base() == info["mounts"]
+            # the container really runs: the shim that claimed the token talks to it
+            await shim.send_stdin(b"hello\n")
+            out = bytearray()
+            assert await shim.pump(out.extend, out.extend) == 0 and out == b"got hello\n"
+            await shim.aclose()
+            await c.call("container.stop", {"pod": "p", "id": "c"})
+            await c.call("pod.stop", {"id": "p"})
+        assert hyperd_factory.mounts_under_base() == []
+        assert _helper_pids(hyperd_factory.base) == []
+
+
+async def test_crash_after_removecontainer_completes_the_stop(
+    hyperd_factory: Hyperd, busybox_rootfs: Path
+) -> None:
+    hyperd_factory.start(env={CRASH: "container.stop:removed"}, stop_pods_on_exit=False)
+    with anyio.fail_after(60):
+        async with rpc(hyperd_factory.socket) as c:
+            await start_pod(c, "p")
+            ran = await create_and_start(c, "p", "c", busybox_rootfs, ["true"])
+            assert await ran.wait() == 0
+            with pytest.raises((ConnectionClosed, RPCError, anyio.BrokenResourceError)):
+                await c.call("container.stop", {"pod": "p", "id": "c"})
+        await anyio.to_thread.run_sync(_wait_killed, hyperd_factory)
+        assert hyperd_factory.mounts_under_base() != []  # the crash left the rootfs mounted
+
+        hyperd_factory.start()
+        assert hyperd_factory.mounts_under_base() == []
+        async with rpc(hyperd_factory.socket) as c:
+            info = await c.call("container.inspect", {"pod": "p", "id": "c"})
+            assert info["state"] == "stopped" and info["mounts"] == []
+            await c.call("container.delete", {"pod": "p", "id": "c"})
+            await c.call("pod.stop", {"id": "p"})
         assert _helper_pids(hyperd_factory.base) == []
 
 
