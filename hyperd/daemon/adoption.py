@@ -16,8 +16,10 @@
   - ``stop``: if the agent still has the container, REMOVECONTAINER is sent again (refused: it
     still runs, and stays ``running``); then it is unmounted and ``stopped``.
 
-  A pod whose helpers died, or whose VM cannot be re-attached or answer, is torn down and marked
-  ``stopped`` with the reason.
+  The exits that happened meanwhile come from the proxy right after the AttachVM (or, without
+  exit notifications, shims that are gone mark their containers exited). A pod whose helpers
+  died, or whose VM cannot be re-attached or answer, is torn down and marked ``stopped`` with
+  the reason.
 - A pod that was not running (or was caught in the middle of ``pod.start`` by a crash): every
   helper process it recorded is stopped and its share dir cleaned, so it can start again.
 
@@ -103,6 +105,9 @@ async def _adopt(d: Daemon, pod: PodRecord) -> None:
     except HyperdError as exc:
         await _reconcile_lost(d, pod, rt, f"the VM does not answer after a restart: {exc}")
         return
+    # the exits kept by the proxy while hyperd was down arrived right after the AttachVM (and
+    # were applied); without exit notifications the shims' pids are watched again
+    d.exit_source(pod, link)
     pod.state = PodState.RUNNING
     pod.reason = ""
     d.save_logged(pod)
@@ -116,7 +121,9 @@ async def _settle(pod: PodRecord, c: ContainerRecord, link: AgentLink) -> None:
         intent = "start"  # a record of an earlier version, which had no intents
     if intent == "start":
         if c.mounts_made and await _agent_has(pod, c, link):
-            c.state = ContainerState.RUNNING
+            # (its exit may have been reported already, right after the AttachVM)
+            exited = c.exited_at is not None
+            c.state = ContainerState.EXITED if exited else ContainerState.RUNNING
             log.info("container start completed", extra={"pod": pod.id, "container": c.id})
         else:
             await bridge.unmount_container(pod, c)  # also what no record lists yet
