@@ -248,7 +248,7 @@ async def container_stop(d: Daemon, pod_id: object, cid: object) -> dict[str, An
     async with d.rt(pod).container_lock(c.id):
         check_pod_transition(pod, "use")
         check_container_transition(pod, c, "stop")
-        if c.state == ContainerState.RUNNING:
+        if c.state in (ContainerState.RUNNING, ContainerState.EXITED):
             c.intent = "stop"
             try:
                 d.save_now(pod, c)  # intent first: the agent may free it from here on
@@ -256,20 +256,21 @@ async def container_stop(d: Daemon, pod_id: object, cid: object) -> dict[str, An
                 c.intent = ""
                 raise
             try:
-                await _remove(d, pod, c)
+                if c.state == ContainerState.RUNNING:
+                    await _remove(d, pod, c)
+                else:
+                    try:
+                        await _remove(d, pod, c)
+                    except AgentError as exc:
+                        log.info(
+                            "removecontainer of an exited container: %s", exc,
+                            extra={"pod": pod.id, "container": c.id},
+                        )  # fmt: skip
                 crash_point("container.stop:removed")
             except AgentError:
                 c.intent = ""  # refused: nothing changed (other errors leave the outcome
                 d.save_logged(pod, c)  # unknown: the intent stays for a restart to settle)
                 raise
-        elif c.state == ContainerState.EXITED:
-            try:
-                await _remove(d, pod, c)
-            except AgentError as exc:
-                log.info(
-                    "removecontainer of an exited container: %s", exc,
-                    extra={"pod": pod.id, "container": c.id},
-                )  # fmt: skip
         with anyio.CancelScope(shield=True):
             # stopped as soon as the agent let it go; a failed unmount below is retried by
             # container.delete and pod.stop (both undo whatever mounts_made still lists)
