@@ -67,11 +67,14 @@ class Entry:
     reported: list[str] = field(default_factory=list)
     in_flight: str | None = None
     token: str | None = None
+    killed: bool = False  # a SIGKILL was sent: the process may have ended since
 
     def allowed(self) -> set[str]:
         states = {self.reported[-1] if self.reported else "deleted"}  # never created: absent
         if self.in_flight in RESULT:
             states.add(RESULT[self.in_flight])
+        if self.killed and "running" in states:
+            states.add("exited")  # its exit reached hyperd (the proxy's exit notification)
         return states
 
 
@@ -89,6 +92,7 @@ async def _lifecycle(
 
         async def step(op: str, method: str, params: dict[str, object]) -> object:
             entry.in_flight = op
+            entry.killed = entry.killed or op == "kill"
             result = await client.call(method, params)
             progress.tick()
             entry.in_flight = None
@@ -137,7 +141,16 @@ def _environ_marks() -> dict[int, str]:
     return found
 
 
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _helper_pids(base: Path) -> set[int]:
+    """The helper processes (VMs, proxies) under ``base``; not the simulator's own children (a
+    container's init in its PID namespace is a forked copy of the simulator)."""
     pids = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -147,7 +160,7 @@ def _helper_pids(base: Path) -> set[int]:
                 continue
             if str(base).encode() in cmdline and b"hyperd." in cmdline:
                 pids.add(int(entry.name))
-    return {p for p in pids if process_alive(p)}
+    return {p for p in pids if process_alive(p) and _ppid(p) not in pids}
 
 
 async def _wait_gone(pid: int) -> bool:
