@@ -23,7 +23,7 @@ from hyperd.daemon.vmlink import AgentLink
 from hyperd.errors import HyperdError, InvalidParams, InvalidState, ProxyError, VMUnavailable
 from hyperd.host.model import HostNetwork, SharedMount
 from hyperd.host.mounts import SharedDir
-from protocol import LocalProtocolError
+from protocol import LocalProtocolError, jsonerrors
 from protocol.hyperstart import (
     DIALECTS,
     Container,
@@ -114,7 +114,7 @@ def decode_ps(reply: bytes) -> str:
             text = msgspec.json.decode(reply)
             if isinstance(text, str):
                 return text
-        except msgspec.DecodeError:
+        except jsonerrors.DECODE_ERRORS:
             pass
     return reply.decode("utf-8", "replace")
 

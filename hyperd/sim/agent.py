@@ -46,6 +46,7 @@ from hyperd.sim.rootfs import (
     prepare_bind,
     resolve_identity,
 )
+from protocol import jsonerrors
 from protocol.hyperstart import (
     Code,
     Container,
@@ -258,7 +259,7 @@ class Agent(ControlCommands):
         """
         try:
             doc: Any = msgspec.json.decode(payload)
-        except msgspec.DecodeError:
+        except jsonerrors.DECODE_ERRORS:
             return  # decode_message reports it
         for key in path:
             doc = doc.get(key) if isinstance(doc, dict) else None

@@ -23,6 +23,7 @@ from typing import Any, Final, TypeVar, Union, get_args, get_origin
 
 import msgspec
 
+from protocol import jsonerrors
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 
 T = TypeVar("T", bound=msgspec.Struct)
@@ -278,9 +279,7 @@ def _error(cls: type[Any], payload: bytes, exc: Exception) -> PayloadError:
     name = cls.__name__
     if not payload:
         return PayloadError(f"invalid {name} payload: empty")
-    if isinstance(exc, UnicodeDecodeError) or "Invalid UTF-8" in str(exc):
-        return PayloadError(f"invalid {name} payload: a string is not valid UTF-8")
-    return PayloadError(f"invalid {name} payload: {exc}")
+    return PayloadError(f"invalid {name} payload: {jsonerrors.describe(payload, exc)}")
 
 
 def decode_payload(cls: type[T], payload: bytes) -> T:
@@ -294,11 +293,11 @@ def decode_payload(cls: type[T], payload: bytes) -> T:
         return decoder.decode(payload)
     except msgspec.ValidationError:
         pass  # key case, unknown or missing keys, nulls: take the tolerant path
-    except (msgspec.DecodeError, ValueError) as exc:
+    except jsonerrors.DECODE_ERRORS as exc:
         raise _error(cls, payload, exc) from None
     try:
         return decoder.decode(_normalize(cls, payload))
-    except (msgspec.MsgspecError, ValueError) as exc:
+    except jsonerrors.DECODE_ERRORS as exc:
         raise _error(cls, payload, exc) from None
 
 
