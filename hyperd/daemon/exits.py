@@ -60,8 +60,7 @@ SHIM_GONE: Final = (
 )
 STOPPED_UNKNOWN: Final = "stopped before its exit status was known"
 NOT_OBSERVABLE: Final = (
-    "exits of pod {pod!r} are not observable: its proxy sends no exit notifications and"
-    " {what}"
+    "exits of pod {pod!r} are not observable: its proxy sends no exit notifications and {what}"
 )
 
 Key = tuple[str, str]  # ("container" | "exec", id)
@@ -350,8 +349,10 @@ def _check_observable(pod: PodRecord, obj: ContainerRecord | ExecRecord) -> None
         watch = exit_watch(pod, obj)
         what = "the container has no shim_pid"
     else:
-        watch = "proxy" if pod.exit_notifications else (
-            "unknown" if pod.exit_notifications is None else "none"
+        watch = (
+            "proxy"
+            if pod.exit_notifications
+            else ("unknown" if pod.exit_notifications is None else "none")
         )
         what = "exec processes have no shim_pid"
     if watch == "none":
