@@ -95,3 +95,11 @@ class Unauthorized(HyperdError):
 
     code = -32008
     kind = "unauthorized"
+
+
+class ShuttingDown(HyperdError):
+    """hyperd is stopping: a call that waits (``container.wait``) ends; call again after the
+    restart (the process keeps running, and its exit is not lost)."""
+
+    code = -32009
+    kind = "shutting_down"

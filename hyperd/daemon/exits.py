@@ -46,7 +46,7 @@ from hyperd.daemon.model import (
     exit_watch,
 )
 from hyperd.daemon.vmlink import LinkEvent
-from hyperd.errors import InvalidParams, InvalidState, Timeout
+from hyperd.errors import InvalidParams, InvalidState, ShuttingDown, Timeout
 
 if TYPE_CHECKING:
     from hyperd.daemon.service import Daemon
@@ -372,8 +372,9 @@ async def wait(
     process has ended (at once if it has).
 
     Raises ``NotFound`` (also when the object is deleted while waiting), ``InvalidParams`` (bad
-    timeout), ``Timeout`` (still running after ``timeout`` seconds; it keeps running), and
-    ``InvalidState`` when the pod's exits are not observable.
+    timeout), ``Timeout`` (still running after ``timeout`` seconds; it keeps running),
+    ``InvalidState`` when the pod's exits are not observable, ``ShuttingDown`` when hyperd
+    stops meanwhile.
     """
     if timeout is not None and not (math.isfinite(timeout) and timeout >= 0):
         raise InvalidParams(f"invalid timeout {timeout!r}: seconds >= 0", field="timeout")
@@ -381,6 +382,12 @@ async def wait(
     try:
         with anyio.fail_after(timeout):
             while not _ended(obj):
+                if d.stopping:
+                    raise ShuttingDown(
+                        f"hyperd is shutting down; wait for {kind} {obj.id!r} again after it"
+                        " restarts (the process keeps running)",
+                        pod=pod.id,
+                    )
                 _check_observable(pod, obj)
                 pod_exits = d.rt(pod).exits
                 event = pod_exits.waiter((kind, obj.id))

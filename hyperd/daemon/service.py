@@ -98,6 +98,7 @@ class Daemon:
         self.rpc_statistics: Callable[[], dict[str, Any]] | None = None  # set by serve()
         self._encoder = msgspec.json.Encoder()
         self._decoder = msgspec.json.Decoder(PodRecord)
+        self.stopping = False  # shutting down: waits end (see end_waits)
 
     # ---- registry and persistence -------------------------------------------------------
 
@@ -549,6 +550,12 @@ class Daemon:
         await self.teardown(pod, rt, unregister=not proxy_gone)
         pod.state = PodState.STOPPED
         await self.save(pod)
+
+    def end_waits(self) -> None:
+        """Daemon shutdown: every ``container.wait``/``exec.wait`` ends with ``shutting_down``."""
+        self.stopping = True
+        for rt in self.runtime.values():
+            rt.exits.wake_all()
 
     async def shutdown(self, *, stop_pods: bool) -> None:
         """Stop every pod (``stop_pods``) or just close their links, leaving them running."""

@@ -192,7 +192,23 @@ async def test_exit_while_hyperd_is_stopped(
             started = await create_and_start(
                 c, "p", "c1", busybox_rootfs, ["sh", "-c", "read x; exit 5"]
             )
-        hyperd_factory.stop()
+            # a wait pending when hyperd stops ends with shutting_down (the process runs on)
+            errors: list[RPCError] = []
+
+            async def waiting() -> None:
+                try:
+                    await c.call("container.wait", {"pod": "p", "id": "c1"})
+                except RPCError as exc:
+                    errors.append(exc)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(waiting)
+                async with rpc(sock) as probe:
+                    while (await probe.call("hyperd.stats"))["exits"]["waiting"] < 1:  # noqa: ASYNC110
+                        await anyio.sleep(0.05)
+                await anyio.to_thread.run_sync(hyperd_factory.stop)
+            (err,) = errors
+            assert err.kind == "shutting_down"
         await started.shim.send_stdin(b"go\n")
         assert await started.wait() == 5  # exited while hyperd was down
         hyperd_factory.start(stop_pods_on_exit=False)
