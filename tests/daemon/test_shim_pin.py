@@ -50,6 +50,7 @@ def test_a_process_of_another_user_is_refused(root_sleep: subprocess.Popen[bytes
     assert f"not a process of the caller (uid {NOBODY})" in err.value.message
 
 
+@pytest.mark.root
 def test_the_callers_own_process_is_accepted() -> None:
     own = subprocess.Popen(["sleep", "1000"], user=NOBODY, group=NOBODY, extra_groups=[])
     try:

@@ -374,6 +374,7 @@ def test_a_shim_pid_must_be_the_callers(hyperd_factory: Hyperd, busybox_rootfs: 
     assert accepted["result"]["state"] == "created"
 
 
+@pytest.mark.timeout(DEADLINE * 6)
 async def test_100_concurrent_waits_on_100_containers(hyperd: Hyperd, busybox_rootfs: Path) -> None:
     count = 100
     with anyio.fail_after(DEADLINE * 6):  # 100 container starts on a busy 2-core machine
