@@ -349,11 +349,7 @@ def _check_observable(pod: PodRecord, obj: ContainerRecord | ExecRecord) -> None
         watch = exit_watch(pod, obj)
         what = "the container has no shim_pid"
     else:
-        watch = (
-            "proxy"
-            if pod.exit_notifications
-            else ("unknown" if pod.exit_notifications is None else "none")
-        )
+        watch = exit_watch(pod)
         what = "exec processes have no shim_pid"
     if watch == "none":
         raise InvalidState(
