@@ -54,7 +54,13 @@ Methods (``params`` → ``result``):
   exited_at, exit_reason, exit_watch, token, proxy_url}``
 - ``events.subscribe {}`` → ``{subscribed: true}``, then notifications
   ``{"method": "event", "params": {kind: "pod"|"container"|"exec"|"vm", pod, container?,
-  exec_id?, state, reason?, time}}`` until the connection closes.
+  exec_id?, state, reason?, time}}`` until the connection closes. A subscriber that falls
+  behind the event bus gets one ``events.dropped`` notification ``{reason}`` and no more events
+  (subscribe again); one whose connection does not read its queued notifications
+  (``rpc.notify_queue``) is disconnected.
+- ``container.create`` by a caller other than root: ``rootfs.path`` and bind ``mounts[].source``
+  must lie under ``rpc.allowed_host_paths`` when that is set (else ``invalid_params`` naming
+  the path).
 
 Nested process/rootfs/mount/device/resources objects are decoded with :func:`hyperd.spec.parse`
 inside the handler, so that every problem in them becomes an ``invalid_params`` error naming
@@ -73,9 +79,11 @@ import msgspec
 
 from hyperd.daemon import containers as ops
 from hyperd.daemon import exits
+from hyperd.daemon.events import SUBSCRIBER_BUFFER
 from hyperd.daemon.model import ProxySpec, VMSpec
 from hyperd.daemon.service import Daemon
 from hyperd.errors import HyperdError
+from hyperd.rpc.access import HostPathPolicy
 from hyperd.rpc.methods import CallContext, MethodTable
 from hyperd.spec import DeviceSpec, MountSpec, ProcessSpec, ResourcesSpec, RootfsSpec, parse
 
@@ -237,15 +245,25 @@ def build_methods(d: Daemon) -> MethodTable:
     async def pod_inspect(p: PodRef, ctx: CallContext) -> Any:
         return d.pod_inspect(p.id)
 
+    host_paths = HostPathPolicy(d.config.rpc.allowed_host_paths)
+
     @add("container.create", ContainerCreate)
     async def container_create(p: ContainerCreate, ctx: CallContext) -> Any:
+        rootfs = parse(RootfsSpec, p.rootfs)
+        mounts = _decode_list(MountSpec, p.mounts, "mounts")
+        if host_paths.restricts(ctx.peer):
+            if rootfs.path is not None:
+                host_paths.check(ctx.peer, "rootfs.path", rootfs.path)
+            for index, mount in enumerate(mounts):
+                if mount.type == "bind":
+                    host_paths.check(ctx.peer, f"mounts[{index}].source", mount.source)
         return await ops.container_create(
             d,
             p.pod,
             p.id,
-            rootfs=parse(RootfsSpec, p.rootfs),
+            rootfs=rootfs,
             process=parse(ProcessSpec, p.process),
-            mounts=_decode_list(MountSpec, p.mounts, "mounts"),
+            mounts=mounts,
             devices=_decode_list(DeviceSpec, p.devices, "devices"),
             resources=parse(ResourcesSpec, p.resources) if p.resources is not None else None,
             bind_mount_dev=p.bind_mount_dev,
@@ -341,5 +359,11 @@ async def _forward_events(
         tg.start_soon(until_closed)
         async for event in events:
             if not ctx.notify("event", event):
-                break
+                break  # the connection is gone, or was dropped for not reading its queue
+        else:
+            # the bus dropped this subscriber (it fell behind): say so, rather than go quiet
+            ctx.notify(
+                "events.dropped",
+                {"reason": f"fell {SUBSCRIBER_BUFFER} events behind; subscribe again"},
+            )
         tg.cancel_scope.cancel()

@@ -178,7 +178,7 @@ async def container_start(d: Daemon, pod_id: object, cid: object) -> dict[str, A
                 message = bridge.container_message(pod, c, layout)
                 await bridge.call(pod, link, "newcontainer", message, tokens=[c.token])
             except BaseException:
-                await bridge.unmount_container(pod, c)
+                await bridge.unmount_recorded(pod, c)
                 c.mounts_made = []
                 await d.save(pod)
                 raise
@@ -223,7 +223,7 @@ async def container_stop(d: Daemon, pod_id: object, cid: object) -> dict[str, An
             d.rt(pod).exits.wake(("container", c.id))
             await d.save(pod)
             d.publish("container", pod, str(c.state), container=c.id)
-            await bridge.unmount_container(pod, c)
+            await bridge.unmount_recorded(pod, c)
             c.mounts_made = []
             await d.save(pod)
     return container_view(pod, c)

@@ -58,6 +58,14 @@ def python_module_argv(module: str) -> list[str]:
     return [sys.executable, "-m", module]
 
 
+def track(proc: subprocess.Popen[bytes], what: str) -> ProcessRef:
+    """Keep a child started elsewhere (e.g. QEMU) until reaped; returns its reference."""
+    _children[proc.pid] = proc
+    log.info("started %s pid %d", what, proc.pid)
+    argv = proc.args if isinstance(proc.args, list) else [str(proc.args)]
+    return ProcessRef(pid=proc.pid, start_time=procs.start_time(proc.pid) or 0, argv=argv)
+
+
 def spawn(argv: Sequence[str], *, what: str) -> ProcessRef:
     """Start ``argv`` without a readiness handshake (for programs that have no ``--ready-fd``,
     such as the reference cc-proxy: its clients retry connecting, as the seed does)."""

@@ -11,24 +11,36 @@ import os
 from pathlib import Path
 
 from hyperd.daemon.model import PodRecord
+from hyperd.rpc.access import SocketAccess
 
 
-def make_dirs(pod: PodRecord) -> None:
+def make_dirs(pod: PodRecord, sockets: SocketAccess | None = None) -> None:
+    """Create the pod's directories; the run dir (its proxy socket) is open to whom ``sockets``
+    says (those who may use the RPC socket), else to root only."""
     Path(pod.run_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
-    Path(pod.share_dir).mkdir(parents=True, exist_ok=True, mode=0o755)
+    if sockets is not None:
+        sockets.apply_to_dir(pod.run_dir)
+    Path(pod.share_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(pod.share_dir, 0o700)  # volumes are mounted inside: not for other users
 
 
 def remove_sockets(pod: PodRecord) -> None:
-    if pod.vm.backend == "sim":
+    if pod.vm.backend in ("sim", "qemu"):
         for path in (pod.ctl_path, pod.tty_path):
             with contextlib.suppress(OSError):
                 os.unlink(path)
+    if pod.vm.backend == "qemu":
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(pod.run_dir, "qmp.sock"))
     with contextlib.suppress(OSError):
         os.unlink(os.path.join(pod.run_dir, "proxy.sock"))
 
 
 def remove_dirs(pod: PodRecord) -> None:
     remove_sockets(pod)
+    for log_file in ("console.log", "qemu.log"):  # qemu: kept after a stop, for a look
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(pod.run_dir, log_file))
     with contextlib.suppress(OSError):
         os.rmdir(pod.run_dir)
     remove_empty_tree(pod.share_dir)
