@@ -21,7 +21,7 @@ with ``kill()`` on a bare pid.
 
 Recording an exit: the status is set once (a status, once known, never changes), ``exited_at``
 when hyperd learned of it, the state goes ``running → exited``, one event ``{kind, state:
-"exited", status}`` is published and the pod saved; waiters are woken.
+"exited", status}`` is published and the pod saved; waiters are woken once it is saved.
 """
 
 from __future__ import annotations
@@ -212,8 +212,8 @@ def record_exit(
     """Record that ``obj``'s process ended (``status`` None: unknown, ``reason`` says why).
 
     Returns False when nothing was new (its status was known already, or it was already
-    marked ended without one and no status came now). Publishes one event, saves the pod in
-    the background, wakes the waiters.
+    marked ended without one and no status came now). Publishes one event, then saves the pod
+    in the background and wakes the waiters once it is saved.
     """
     if obj.exit_status is not None:
         return False
@@ -231,9 +231,17 @@ def record_exit(
     elif obj.state == ExecState.RUNNING:
         obj.state = ExecState.EXITED
     _publish(d, pod, kind, obj)
-    d.tg.start_soon(d.save, pod)
-    d.rt(pod).exits.wake((kind, obj.id))
+    d.tg.start_soon(_save_then_wake, d, pod, (kind, obj.id))
     return True
+
+
+async def _save_then_wake(d: Daemon, pod: PodRecord, key: Key) -> None:
+    # a waiter hears of the exit once it is on disk, as every change is saved before it is
+    # acknowledged
+    try:
+        await d.save(pod)
+    finally:
+        d.rt(pod).exits.wake(key)
 
 
 def _find(pod: PodRecord, event: LinkEvent) -> ContainerRecord | ExecRecord | None:
