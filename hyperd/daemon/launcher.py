@@ -47,7 +47,8 @@ def intent(kind: str) -> LaunchIntent:
     return LaunchIntent(kind=kind, marker=secrets.token_hex(MARKER_BYTES))
 
 
-def _environment(marker: str | None) -> dict[str, str] | None:
+def environment(marker: str | None) -> dict[str, str] | None:
+    """The environment of a helper carrying ``marker`` (``None``: inherit hyperd's)."""
     if marker is None:
         return None
     return {**os.environ, MARKER_ENV: marker}
@@ -108,6 +109,14 @@ def python_module_argv(module: str) -> list[str]:
     return [sys.executable, "-m", module]
 
 
+def track(proc: subprocess.Popen[bytes], what: str) -> ProcessRef:
+    """Keep a child started elsewhere (e.g. QEMU) until reaped; returns its reference."""
+    _children[proc.pid] = proc
+    log.info("started %s pid %d", what, proc.pid)
+    argv = proc.args if isinstance(proc.args, list) else [str(proc.args)]
+    return ProcessRef(pid=proc.pid, start_time=procs.start_time(proc.pid) or 0, argv=argv)
+
+
 def spawn(argv: Sequence[str], *, what: str, marker: str | None = None) -> ProcessRef:
     """Start ``argv`` without a readiness handshake (for programs that have no ``--ready-fd``,
     such as the reference cc-proxy: its clients retry connecting, as the seed does).
@@ -119,7 +128,7 @@ def spawn(argv: Sequence[str], *, what: str, marker: str | None = None) -> Proce
             list(argv),
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            env=_environment(marker),
+            env=environment(marker),
         )
     except OSError as exc:
         raise VMUnavailable(f"cannot start {what}: {exc}") from None
@@ -147,7 +156,7 @@ async def launch(
             pass_fds=(write_fd,),
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            env=_environment(marker),
+            env=environment(marker),
         )
     except OSError as exc:
         os.close(read_fd)

@@ -138,16 +138,24 @@ class MountRecord(msgspec.Struct, kw_only=True):
 
 
 class VMSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """``pod.create`` ``vm``: ``{"backend": "sim"}`` or ``{"backend": "external", ctl, tty}``.
+    """``pod.create`` ``vm``: ``{"backend": "sim"}``, ``{"backend": "qemu", ...}`` or
+    ``{"backend": "external", ctl, tty}``.
 
-    ``dialect`` applies to the sim backend only: the agent dialect the simulated VM speaks.
+    ``dialect`` applies to the sim and qemu backends: the agent dialect hyperd's agent speaks.
+    ``kernel`` … ``kernel_args`` apply to qemu only; unset ones come from ``[vm.qemu]``.
     """
 
-    backend: Literal["sim", "external"] = "sim"
+    backend: Literal["sim", "qemu", "external"] = "sim"
     ctl: str | None = None
     tty: str | None = None
     console: str | None = None
     dialect: Literal["cc", "hyper"] | None = None
+    kernel: str | None = None
+    initrd: str | None = None
+    memory_mib: int | None = None
+    cpus: int | None = None
+    accel: Literal["auto", "kvm", "tcg"] | None = None
+    kernel_args: str | None = None
 
 
 class ProxySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -213,6 +221,7 @@ class PodRecord(msgspec.Struct, kw_only=True):
     tty_path: str = ""
     proxy_url: str = ""
     vm_process: ProcessRef | None = None
+    vm_accel: str = ""  # qemu: the accelerator the VM runs with, and why ("tcg: ...")
     proxy_process: ProcessRef | None = None
     state: PodState = PodState.CREATED
     reason: str = ""  # why the pod is unreachable
@@ -288,6 +297,7 @@ def pod_view(pod: PodRecord) -> dict[str, object]:
         "reason": pod.reason,
         "exit_notifications": pod.exit_notifications,
         "vm_pid": pod.vm_process.pid if pod.vm_process else None,
+        "vm_accel": pod.vm_accel or None,
         "proxy_pid": pod.proxy_process.pid if pod.proxy_process else None,
         "containers": [container_view(pod, c) for c in pod.containers.values()],
         "execs": [

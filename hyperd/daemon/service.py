@@ -33,7 +33,7 @@ import anyio.abc
 
 from hyperd import __version__ as HYPERD_VERSION
 from hyperd.config import Config
-from hyperd.daemon import bridge, exits, launcher, podfs, testhooks
+from hyperd.daemon import bridge, exits, launcher, podfs, qemuvm, testhooks
 from hyperd.daemon.events import EventBus
 from hyperd.daemon.model import (
     ContainerRecord,
@@ -51,6 +51,7 @@ from hyperd.daemon.model import (
     pod_view,
 )
 from hyperd.daemon.persist import PodPersistence
+from hyperd.daemon.qemuvm import check_qemu_spec
 from hyperd.daemon.vmlink import AgentLink, LinkControl, LinkEvent, detect_dialect, open_link
 from hyperd.errors import (
     AlreadyExists,
@@ -274,10 +275,15 @@ class Daemon:
             raise InvalidParams(
                 f"pod {pid!r}: an external VM needs vm.ctl and vm.tty socket paths", field="vm"
             )
-        if vm.backend == "sim" and (vm.ctl or vm.tty or vm.console):
+        if vm.backend in ("sim", "qemu") and (vm.ctl or vm.tty or vm.console):
             raise InvalidParams(
                 f"pod {pid!r}: vm.ctl/tty/console are for external VMs only", field="vm"
             )
+        qemu_only = ("kernel", "initrd", "memory_mib", "cpus", "accel", "kernel_args")
+        if vm.backend != "qemu" and any(getattr(vm, k) is not None for k in qemu_only):
+            raise InvalidParams(f"pod {pid!r}: vm.{'/'.join(qemu_only)} are for the qemu "
+                                "backend only", field="vm")
+        check_qemu_spec(pid, vm)
         for name in ("ctl", "tty", "console"):
             path = getattr(vm, name)
             if path is not None and (not path.startswith("/") or "\x00" in path):
@@ -387,6 +393,13 @@ class Daemon:
             pod.launching.remove(intent)
             self.save_now(pod)
             testhooks.crash_point("pod.start:vm-launched")
+        elif pod.vm.backend == "qemu":
+            intent = self._intend(pod, "vm")
+            pod.vm_process = await qemuvm.start_vm(
+                pod, self.config, deadline=deadline, marker=intent.marker
+            )
+            pod.launching.remove(intent)
+            self.save_now(pod)
         if pod.proxy.mode == "pod":
             sock = os.path.join(pod.run_dir, "proxy.sock")
             pod.proxy_url = f"unix://{sock}"
@@ -402,12 +415,19 @@ class Daemon:
                 argv += sockets.proxy_args()
                 if pod.agent_dialect:
                     argv += ["--agent-dialect", pod.agent_dialect]
+                if pod.vm.backend == "qemu":  # the guest boots while RegisterVM waits for READY
+                    argv += ["--ready-timeout", repr(deadline)]
                 pod.proxy_process = await launcher.launch(
                     argv, what=what, deadline=deadline, marker=intent.marker
                 )
             pod.launching.remove(intent)
             self.save_now(pod)
-        link = await self.connect_vm(pod, rt, attach=False)
+        try:
+            link = await self.connect_vm(pod, rt, attach=False)
+        except HyperdError as exc:
+            if pod.vm.backend == "qemu":
+                raise qemuvm.explain_failure(pod, exc) from None
+            raise
         pod.proxy_url = link.proxy_url
         pod.exit_notifications = link.exit_notifications
         self.save_now(pod)
@@ -561,6 +581,8 @@ class Daemon:
         for attr in ("proxy_process", "vm_process"):
             ref = getattr(pod, attr)
             if ref is not None:
+                if attr == "vm_process" and pod.vm.backend == "qemu":
+                    await qemuvm.stop_vm(pod, ref)  # powerdown first; terminate what is left
                 await launcher.terminate(ref)
                 if launcher.is_alive(ref):
                     failed.append(f"pid {ref.pid} does not exit")
