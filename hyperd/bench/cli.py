@@ -2,6 +2,7 @@
 
     python -m hyperd.bench [--quick] [--only 1,2,3,4,5] [--repetitions N] [--scale 1,100,1000]
                            [--plot FILE.png] [--json FILE] [--profile DIR]
+    python -m hyperd.bench soak [--minutes N] [--clients C] [--seed S] [--json FILE]
 
 Every process the run starts (proxies, simulated VMs, the daemon and what the daemon starts) is
 stopped before it returns, also on an error, ^C or SIGTERM; SIGKILL of the runner reaches them
@@ -33,12 +34,14 @@ from typing import Any
 
 import anyio
 
+from hyperd.bench.exits import ExitSettings, exit_delivery
 from hyperd.bench.latency import LatencySettings, latency
 from hyperd.bench.lifecycle import LifecycleSettings, lifecycle
 from hyperd.bench.manyvm import ManyVMSettings
 from hyperd.bench.profile import Profiler
 from hyperd.bench.qemuvm import QemuSettings, qemu_boot
 from hyperd.bench.scale import ScaleSettings, scale
+from hyperd.bench.shim import ShimSettings, shim
 from hyperd.bench.stats import Section, render
 from hyperd.bench.summary import summary
 from hyperd.bench.throughput import ThroughputSettings, throughput
@@ -48,8 +51,8 @@ log = logging.getLogger("hyperd.bench")
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-SCENARIOS = ("1", "2", "3", "4")
-EXTRA_SCENARIOS = ("5",)  # run only when named in --only: real VMs take minutes under TCG
+SCENARIOS = ("1", "2", "3", "4", "5", "6")
+EXTRA_SCENARIOS = ("7",)  # run only when named in --only: real VMs take minutes under TCG
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ class Settings:
     latency: LatencySettings = field(default_factory=LatencySettings)
     scale: ScaleSettings = field(default_factory=ScaleSettings)
     lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
+    exits: ExitSettings = field(default_factory=ExitSettings)
+    shim: ShimSettings = field(default_factory=ShimSettings)
     qemu: QemuSettings = field(default_factory=QemuSettings)
 
 
@@ -75,6 +80,8 @@ QUICK = Settings(
     latency=LatencySettings(calls=60, repetitions=2, warmup=10),
     scale=ScaleSettings(sizes=(1, 20), calls=200, repetitions=1, process_limit=4),
     lifecycle=LifecycleSettings(containers=3, repetitions=1, warmup=1),
+    exits=ExitSettings(containers=10, warmup=1),
+    shim=ShimSettings(runs=3, warmup=1),
     qemu=QemuSettings(vms=1, repetitions=1),
 )
 
@@ -92,8 +99,9 @@ def _parser() -> argparse.ArgumentParser:
         "--only",
         default=",".join(SCENARIOS),
         help="comma-separated scenarios to run: 1 throughput, 2 RPC latency, "
-        "3 scale, 4 container lifecycle (default: these four), "
-        "5 real VMs with the qemu backend (needs QEMU; builds the guest image if missing)",
+        "3 scale, 4 container lifecycle, 5 exit delivery, 6 containerd shim vs runc "
+        "(default: these six), 7 real VMs with the qemu backend (needs QEMU; builds the guest "
+        "image if missing)",
     )
     p.add_argument("--repetitions", type=int, help="repetitions of every scenario")
     p.add_argument("--scale", help="pod counts of scenario 3, e.g. 1,100,1000")
@@ -169,9 +177,23 @@ def _scenarios() -> dict[str, Scenario]:
         return await scale(ws, s.scale)
 
     async def five(ws: Workspace, s: Settings) -> Section:
+        return await exit_delivery(ws, s.exits)
+
+    async def six(ws: Workspace, s: Settings) -> Section:
+        return await shim(ws, s.shim)
+
+    async def seven(ws: Workspace, s: Settings) -> Section:
         return await qemu_boot(ws, s.qemu)
 
-    table: dict[str, Scenario] = {"1": one, "2": two, "3": three, "4": four, "5": five}
+    table: dict[str, Scenario] = {
+        "1": one,
+        "2": two,
+        "3": three,
+        "4": four,
+        "5": five,
+        "6": six,
+        "7": seven,
+    }
     return table
 
 
@@ -279,6 +301,11 @@ def _raise_fd_limit() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["soak"]:
+        from hyperd.bench.soak import main as soak_main
+
+        return soak_main(argv[1:])
     args = _parser().parse_args(argv)
     _raise_fd_limit()
     logging.basicConfig(

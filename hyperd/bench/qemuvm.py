@@ -1,4 +1,4 @@
-"""Scenario 5 (only with ``--only 5``): real VMs with the qemu backend.
+"""Scenario 7 (only with ``--only 7``): real VMs with the qemu backend.
 
 Per repetition, measured in the same run:
 

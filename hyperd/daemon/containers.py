@@ -7,6 +7,15 @@ shim has connected, so a caller must claim the token before (or while) it calls 
 
 Every function takes the :class:`~hyperd.daemon.service.Daemon` and validated parameters, and
 raises :class:`hyperd.errors.HyperdError` subclasses whose message names the object.
+
+Persistence, intent first: ``start`` records ``intent="start"`` before its first mount, the mounts
+once made (before NEWCONTAINER), and the running container; ``stop`` records ``intent="stop"``
+before REMOVECONTAINER and the stopped container after the unmount. Each save writes the one
+container's row (and the pod's, if it changed). A restart settles an intent left by a crash
+(:mod:`hyperd.daemon.adoption`). A save that fails before the agent acted undoes the call and
+fails it; after the agent acted (the container runs, or was removed) the call fails with a
+``StateError`` saying so, hyperd's memory keeps the truth, and the intent record already makes a
+restart reach the same state.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from typing import Any
 
 import anyio
 
-from hyperd.daemon import bridge
+from hyperd.daemon import bridge, exits
 from hyperd.daemon.model import (
     ContainerRecord,
     ContainerState,
@@ -29,10 +38,19 @@ from hyperd.daemon.model import (
     check_container_transition,
     check_pod_transition,
     container_view,
+    exit_watch,
 )
 from hyperd.daemon.service import Daemon
 from hyperd.daemon.testhooks import crash_point
-from hyperd.errors import AgentError, AlreadyExists, InvalidParams, InvalidState, NotFound
+from hyperd.errors import (
+    AgentError,
+    AlreadyExists,
+    HyperdError,
+    InvalidParams,
+    InvalidState,
+    NotFound,
+    StateError,
+)
 from hyperd.spec import DeviceSpec, MountSpec, ProcessSpec, ResourcesSpec, RootfsSpec, validate_id
 
 log = logging.getLogger(__name__)
@@ -50,17 +68,24 @@ def get_container(pod: PodRecord, cid: object) -> ContainerRecord:
     return c
 
 
+_SIGNALS: dict[str, int] = {
+    **{s.name: int(s) for s in signal_module.Signals},
+    **{s.name[3:]: int(s) for s in signal_module.Signals if s.name.startswith("SIG")},
+}  # "SIGKILL" and "KILL" -> 9, looked up once here rather than through the enum per call
+
+
 def parse_signal(value: int | str) -> int:
     """A signal number from ``9``, ``"9"``, ``"KILL"`` or ``"SIGKILL"``; ``InvalidParams``."""
     if isinstance(value, str):
+        known = _SIGNALS.get(value)
+        if known is not None:
+            return known
         name = value.strip().upper()
         if name.isdigit():
             value = int(name)
         else:
-            if not name.startswith("SIG"):
-                name = "SIG" + name
             try:
-                return int(signal_module.Signals[name])
+                return _SIGNALS[name]
             except KeyError:
                 raise InvalidParams(f"invalid signal {value!r}", field="signal") from None
     if not 1 <= value <= MAX_SIGNAL:
@@ -87,8 +112,13 @@ async def container_create(
     resources: ResourcesSpec | None,
     bind_mount_dev: bool,
     shim_pid: int | None,
+    caller_uid: int = exits.ROOT_UID,
 ) -> dict[str, Any]:
-    """Record a container and hand out its I/O token; the agent is not told yet."""
+    """Record a container and hand out its I/O token; the agent is not told yet.
+
+    A ``shim_pid`` must be a process of the caller (``caller_uid``, root excepted); it is
+    pinned with a pidfd here (see :mod:`hyperd.daemon.exits`).
+    """
     pod = d.get_pod(pod_id)
     cid = validate_id("container", cid)
     check_pod_transition(pod, "use")
@@ -97,8 +127,31 @@ async def container_create(
             f"container {cid!r} already exists in pod {pod.id!r}", pod=pod.id, container=cid
         )
     _check_rootfs(rootfs)
-    if shim_pid is not None and shim_pid <= 0:
-        raise InvalidParams(f"invalid shim_pid {shim_pid!r}", field="shim_pid")
+    pin = exits.pin_shim(shim_pid, caller_uid) if shim_pid is not None else None
+    try:
+        return await _create(
+            d, pod, cid, pin, rootfs=rootfs, process=process, mounts=mounts, devices=devices,
+            resources=resources, bind_mount_dev=bind_mount_dev,
+        )  # fmt: skip
+    except BaseException:
+        if pin is not None:
+            pin.close()
+        raise
+
+
+async def _create(
+    d: Daemon,
+    pod: PodRecord,
+    cid: str,
+    pin: exits.ShimPin | None,
+    *,
+    rootfs: RootfsSpec,
+    process: ProcessSpec,
+    mounts: list[MountSpec],
+    devices: list[DeviceSpec],
+    resources: ResourcesSpec | None,
+    bind_mount_dev: bool,
+) -> dict[str, Any]:
     c = ContainerRecord(
         id=cid,
         rootfs=rootfs,
@@ -108,7 +161,8 @@ async def container_create(
         devices=list(devices),
         resources=resources,
         bind_mount_dev=bind_mount_dev,
-        shim_pid=shim_pid,
+        shim_pid=pin.pid if pin is not None else None,
+        shim_start_time=pin.start_time if pin is not None else None,
     )
     # what the agent's dialect cannot carry is refused now, not at start
     bridge.container_message(pod, c, [])
@@ -119,7 +173,15 @@ async def container_create(
             f"container {cid!r} already exists in pod {pod.id!r}", pod=pod.id, container=cid
         )
     pod.containers[cid] = c
-    await d.save(pod)
+    try:
+        d.save_now(pod, c)
+    except StateError:
+        del pod.containers[cid]  # the token is simply never used
+        if pin is not None:
+            pin.close()
+        raise
+    if pin is not None:
+        d.rt(pod).exits.pins[cid] = pin
     d.publish("container", pod, str(c.state), container=cid)
     return {"id": cid, "token": token, "proxy_url": pod.proxy_url, "state": str(c.state)}
 
@@ -138,45 +200,107 @@ async def container_start(d: Daemon, pod_id: object, cid: object) -> dict[str, A
         # not cancelled half-way by a caller that goes away: the mounts and the agent's view
         # must agree (every step below has its own deadline)
         with anyio.CancelScope(shield=True):
-            made, layout = await bridge.mount_container(pod, c)
-            c.mounts_made = made
-            await d.save(pod)  # a crash from here on leaves a record of what to unmount
-            crash_point("container.start:mounted")
+            c.intent = "start"
             try:
+                d.save_now(pod, c)  # intent first: a crash from here on may leave mounts
+            except StateError:
+                c.intent = ""
+                raise
+            try:
+                made, layout = await bridge.mount_container(pod, c)
+                c.mounts_made = made
+                d.save_now(pod, c)  # what to unmount, before the agent may use it
+                crash_point("container.start:mounted")
                 message = bridge.container_message(pod, c, layout)
                 await bridge.call(pod, link, "newcontainer", message, tokens=[c.token])
+                crash_point("container.start:sent")
             except BaseException:
-                await bridge.unmount_container(pod, c)
+                await bridge.unmount_recorded(pod, c)
                 c.mounts_made = []
-                await d.save(pod)
+                c.intent = ""
+                d.save_logged(pod, c)  # (if this fails too, a restart finds the intent)
                 raise
             c.state = ContainerState.RUNNING
-            await d.save(pod)
-    d.publish("container", pod, str(c.state), container=c.id)
+            c.intent = ""
+            d.publish("container", pod, "running", container=c.id)
+            exits.apply_early_exit(d, pod, c)  # an exit that came with newcontainer's reply
+            exits.watch_shim(d, pod, c)  # when the proxy sends no exits
+            try:
+                d.save_now(pod, c)
+            except StateError as exc:
+                raise StateError(
+                    f"container {c.id!r} of pod {pod.id!r} was started, but its state could "
+                    f"not be saved ({exc.message}); a restart finds it running",
+                    pod=pod.id,
+                    container=c.id,
+                ) from None
     return container_view(pod, c)
 
 
 async def container_stop(d: Daemon, pod_id: object, cid: object) -> dict[str, Any]:
-    """``removecontainer`` (unless the agent freed it already), then undo its mounts."""
+    """``removecontainer`` (unless the agent freed it already), then undo its mounts.
+
+    Also for an ``exited`` container: the CC agent keeps a container whose init ended until
+    it is removed (the hyperhq agent frees it itself: its "not found" is expected then).
+    """
     pod = d.get_pod(pod_id)
     c = get_container(pod, cid)
     async with d.rt(pod).container_lock(c.id):
         check_pod_transition(pod, "use")
         check_container_transition(pod, c, "stop")
-        if c.state == ContainerState.RUNNING:
-            await _remove(d, pod, c)
+        if c.state in (ContainerState.RUNNING, ContainerState.EXITED):
+            c.intent = "stop"
+            try:
+                d.save_now(pod, c)  # intent first: the agent may free it from here on
+            except StateError:
+                c.intent = ""
+                raise
+            try:
+                if c.state == ContainerState.RUNNING:
+                    await _remove(d, pod, c)
+                else:
+                    try:
+                        await _remove(d, pod, c)
+                    except AgentError as exc:
+                        log.info(
+                            "removecontainer of an exited container: %s", exc,
+                            extra={"pod": pod.id, "container": c.id},
+                        )  # fmt: skip
+                crash_point("container.stop:removed")
+            except AgentError:
+                c.intent = ""  # refused: nothing changed (other errors leave the outcome
+                d.save_logged(pod, c)  # unknown: the intent stays for a restart to settle)
+                raise
         with anyio.CancelScope(shield=True):
             # stopped as soon as the agent let it go; a failed unmount below is retried by
             # container.delete and pod.stop (both undo whatever mounts_made still lists)
             c.state = ContainerState.STOPPED
-            for e in pod.execs.values():
-                if e.container == c.id:
-                    e.state = ExecState.EXITED
-            await d.save(pod)
-            d.publish("container", pod, str(c.state), container=c.id)
-            await bridge.unmount_container(pod, c)
-            c.mounts_made = []
-            await d.save(pod)
+            c.intent = ""
+            execs = [e for e in pod.execs.values() if e.container == c.id]
+            for e in execs:
+                e.state = ExecState.EXITED
+                d.rt(pod).exits.wake(("exec", e.id))
+            d.rt(pod).exits.unpin(c.id)
+            d.rt(pod).exits.wake(("container", c.id))
+            unmount_error: HyperdError | OSError | None = None
+            try:
+                await bridge.unmount_recorded(pod, c)
+                c.mounts_made = []
+            except (HyperdError, OSError) as exc:
+                unmount_error = exc
+            try:
+                d.save_now(pod, c, *execs)
+            except StateError as exc:
+                raise StateError(
+                    f"container {c.id!r} of pod {pod.id!r} was stopped, but its state could "
+                    f"not be saved ({exc.message}); a restart finds it stopped",
+                    pod=pod.id,
+                    container=c.id,
+                ) from None
+            finally:
+                d.publish("container", pod, str(c.state), container=c.id)
+            if unmount_error is not None:
+                raise unmount_error
     return container_view(pod, c)
 
 
@@ -188,10 +312,22 @@ async def container_delete(d: Daemon, pod_id: object, cid: object) -> dict[str, 
         check_container_transition(pod, c, "delete")
         # found from mountinfo: also what a failed unmount or a crash left behind
         await bridge.unmount_container(pod, c)
+        execs = [e for e in pod.execs.values() if e.container == c.id]
         del pod.containers[c.id]
-        for eid in [e.id for e in pod.execs.values() if e.container == c.id]:
-            del pod.execs[eid]
-        await d.save(pod)
+        for e in execs:
+            del pod.execs[e.id]
+        try:
+            d.save_now(pod, c, *execs)  # deletes their rows
+        except StateError:
+            pod.containers[c.id] = c  # still there, as its record says
+            for e in execs:
+                pod.execs[e.id] = e
+            raise
+        pod_exits = d.rt(pod).exits
+        pod_exits.unpin(c.id)
+        pod_exits.wake(("container", c.id))  # its waiters find it gone
+        for e in execs:
+            pod_exits.wake(("exec", e.id))
     d.rt(pod).container_locks.pop(c.id, None)
     d.publish("container", pod, "deleted", container=c.id)
     return {"pod": pod.id, "id": c.id, "state": "deleted"}
@@ -199,9 +335,10 @@ async def container_delete(d: Daemon, pod_id: object, cid: object) -> dict[str, 
 
 async def _remove(d: Daemon, pod: PodRecord, c: ContainerRecord) -> None:
     """``removecontainer``. The hyperhq agent frees a container itself when its init exits and
-    refuses to remove one that still runs (conformance notes #6), and hyperd does not see the
-    exit event (it goes to the shim through the proxy): an ERROR there means "already freed" or
-    "still running"; in the second case the container is killed, and its init's exit frees it.
+    refuses to remove one that still runs (conformance notes #6), and hyperd may not have seen
+    the exit yet (or ever, behind a proxy without exit notifications): an ERROR there means
+    "already freed" or "still running"; in the second case the container is killed, and its
+    init's exit frees it.
     """
     link = d.link_of(pod)
     try:
@@ -221,7 +358,8 @@ async def _remove(d: Daemon, pod: PodRecord, c: ContainerRecord) -> None:
 async def container_kill(
     d: Daemon, pod_id: object, cid: object, signal: int | str, all_processes: bool
 ) -> dict[str, Any]:
-    """Signal the container: ``killcontainer`` once started, the shim's pid before that."""
+    """Signal the container: ``killcontainer`` once started, its shim before that (through the
+    pidfd pinned at ``container.create``, never ``kill()`` of a bare pid)."""
     pod = d.get_pod(pod_id)
     c = get_container(pod, cid)
     signum = parse_signal(signal)
@@ -236,8 +374,16 @@ async def container_kill(
                 container=c.id,
                 state=str(c.state),
             )
+        pod_exits = d.rt(pod).exits
+        pin = pod_exits.pins.get(c.id)
+        if pin is None:  # hyperd restarted since container.create: pin the same process again
+            pin = exits.repin_shim(c)
+            if pin is not None:
+                pod_exits.pins[c.id] = pin
         try:
-            os.kill(c.shim_pid, signum)
+            if pin is None:
+                raise ProcessLookupError
+            pin.send_signal(signum)
         except ProcessLookupError:
             raise NotFound(
                 f"shim pid {c.shim_pid} of container {c.id!r} does not exist",
@@ -295,7 +441,11 @@ async def exec_create(
             f"exec {eid!r} already exists in pod {pod.id!r}", pod=pod.id, exec_id=eid
         )
     pod.execs[eid] = e
-    await d.save(pod)
+    try:
+        d.save_now(pod, e)
+    except StateError:
+        del pod.execs[eid]
+        raise
     d.publish("exec", pod, str(e.state), container=c.id, exec_id=eid)
     return {"exec_id": eid, "token": token, "proxy_url": pod.proxy_url, "state": str(e.state)}
 
@@ -330,14 +480,20 @@ async def exec_start(d: Daemon, pod_id: object, exec_id: object) -> dict[str, An
             state=str(e.state),
         )
     e.state = ExecState.RUNNING  # claimed before the await: a second start is refused
+    pod_exits = d.rt(pod).exits
+    pod_exits.starting.add(e.token)  # an exit arriving meanwhile waits for the reply
     try:
         link = d.link_of(pod)
         await bridge.call(pod, link, "execcmd", bridge.exec_message(pod, c, e), tokens=[e.token])
     except BaseException:
         e.state = ExecState.CREATED
+        pod_exits.early.pop(e.token, None)
         raise
-    await d.save(pod)
-    d.publish("exec", pod, str(e.state), container=c.id, exec_id=e.id)
+    finally:
+        pod_exits.starting.discard(e.token)
+    d.publish("exec", pod, "running", container=c.id, exec_id=e.id)
+    exits.apply_early_exit(d, pod, e)
+    d.save_logged(pod, e)  # (a restart finds the exec created: the VM has its process)
     return {"exec_id": e.id, "container": c.id, "state": str(e.state)}
 
 
@@ -350,6 +506,9 @@ def exec_inspect(d: Daemon, pod_id: object, exec_id: object) -> dict[str, Any]:
         "state": str(e.state),
         "args": list(e.process.args),
         "exit_status": e.exit_status,
+        "exited_at": e.exited_at,
+        "exit_reason": e.exit_reason,
+        "exit_watch": exit_watch(pod) if exit_watch(pod) != "shim_pid" else "none",
         "token": e.token,
         "proxy_url": pod.proxy_url,
     }

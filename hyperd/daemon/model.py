@@ -1,10 +1,17 @@
 """The persisted model of pods, containers and exec processes, and their state machines.
 
 A pod's whole record (its VM and proxy processes, its containers, their exec processes, tokens
-and every mount made for them) is one :class:`PodRecord`, a ``msgspec.Struct`` that
-:class:`hyperd.store.StateStore` persists as ``pods/<id>.json`` after every change. The records are
+and every mount made for them) is one :class:`PodRecord`, a ``msgspec.Struct``. It is persisted
+in rows (:mod:`hyperd.daemon.persist`): the pod's own fields, and one row per container and per
+exec process, so that a change of one container writes that container only. The records are
 mutable; the daemon changes them only while holding the owning object's lock and saves them
 right after.
+
+Intent first: what hyperd is about to create outside itself is recorded before it exists, so a
+restart after a crash at any point finds it. A helper process is announced in
+:attr:`PodRecord.launching` (its kind and the marker put in its environment) before it is
+started; a container's start or stop is announced in :attr:`ContainerRecord.intent` before its
+first mount or agent command.
 
 State transitions are written as tables (:data:`POD_TRANSITIONS`, :data:`CONTAINER_TRANSITIONS`):
 :func:`check_pod_transition` / :func:`check_container_transition` raise
@@ -104,6 +111,18 @@ class ProcessRef(msgspec.Struct, kw_only=True):
     argv: list[str] = []
 
 
+class LaunchIntent(msgspec.Struct, kw_only=True):
+    """A helper process (VM, proxy…) about to be started: recorded before it exists.
+
+    ``marker`` is the value of :data:`hyperd.daemon.launcher.MARKER_ENV` in the process's
+    environment, by which a restart finds it when the crash came before its pid was recorded.
+    ``kind`` says which role it plays ("vm", "proxy", or a backend's own helper).
+    """
+
+    kind: str
+    marker: str
+
+
 class MountRecord(msgspec.Struct, kw_only=True):
     """A bind mount hyperd made: its target on the host, and what it is for.
 
@@ -153,6 +172,8 @@ class ExecRecord(msgspec.Struct, kw_only=True):
     token: str
     state: ExecState = ExecState.CREATED
     exit_status: int | None = None
+    exited_at: float | None = None  # when hyperd learned of the exit (time.time())
+    exit_reason: str = ""  # set when the status is unknown, saying why
     created_at: float = msgspec.field(default_factory=time.time)
 
 
@@ -166,10 +187,21 @@ class ContainerRecord(msgspec.Struct, kw_only=True):
     resources: ResourcesSpec | None = None
     bind_mount_dev: bool = False
     shim_pid: int | None = None
+    shim_start_time: int | None = None  # of shim_pid, so a recycled pid is never taken for it
     state: ContainerState = ContainerState.CREATED
     exit_status: int | None = None
+    exited_at: float | None = None  # when hyperd learned of the init's exit (time.time())
+    exit_reason: str = ""  # set when the status is unknown, saying why
     mounts_made: list[MountRecord] = []
     created_at: float = msgspec.field(default_factory=time.time)
+    intent: str = ""
+    """The operation under way whose outcome a crash would leave unknown: "start" (recorded
+    before the first mount; mounts may exist under the container's share, NEWCONTAINER may have
+    been sent once ``mounts_made`` is recorded) or "stop" (recorded before REMOVECONTAINER).
+    A restart settles it (:mod:`hyperd.daemon.adoption`)."""
+
+
+CONTAINER_INTENTS = ("start", "stop")
 
 
 class PodRecord(msgspec.Struct, kw_only=True):
@@ -193,10 +225,12 @@ class PodRecord(msgspec.Struct, kw_only=True):
     proxy_process: ProcessRef | None = None
     state: PodState = PodState.CREATED
     reason: str = ""  # why the pod is unreachable
+    exit_notifications: bool | None = None  # the proxy sends exits (None: not connected yet)
     containers: dict[str, ContainerRecord] = {}
     execs: dict[str, ExecRecord] = {}
     exec_counter: int = 0
     created_at: float = msgspec.field(default_factory=time.time)
+    launching: list[LaunchIntent] = []  # helper processes being started (intent first)
 
 
 def pod_summary(pod: PodRecord) -> dict[str, object]:
@@ -212,6 +246,20 @@ def pod_summary(pod: PodRecord) -> dict[str, object]:
     }
 
 
+def exit_watch(pod: PodRecord, c: ContainerRecord | None = None) -> str:
+    """How hyperd learns that a process of ``pod`` (container ``c``'s init) ended: ``"proxy"``
+    (the proxy's exit notifications), ``"shim_pid"`` (the shim's pid is watched: the status is
+    unknown), ``"none"`` (not observable: a proxy without the extension and no shim pid), or
+    ``"unknown"`` (the pod's proxy was not connected yet)."""
+    if pod.exit_notifications:
+        return "proxy"
+    if c is not None and c.shim_pid is not None:
+        return "shim_pid"
+    if pod.exit_notifications is None:
+        return "unknown"
+    return "none"
+
+
 def container_view(pod: PodRecord, c: ContainerRecord) -> dict[str, object]:
     """What ``container.inspect`` returns (and the rows of ``container.list``)."""
     return {
@@ -223,6 +271,9 @@ def container_view(pod: PodRecord, c: ContainerRecord) -> dict[str, object]:
         "token": c.token,
         "proxy_url": pod.proxy_url,
         "exit_status": c.exit_status,
+        "exited_at": c.exited_at,
+        "exit_reason": c.exit_reason,
+        "exit_watch": exit_watch(pod, c),
         "shim_pid": c.shim_pid,
         "mounts": [m.target for m in c.mounts_made],
         "execs": sorted(e.id for e in pod.execs.values() if e.container == c.id),
@@ -244,12 +295,19 @@ def pod_view(pod: PodRecord) -> dict[str, object]:
         "ctl": pod.ctl_path,
         "tty": pod.tty_path,
         "reason": pod.reason,
+        "exit_notifications": pod.exit_notifications,
         "vm_pid": pod.vm_process.pid if pod.vm_process else None,
         "vm_accel": pod.vm_accel or None,
         "proxy_pid": pod.proxy_process.pid if pod.proxy_process else None,
         "containers": [container_view(pod, c) for c in pod.containers.values()],
         "execs": [
-            {"exec_id": e.id, "container": e.container, "state": str(e.state)}
+            {
+                "exec_id": e.id,
+                "container": e.container,
+                "state": str(e.state),
+                "exit_status": e.exit_status,
+                "exited_at": e.exited_at,
+            }
             for e in pod.execs.values()
         ],
     }

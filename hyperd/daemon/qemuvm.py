@@ -54,8 +54,11 @@ def _image_file(configured: str, default: str, what: str) -> str:
     return path
 
 
-async def start_vm(pod: PodRecord, config: Config, *, deadline: float) -> ProcessRef:
+async def start_vm(
+    pod: PodRecord, config: Config, *, deadline: float, marker: str | None = None
+) -> ProcessRef:
     """Start the pod's QEMU and wait until its monitor answers; sets ``pod.vm_accel``.
+    ``marker``: the launch intent's marker, in QEMU's environment (intent first, as every helper).
 
     Raises ``VMUnavailable`` naming what is missing or why QEMU did not start.
     """
@@ -86,7 +89,7 @@ async def start_vm(pod: PodRecord, config: Config, *, deadline: float) -> Proces
         for name in ("ctl", "tty", "qmp"):
             listeners[name] = listen(p[name])
         fds = {name: s.fileno() for name, s in listeners.items()}
-        proc = spawn_argv(qemu_argv(launch, fds), fds, p["log"])
+        proc = spawn_argv(qemu_argv(launch, fds), fds, p["log"], launcher.environment(marker))
     except OSError as exc:
         raise VMUnavailable(f"cannot start QEMU: {exc}") from None
     finally:

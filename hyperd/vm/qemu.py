@@ -286,8 +286,14 @@ async def shut_down(run_dir: str, wait_exit: Any, grace: float = POWEROFF_GRACE)
     return ""
 
 
-def spawn_argv(argv: Sequence[str], fds: dict[str, int], log_path: str) -> subprocess.Popen[bytes]:
-    """Start QEMU in its own session with the listening fds; stdout/stderr to ``log_path``."""
+def spawn_argv(
+    argv: Sequence[str],
+    fds: dict[str, int],
+    log_path: str,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start QEMU in its own session with the listening fds; stdout/stderr to ``log_path``;
+    ``env``: its environment (None: inherit ours)."""
     with open(log_path, "ab") as out:
         return subprocess.Popen(
             list(argv),
@@ -296,4 +302,5 @@ def spawn_argv(argv: Sequence[str], fds: dict[str, int], log_path: str) -> subpr
             stderr=out,
             pass_fds=tuple(fds.values()),
             start_new_session=True,
+            env=env,
         )
