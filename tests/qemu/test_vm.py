@@ -121,6 +121,10 @@ async def test_qemu_pod_runs_containers_and_powers_off(
         assert "Power down" in console  # the guest powered itself off after DESTROYPOD
         links = await anyio.run_process(["ip", "-n", _netns_name(netns), "link", "show"])
         assert b"tap" not in links.stdout
+        qdiscs = await anyio.run_process(
+            ["ip", "netns", "exec", _netns_name(netns), "tc", "qdisc", "show", "dev", "eth0"]
+        )
+        assert b"ingress" not in qdiscs.stdout  # the redirect to the tap is gone too
         assert mounts_under(str(qemu_hyperd.base)) == []
 
 
