@@ -127,7 +127,9 @@ frames = st.one_of(
             ("raw", b"[]"),
             ("raw", b'{"jsonrpc":"2.0"}'),
             ("raw", b"[1,2]"),
-            ("raw", b'{"jsonrpc":"1.0","method":"pod.list","id":1}'),
+            # an invalid request whose id is readable is answered with that id (JSON-RPC 2.0
+            # §5: null only when the id cannot be detected): numbered like the calls
+            ("raw", b'{"jsonrpc":"1.0","method":"pod.list","id":ID}'),
             ("oversized", b""),
             ("too_many", b""),
         ]
@@ -162,6 +164,9 @@ def encode(frames: list[tuple[str, Any]], numbering: Numbering) -> tuple[bytes, 
             out += msgspec.json.encode(number(body))
         elif kind == "batch":
             out += msgspec.json.encode([number(c) for c in body])
+        elif kind == "raw" and b":ID}" in body:
+            numbered = msgspec.json.encode(number({"id": None})["id"])
+            out += body.replace(b":ID}", b":" + numbered + b"}")
         elif kind == "raw":
             out += body
         elif kind == "oversized":
