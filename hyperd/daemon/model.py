@@ -188,6 +188,7 @@ class ContainerRecord(msgspec.Struct, kw_only=True):
     bind_mount_dev: bool = False
     shim_pid: int | None = None
     shim_start_time: int | None = None  # of shim_pid, so a recycled pid is never taken for it
+    sources_resolved: bool = False  # allowlisted paths, resolved at create: mounted without links
     state: ContainerState = ContainerState.CREATED
     exit_status: int | None = None
     exited_at: float | None = None  # when hyperd learned of the init's exit (time.time())
