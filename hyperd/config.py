@@ -33,11 +33,23 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class RPCConfig(_Section):
-    """The JSON-RPC socket: ``mode`` octal string ("0660") or int; ``group`` name or gid."""
+    """The JSON-RPC socket: ``mode`` octal string ("0660") or int; ``group`` name or gid.
+
+    The limits bound what one client connection can make hyperd hold (see
+    :mod:`hyperd.rpc.connection`). ``allowed_host_paths``: the host directories (and what is
+    below them) that callers other than root may use as rootfs or bind-mount sources; unset,
+    any path (membership of ``group`` is then root-equivalent).
+    """
 
     socket: str = ""
     mode: str | int = "0660"
     group: str | int | None = None
+    max_message: int = 1 << 20  # bytes of one request line (a batch is one line)
+    max_batch: int = 256  # calls in one batch; a longer batch is refused whole
+    max_in_flight: int = 64  # calls running (or answered, not yet written) per connection
+    max_output: int = 256 * 1024  # bytes buffered for a client before its requests stop being read
+    notify_queue: int = 1024  # notifications queued for a slow subscriber before it is dropped
+    allowed_host_paths: list[str] | None = None
 
     def file_mode(self) -> int:
         """The socket's permission bits as an int."""
@@ -129,6 +141,13 @@ def resolve(config: Config) -> Config:
         raise ConfigError(f"rpc.mode: not an octal file mode: {rpc.mode!r}") from None
     if not 0 <= mode <= 0o777:
         raise ConfigError(f"rpc.mode: out of range: {rpc.mode!r}")
+    for name in ("max_message", "max_batch", "max_in_flight", "max_output", "notify_queue"):
+        value = getattr(rpc, name)
+        if value <= 0:
+            raise ConfigError(f"rpc.{name}: must be positive, got {value!r}")
+    for path in rpc.allowed_host_paths or ():
+        if not os.path.isabs(path) or "\x00" in path:
+            raise ConfigError(f"rpc.allowed_host_paths: must be absolute paths, got {path!r}")
     if config.proxy.mode == "system" and not config.proxy.url.startswith("unix://"):
         raise ConfigError(
             "proxy.url: system mode needs the unix:// URL of a running proxy, "

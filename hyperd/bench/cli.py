@@ -2,6 +2,7 @@
 
     python -m hyperd.bench [--quick] [--only 1,2,3,4] [--repetitions N] [--scale 1,100,1000]
                            [--plot FILE.png] [--json FILE] [--profile DIR]
+    python -m hyperd.bench soak [--minutes N] [--clients C] [--seed S] [--json FILE]
 
 Every process the run starts (proxies, simulated VMs, the daemon and what the daemon starts) is
 stopped before it returns, also on an error, ^C or SIGTERM; SIGKILL of the runner reaches them
@@ -33,6 +34,7 @@ from typing import Any
 
 import anyio
 
+from hyperd.bench.exits import ExitSettings, exit_delivery
 from hyperd.bench.latency import LatencySettings, latency
 from hyperd.bench.lifecycle import LifecycleSettings, lifecycle
 from hyperd.bench.manyvm import ManyVMSettings
@@ -48,7 +50,7 @@ log = logging.getLogger("hyperd.bench")
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-SCENARIOS = ("1", "2", "3", "4", "5")
+SCENARIOS = ("1", "2", "3", "4", "5", "6")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Settings:
     latency: LatencySettings = field(default_factory=LatencySettings)
     scale: ScaleSettings = field(default_factory=ScaleSettings)
     lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
+    exits: ExitSettings = field(default_factory=ExitSettings)
     shim: ShimSettings = field(default_factory=ShimSettings)
 
 
@@ -74,6 +77,7 @@ QUICK = Settings(
     latency=LatencySettings(calls=60, repetitions=2, warmup=10),
     scale=ScaleSettings(sizes=(1, 20), calls=200, repetitions=1, process_limit=4),
     lifecycle=LifecycleSettings(containers=3, repetitions=1, warmup=1),
+    exits=ExitSettings(containers=10, warmup=1),
     shim=ShimSettings(runs=3, warmup=1),
 )
 
@@ -91,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
         "--only",
         default=",".join(SCENARIOS),
         help="comma-separated scenarios to run: 1 throughput, 2 RPC latency, "
-        "3 scale, 4 container lifecycle, 5 containerd shim vs runc (default: all)",
+        "3 scale, 4 container lifecycle, 5 exit delivery, 6 containerd shim vs runc "
+        "(default: all)",
     )
     p.add_argument("--repetitions", type=int, help="repetitions of every scenario")
     p.add_argument("--scale", help="pod counts of scenario 3, e.g. 1,100,1000")
@@ -166,9 +171,14 @@ def _scenarios() -> dict[str, Scenario]:
         return await scale(ws, s.scale)
 
     async def five(ws: Workspace, s: Settings) -> Section:
+        return await exit_delivery(ws, s.exits)
+
+    async def six(ws: Workspace, s: Settings) -> Section:
         return await shim(ws, s.shim)
 
-    table: dict[str, Scenario] = {"1": one, "2": two, "3": three, "4": four, "5": five}
+    table: dict[str, Scenario] = {
+        "1": one, "2": two, "3": three, "4": four, "5": five, "6": six,
+    }  # fmt: skip
     return table
 
 
@@ -276,6 +286,11 @@ def _raise_fd_limit() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["soak"]:
+        from hyperd.bench.soak import main as soak_main
+
+        return soak_main(argv[1:])
     args = _parser().parse_args(argv)
     _raise_fd_limit()
     logging.basicConfig(

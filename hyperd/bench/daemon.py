@@ -44,13 +44,16 @@ class Daemon:
         raise HelperError("hyperd has no VmRSS (exited?)")
 
 
-def start_daemon(ws: Workspace, name: str = "hyperd", *, stop_pods: bool = True) -> Daemon:
-    """Start ``hyperd serve`` with its own base dir and wait for READY=1.
+def start_daemon(
+    ws: Workspace, name: str = "hyperd", *, stop_pods: bool = True, base: str | None = None
+) -> Daemon:
+    """Start ``hyperd serve`` with its own base dir (or ``base``: a restart) and wait for
+    READY=1.
 
     ``stop_pods``: ``--stop-pods-on-exit`` (pods whose helpers the daemon started must go with
     it; pods on external VMs and a system proxy are left for the runner to tear down).
     """
-    base = ws.path(ws.unique(name))
+    base = base or ws.path(ws.unique(name))
     os.makedirs(base, exist_ok=True)
     notify_path = ws.path(f"{name}.notify")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -1,4 +1,4 @@
-"""Scenario 5: ``ctr run --rm IMAGE ID true`` through containerd-shim-hyperd-v2 against
+"""Scenario 6: ``ctr run --rm IMAGE ID true`` through containerd-shim-hyperd-v2 against
 containerd's own runc shim (``io.containerd.runc.v2``), on the same image, the same private
 containerd, in the same run; and the memory of one shim per pod.
 
@@ -135,7 +135,7 @@ def _remove_all(ctd: PrivateContainerd) -> None:
 
 
 async def shim(ws: Workspace, s: ShimSettings) -> Section:
-    sec = Section("5. containerd: ctr run --rm true, hyperd shim vs runc shim")
+    sec = Section("6. containerd: ctr run --rm true, hyperd shim vs runc shim")
     missing = _missing()
     if missing:
         sec.notes.append(f"not measured: needs {', '.join(missing)} (Debian containerd, runc)")

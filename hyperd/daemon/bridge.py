@@ -228,6 +228,15 @@ async def unmount_container(pod: PodRecord, c: ContainerRecord) -> None:
     await anyio.to_thread.run_sync(shared.unmount_container, name, c.id)
 
 
+async def unmount_recorded(pod: PodRecord, c: ContainerRecord) -> None:
+    """Undo the mounts ``c.mounts_made`` records, without a scan of the mount table (the
+    hot path of container.start's undo and container.stop). Anything else found mounted in the
+    container's directory makes it fall back to :func:`unmount_container`'s scan."""
+    shared, name = shared_dir(pod)
+    targets = [m.target for m in c.mounts_made]
+    await anyio.to_thread.run_sync(shared.unmount_recorded, name, c.id, targets)
+
+
 async def cleanup_pod(pod: PodRecord) -> None:
     """Unmount everything under the pod's share and remove it."""
     shared, name = shared_dir(pod)

@@ -11,11 +11,17 @@ import os
 from pathlib import Path
 
 from hyperd.daemon.model import PodRecord
+from hyperd.rpc.access import SocketAccess
 
 
-def make_dirs(pod: PodRecord) -> None:
+def make_dirs(pod: PodRecord, sockets: SocketAccess | None = None) -> None:
+    """Create the pod's directories; the run dir (its proxy socket) is open to whom ``sockets``
+    says (those who may use the RPC socket), else to root only."""
     Path(pod.run_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
-    Path(pod.share_dir).mkdir(parents=True, exist_ok=True, mode=0o755)
+    if sockets is not None:
+        sockets.apply_to_dir(pod.run_dir)
+    Path(pod.share_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(pod.share_dir, 0o700)  # volumes are mounted inside: not for other users
 
 
 def remove_sockets(pod: PodRecord) -> None:

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
-import grp
 import logging
 import os
 import signal
@@ -28,7 +27,7 @@ from hyperd import notify
 from hyperd.config import Config
 from hyperd.daemon.api import build_methods
 from hyperd.daemon.service import Daemon
-from hyperd.rpc.access import AccessPolicy
+from hyperd.rpc.access import AccessPolicy, group_id
 from hyperd.rpc.listeners import create_unix_listener, listener_from_socket
 from hyperd.rpc.server import RPCServer
 from hyperd.store import StateStore
@@ -38,20 +37,6 @@ log = logging.getLogger(__name__)
 DIR_MODE = 0o755  # base, run and shared dirs: traversable; sockets and state guard themselves
 STATE_DIR_MODE = 0o700
 LOCK_FILE = "hyperd.lock"  # flock()ed by the daemon that owns the state dir
-
-
-def group_id(group: str | int | None) -> int | None:
-    """The gid of the configured RPC group (a name or a number)."""
-    if group is None or group == "":
-        return None
-    if isinstance(group, int):
-        return group
-    if group.isdigit():
-        return int(group)
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise ValueError(f"rpc.group: no group named {group!r}") from None
 
 
 def make_dirs(config: Config) -> None:
@@ -132,7 +117,16 @@ async def _serve(
             raise
         for problem in problems:
             log.error("state: %s", problem)
-        server = RPCServer(build_methods(daemon), access=AccessPolicy(group_gid=gid))
+        rpc = config.rpc
+        server = RPCServer(
+            build_methods(daemon),
+            access=AccessPolicy(group_gid=gid),
+            max_message=rpc.max_message,
+            max_in_flight=rpc.max_in_flight,
+            max_batch=rpc.max_batch,
+            max_output=rpc.max_output,
+            notify_queue=rpc.notify_queue,
+        )
         daemon.rpc_statistics = lambda: dataclasses.asdict(server.statistics())
         await tg.start(server.serve, listener)
         tg.start_soon(_wait_for_signal, shutdown)

@@ -1,6 +1,7 @@
 """``hyperd-proxy``: command line, listening socket, logging, readiness, signals.
 
     hyperd-proxy (--socket PATH | --uri unix://PATH) [--agent-dialect auto|cc|hyper]
+                 [--socket-mode MODE] [--socket-group GID]
                  [--log-level LEVEL] [--ready-fd FD] [--ready-timeout S] [--shim-timeout S]
                  [--process-timeout S] [--agent-timeout S]
 
@@ -25,7 +26,13 @@ from typing import Final
 
 import anyio
 
-from hyperd.proxy.server import DEFAULT_AGENT_TIMEOUT, DEFAULT_WAIT, Proxy, ProxyConfig
+from hyperd.proxy.server import (
+    DEFAULT_AGENT_TIMEOUT,
+    DEFAULT_MAX_UNDELIVERED_EXITS,
+    DEFAULT_WAIT,
+    Proxy,
+    ProxyConfig,
+)
 from protocol.hyperstart import DIALECTS
 
 log = logging.getLogger("hyperd.proxy")
@@ -88,6 +95,19 @@ def _parser() -> argparse.ArgumentParser:
         help="log level (default warn)",
     )
     p.add_argument(
+        "--socket-mode",
+        type=_octal_mode,
+        default=SOCKET_MODE,
+        metavar="MODE",
+        help="permission bits of the socket, octal (default 0660)",
+    )
+    p.add_argument(
+        "--socket-group",
+        type=int,
+        metavar="GID",
+        help="group of the socket (default: the proxy's own group)",
+    )
+    p.add_argument(
         "--ready-fd",
         type=int,
         metavar="FD",
@@ -121,6 +141,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="deadline for an agent reply (0: wait forever, as the reference)",
     )
+    p.add_argument(
+        "--no-exit-notifications",
+        dest="exit_notifications",
+        action="store_false",
+        help="turn off hyperd's exit-notification extension (behave as the reference cc-proxy)",
+    )
+    p.add_argument(
+        "--max-undelivered-exits",
+        type=int,
+        default=DEFAULT_MAX_UNDELIVERED_EXITS,
+        metavar="N",
+        help="exits kept per VM while no runtime connection listens (oldest dropped beyond)",
+    )
     return p
 
 
@@ -138,6 +171,8 @@ def config_from_args(
         process_timeout=args.process_timeout,
         agent_timeout=args.agent_timeout or None,
         socket_path=owned_path,
+        exit_notifications=args.exit_notifications,
+        max_undelivered_exits=max(args.max_undelivered_exits, 0),
     )
 
 
@@ -158,8 +193,16 @@ def activated_socket() -> socket.socket | None:
     return socket.socket(fileno=SD_LISTEN_FDS_START)
 
 
-def listen(path: str) -> socket.socket:
-    """Create the directory (0750), remove a stale socket, listen, chmod the socket 0660."""
+def _octal_mode(text: str) -> int:
+    mode = int(text, 8)
+    if not 0 <= mode <= 0o777:
+        raise ValueError(text)
+    return mode
+
+
+def listen(path: str, mode: int = SOCKET_MODE, gid: int | None = None) -> socket.socket:
+    """Create the directory (0750), remove a stale socket, listen; the socket gets ``mode``
+    (default 0660) and, when given, the group ``gid`` before anyone can connect."""
     if len(os.fsencode(path)) > MAX_UNIX_PATH:
         raise SetupError(f"socket path too long: {path}")
     directory = os.path.dirname(path)
@@ -171,7 +214,9 @@ def listen(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
-        os.chmod(path, SOCKET_MODE)
+        os.chmod(path, mode)
+        if gid is not None:
+            os.chown(path, -1, gid)
         sock.listen(socket.SOMAXCONN)
     except OSError as exc:
         sock.close()
@@ -227,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 path = args.uri[len(URI_SCHEME) :]
             else:
                 path = args.socket or DEFAULT_SOCKET
-            listener = listen(path)
+            listener = listen(path, args.socket_mode, args.socket_group)
             owned_path = path
     except SetupError as exc:
         print(f"hyperd-proxy: {exc}", file=sys.stderr)

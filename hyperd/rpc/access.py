@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
 import socket
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
-from hyperd.errors import Unauthorized
+from hyperd.errors import InvalidParams, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -86,3 +88,87 @@ class AccessPolicy:
                 f"root or membership of group {self.group_gid} required"
             )
         return Unauthorized(message, uid=peer.uid, pid=peer.pid, required=required)
+
+
+def group_id(group: str | int | None) -> int | None:
+    """The gid of a configured group (a name or a number); ``None`` for none.
+
+    Raises ``ValueError`` naming the group when no such group exists.
+    """
+    if group is None or group == "":
+        return None
+    if isinstance(group, int):
+        return group
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"rpc.group: no group named {group!r}") from None
+
+
+class HostPathPolicy:
+    """Which host paths a caller may have hyperd bind-mount (rootfs and volume sources).
+
+    Root and the server's own uid may use any path. Others may use only a path that, once its
+    symlinks are resolved, is one of ``allowed`` or below one; ``allowed=None`` allows any path
+    (the API group is then root-equivalent). The check resolves the path when the call is made:
+    the mount itself must resolve it again without following links (see hyperd.host.mounts).
+    """
+
+    def __init__(self, allowed: Iterable[str] | None, server_uid: int | None = None) -> None:
+        self.allowed = None if allowed is None else tuple(os.path.realpath(p) for p in allowed)
+        self._server_uid = os.geteuid() if server_uid is None else server_uid
+
+    def restricts(self, peer: PeerCredentials) -> bool:
+        """Whether ``peer``'s paths are checked at all."""
+        return self.allowed is not None and peer.uid not in (ROOT_UID, self._server_uid)
+
+    def check(self, peer: PeerCredentials, field: str, path: str) -> None:
+        """Raise :class:`InvalidParams` naming ``field`` and ``path`` if ``peer`` may not use it."""
+        if self.allowed is None or not self.restricts(peer):
+            return
+        real = os.path.realpath(path)
+        for top in self.allowed:
+            if real == top or real.startswith(top.rstrip("/") + "/"):
+                return
+        where = ", ".join(self.allowed) if self.allowed else "none"
+        resolved = "" if real == path else f" (resolves to {real})"
+        raise InvalidParams(
+            f"{field} {path!r}{resolved} is not under a host path that uid {peer.uid} may use "
+            f"(rpc.allowed_host_paths: {where})",
+            field=field,
+            path=path,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SocketAccess:
+    """Who may connect to a socket hyperd makes for its callers (the RPC socket, the per-pod
+    proxy sockets): its permission bits and group, and those of the directory holding it."""
+
+    mode: int = 0o660
+    gid: int | None = None
+
+    @property
+    def dir_mode(self) -> int:
+        """Owner rwx; read and search (never write) for each class the socket mode admits."""
+        mode = 0o700
+        if self.mode & 0o070:
+            mode |= 0o050
+        if self.mode & 0o007:
+            mode |= 0o005
+        return mode
+
+    def apply_to_dir(self, path: str) -> None:
+        """Give the directory ``path`` :attr:`dir_mode` and the group (blocking)."""
+        os.chmod(path, self.dir_mode)
+        if self.gid is not None:
+            os.chown(path, -1, self.gid)
+
+    def proxy_args(self) -> list[str]:
+        """hyperd-proxy's options that make its socket so."""
+        args = ["--socket-mode", f"{self.mode:04o}"]
+        if self.gid is not None:
+            args += ["--socket-group", str(self.gid)]
+        return args

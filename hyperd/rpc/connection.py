@@ -8,16 +8,23 @@ never suspends (:attr:`hyperd.rpc.Method.synchronous`, e.g. ``async def version(
 group); their response is written by the task itself when it completes, so responses go out in
 completion order. The transport buffers writes and serializes them (no write lock).
 
-Flow control:
+Flow control (what bounds the memory one connection can make hyperd hold):
 
-- at most ``max_in_flight`` calls (a batch counts once) are running or waiting to be written;
-  then the transport stops reading (``pause_reading``) until one completes. Lines of a read
-  already framed wait in the framer (at most one read's worth);
-- when the transport's write buffer is over its high-water mark (``pause_writing``), what is
-  to be written queues here in order: a response keeps its call's slot until it is handed to
-  the transport (so a client that does not read stops being read after ``max_in_flight`` calls);
-  an error answer to a bad line stops reading until it is written; notifications are bounded by
-  ``notify_queue``: one more closes the connection (the subscriber is dropped).
+- a batch of more than ``max_batch`` calls is refused whole with one error (id null), so the
+  answer to one line is at most ``max_batch`` responses;
+- at most ``max_in_flight`` calls (each element of a batch counts) are running or waiting to be
+  written; then the transport stops reading (``pause_reading``) until one completes. A batch is
+  admitted while fewer than ``max_in_flight`` calls run, so at most ``max_in_flight + max_batch
+  - 1`` are in flight. Lines of a read already framed wait in the framer (one read's worth);
+- the transport buffers up to ``max_output`` bytes for a client that does not read
+  (``pause_writing`` past it); then reading stops too, until the client has read enough for
+  the transport to resume writing. What is to be written meanwhile queues here in order: a
+  response keeps its calls' slots until it is handed to the transport; an error answer to a
+  bad line stops reading until it is written; notifications are bounded by ``notify_queue``:
+  one more closes the connection (the subscriber is dropped).
+
+So a client that sends and never reads makes hyperd hold at most about ``max_output`` bytes
+plus the responses of ``max_in_flight + max_batch`` calls, plus ``max_message`` of input.
 
 Why not anyio streams: a read through anyio's unix socket stream adds and removes the reader
 (two ``epoll_ctl``) each time and a task switch per message, and cancelling a task blocked in
@@ -46,7 +53,9 @@ from msgspec import UNSET
 from hyperd.rpc.access import PeerCredentials
 from hyperd.rpc.methods import NEEDS_TASK, CallContext, MethodTable
 from protocol.jsonrpc import (
+    INVALID_REQUEST,
     MAX_MESSAGE,
+    ErrorObject,
     InvalidMessage,
     LineFramer,
     MessageTooLarge,
@@ -60,15 +69,16 @@ from protocol.jsonrpc import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_IN_FLIGHT: Final = 64  # calls (a batch counts once) running per connection
+DEFAULT_MAX_IN_FLIGHT: Final = 64  # calls (each element of a batch counts) running per connection
+DEFAULT_MAX_BATCH: Final = 256  # calls per batch: bounds the answer to one line
+DEFAULT_MAX_OUTPUT: Final = 256 * 1024  # bytes buffered for a client before reading it pauses
 DEFAULT_NOTIFY_QUEUE: Final = 1024  # notifications queued per connection before it is dropped
 BATCH_CONCURRENCY: Final = 16  # calls of one batch running at once
-WRITE_BUFFER_HIGH: Final = 64 * 1024  # transport bytes buffered before writes queue here
 
-# kinds of queued output
-_RESPONSE: Final = 0  # answers a call: holds its in-flight slot until written
-_NOTIFICATION: Final = 1  # counted against notify_queue
-_ERROR: Final = 2  # answers a bad line: reading waits until it is written
+# kinds of queued output: a response is queued with the number of slots it holds (>= 1)
+_RESPONSE: Final = 1  # answers one call: holds its in-flight slot until written
+_NOTIFICATION: Final = 0  # counted against notify_queue
+_ERROR: Final = -1  # answers a bad line: reading waits until it is written
 
 _current_task = asyncio.current_task
 _enter_task = asyncio.tasks._enter_task
@@ -82,6 +92,9 @@ class ConnectionStatistics:
     in_flight: int
     notifications_queued: int
     calls_started: int
+    batches_refused: int = 0
+    output_buffered: int = 0  # bytes the transport holds for the client, or queued here
+    reading_paused: bool = False  # backpressure: requests are not being read
 
 
 class RPCConnection(asyncio.Protocol):
@@ -89,7 +102,8 @@ class RPCConnection(asyncio.Protocol):
 
     Created by :class:`hyperd.rpc.RPCServer` as the protocol of an accepted socket. Each
     request, notification or batch is answered as soon as it completes (so out of order); at
-    most ``max_in_flight`` run at once, after which reading pauses (backpressure on the client).
+    most ``max_in_flight`` run at once, after which reading pauses (backpressure on the client);
+    reading also pauses while more than ``max_output`` bytes wait for the client to read them.
     Invalid messages and oversized lines are answered with an error (id null when unknown) and
     reading continues. At EOF the calls still running finish and are answered before the
     connection closes (a client may half-close). ``on_finished(connection)`` is called once
@@ -104,6 +118,8 @@ class RPCConnection(asyncio.Protocol):
         connection_id: int,
         max_message: int = MAX_MESSAGE,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_output: int = DEFAULT_MAX_OUTPUT,
         notify_queue: int = DEFAULT_NOTIFY_QUEUE,
         host_task: asyncio.Task[Any] | None = None,
         on_finished: Callable[[RPCConnection], object] | None = None,
@@ -115,6 +131,8 @@ class RPCConnection(asyncio.Protocol):
         self._methods = methods
         self._framer = LineFramer(max_message)
         self._max_in_flight = max_in_flight
+        self._max_batch = max_batch
+        self._max_output = max_output
         self._notify_queue = notify_queue
         self._host = host_task
         self._on_finished = on_finished
@@ -138,6 +156,7 @@ class RPCConnection(asyncio.Protocol):
         self._closed_event = asyncio.Event()
         self._close_callbacks: list[Callable[[], object]] = []
         self._calls_started = 0
+        self._batches_refused = 0
 
     def __repr__(self) -> str:
         return f"<RPCConnection {self.connection_id} pid={self.peer.pid} uid={self.peer.uid}>"
@@ -157,8 +176,8 @@ class RPCConnection(asyncio.Protocol):
             return
         self._stopping = self._closing = self._aborted = True
         for _data, kind in self._pending:
-            if kind == _RESPONSE:
-                self._in_flight -= 1
+            if kind > 0:
+                self._in_flight -= kind
         self._pending.clear()
         self._queued_notes = self._queued_errors = 0
         for task in self._tasks:
@@ -203,7 +222,7 @@ class RPCConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self._transport = cast(asyncio.Transport, transport)
-        self._transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        self._transport.set_write_buffer_limits(high=self._max_output)
         if self._stopping:
             self._pause_reading()
             self._maybe_finish()
@@ -220,7 +239,9 @@ class RPCConnection(asyncio.Protocol):
         return True  # keep writing: the calls running are still answered
 
     def pause_writing(self) -> None:
+        # the client does not read what it asked for: take no more requests from it
         self._write_paused = True
+        self._pause_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
@@ -231,8 +252,8 @@ class RPCConnection(asyncio.Protocol):
         while pending and not self._write_paused:
             data, kind = pending.popleft()
             transport.write(data)  # may call pause_writing() again
-            if kind == _RESPONSE:
-                self._in_flight -= 1
+            if kind > 0:
+                self._in_flight -= kind
             elif kind == _NOTIFICATION:
                 self._queued_notes -= 1
             else:
@@ -287,12 +308,25 @@ class RPCConnection(asyncio.Protocol):
     async def wait_closed(self) -> None:
         await self._closed_event.wait()
 
+    def socket_fd(self) -> int | None:
+        """The client socket's fd while the connection is open (see
+        :meth:`CallContext.wait_hangup`); ``None`` once it is closing."""
+        if self._transport is None or self._lost or self._aborted:
+            return None
+        sock = self._transport.get_extra_info("socket")
+        return None if sock is None else int(sock.fileno())
+
     def statistics(self) -> ConnectionStatistics:
         """In-flight calls, queued notifications, calls started so far."""
+        transport = self._transport
+        buffered = transport.get_write_buffer_size() if transport and not self._lost else 0
         return ConnectionStatistics(
             in_flight=self._in_flight,
             notifications_queued=self._queued_notes,
             calls_started=self._calls_started,
+            batches_refused=self._batches_refused,
+            output_buffered=buffered + sum(len(data) for data, _kind in self._pending),
+            reading_paused=self._read_paused and not self._stopping,
         )
 
     # --- reading -----------------------------------------------------------------------------
@@ -317,6 +351,7 @@ class RPCConnection(asyncio.Protocol):
             and not self._stopping
             and self._in_flight < self._max_in_flight
             and not self._queued_errors
+            and not self._write_paused
         ):
             self._read_paused = False
             if not self._eof and not self._lost and self._transport is not None:
@@ -331,7 +366,11 @@ class RPCConnection(asyncio.Protocol):
         try:
             framer = self._framer
             while not self._stopping:
-                if self._in_flight >= self._max_in_flight or self._queued_errors:
+                if (
+                    self._in_flight >= self._max_in_flight
+                    or self._queued_errors
+                    or self._write_paused
+                ):
                     self._pause_reading()
                     return
                 try:
@@ -370,14 +409,31 @@ class RPCConnection(asyncio.Protocol):
                     return
             self._start(self._run_call(parsed, ctx))
         elif isinstance(parsed, list):
-            self._in_flight += 1
-            self._calls_started += 1
+            calls = len(parsed)
+            if calls > self._max_batch:
+                self._refuse_batch(calls)
+                return
+            self._in_flight += calls
+            self._calls_started += calls
             self._start(self._run_batch(parsed))
         elif isinstance(parsed, InvalidMessage):
             log.info("%r: %s", self, parsed.error.message)
             self._write(encode_message(parsed.response()), _ERROR)
         else:
             log.debug("%r: ignoring a response from the client (id %r)", self, parsed.id)
+
+    def _refuse_batch(self, calls: int) -> None:
+        self._batches_refused += 1
+        log.warning("%r: refused a batch of %d calls (max_batch %d)", self, calls, self._max_batch)
+        error = ErrorObject(
+            code=INVALID_REQUEST,
+            message=(
+                f"Invalid Request: batch of {calls} calls, more than the "
+                f"{self._max_batch} allowed; split it"
+            ),
+            data={"kind": "batch_too_large", "calls": calls, "max_batch": self._max_batch},
+        )
+        self._write(encode_message(Response(id=None, error=error)), _ERROR)
 
     def _dispatch_now(self, msg: Request | Notification, ctx: CallContext) -> Any:
         """``dispatch_now`` with the host task as the current task (when there is none)."""
@@ -405,11 +461,12 @@ class RPCConnection(asyncio.Protocol):
         else:
             self._maybe_finish()
 
-    def _complete(self, data: bytes | None) -> None:
-        """A call is done: write its answer (``None``: nothing to answer), free its slot."""
-        if data is not None and self._write(data, _RESPONSE):
-            return  # queued: the slot is freed when it is written
-        self._in_flight -= 1
+    def _complete(self, data: bytes | None, calls: int = _RESPONSE) -> None:
+        """``calls`` calls are done: write their answer (``None``: nothing to answer), free
+        their slots."""
+        if data is not None and self._write(data, calls):
+            return  # queued: the slots are freed when it is written
+        self._in_flight -= calls
         self._unblock()
 
     async def _run_call(self, msg: Request | Notification, ctx: CallContext) -> None:
@@ -433,6 +490,7 @@ class RPCConnection(asyncio.Protocol):
         (at most ``BATCH_CONCURRENCY`` in tasks). Elements start in order: those that cannot
         suspend are answered at once until the first that needs a task."""
         self._unstarted -= 1
+        calls = len(items)
         try:
             answers: list[Response | None] = [None] * len(items)
             deferred: list[tuple[int, Request | Notification, CallContext]] = []
@@ -454,13 +512,13 @@ class RPCConnection(asyncio.Protocol):
             data = encode_message(responses) if responses else None
         except Exception:
             log.exception("%r failed", self)
-            self._in_flight -= 1
+            self._in_flight -= calls
             self.close()
             return
         except BaseException:
-            self._in_flight -= 1
+            self._in_flight -= calls
             raise
-        self._complete(data)
+        self._complete(data, calls)
 
     async def _run_deferred(
         self,

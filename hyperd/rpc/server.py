@@ -22,7 +22,13 @@ import anyio
 from anyio.abc import SocketAttribute, SocketListener, TaskStatus
 
 from hyperd.rpc.access import AccessPolicy, PeerCredentials, peer_credentials
-from hyperd.rpc.connection import DEFAULT_MAX_IN_FLIGHT, DEFAULT_NOTIFY_QUEUE, RPCConnection
+from hyperd.rpc.connection import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_OUTPUT,
+    DEFAULT_NOTIFY_QUEUE,
+    RPCConnection,
+)
 from hyperd.rpc.methods import MethodTable
 from protocol.jsonrpc import MAX_MESSAGE, ErrorObject, Response, encode_message
 
@@ -43,6 +49,10 @@ class ServerStatistics:
     accepted: int
     refused: int
     in_flight: int
+    calls_started: int = 0
+    reading_paused: int = 0  # connections not read (backpressure: a limit is reached)
+    output_buffered: int = 0  # bytes written for clients that have not read them yet
+    batches_refused: int = 0
 
 
 class RPCServer:
@@ -52,6 +62,8 @@ class RPCServer:
     reading requests, lets the calls running finish and be answered for up to
     ``shutdown_grace`` seconds, then closes the connections still busy (cancelling their
     calls); ``serve`` then returns. Cancelling ``serve`` closes every connection at once.
+    ``max_message``, ``max_in_flight``, ``max_batch``, ``max_output`` and ``notify_queue``
+    bound what one connection can make the server hold (see :mod:`hyperd.rpc.connection`).
     """
 
     def __init__(
@@ -61,6 +73,8 @@ class RPCServer:
         access: AccessPolicy | None = None,
         max_message: int = MAX_MESSAGE,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_output: int = DEFAULT_MAX_OUTPUT,
         notify_queue: int = DEFAULT_NOTIFY_QUEUE,
         shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
     ) -> None:
@@ -68,6 +82,8 @@ class RPCServer:
         self.access = access if access is not None else AccessPolicy()
         self._max_message = max_message
         self._max_in_flight = max_in_flight
+        self._max_batch = max_batch
+        self._max_output = max_output
         self._notify_queue = notify_queue
         self._shutdown_grace = shutdown_grace
         self._ids = itertools.count(1)
@@ -81,12 +97,17 @@ class RPCServer:
         self._stopped: anyio.Event | None = None
 
     def statistics(self) -> ServerStatistics:
-        """Connections open, accepted and refused so far, calls running."""
+        """Connections open, accepted and refused so far, calls running, backpressure."""
+        each = [c.statistics() for c in self._connections]
         return ServerStatistics(
             connections=len(self._connections),
             accepted=self._accepted,
             refused=self._refused,
-            in_flight=sum(c.statistics().in_flight for c in self._connections),
+            in_flight=sum(s.in_flight for s in each),
+            calls_started=sum(s.calls_started for s in each),
+            reading_paused=sum(s.reading_paused for s in each),
+            output_buffered=sum(s.output_buffered for s in each),
+            batches_refused=sum(s.batches_refused for s in each),
         )
 
     async def serve(
@@ -191,6 +212,8 @@ class RPCServer:
             connection_id=next(self._ids),
             max_message=self._max_message,
             max_in_flight=self._max_in_flight,
+            max_batch=self._max_batch,
+            max_output=self._max_output,
             notify_queue=self._notify_queue,
             host_task=self._host,
             on_finished=self._finished,

@@ -41,6 +41,7 @@ class RegisterVM(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_d
     ioSerial: str
     console: str = ""  # omitempty
     numIOStreams: int = 0  # omitempty
+    exitNotifications: bool = False  # hyperd's extension (omitempty); the reference ignores it
 
 
 class UnregisterVM(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -54,6 +55,7 @@ class AttachVM(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_def
 
     containerId: str
     numIOStreams: int = 0  # omitempty
+    exitNotifications: bool = False  # hyperd's extension (omitempty); the reference ignores it
 
 
 class IOResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -63,10 +65,36 @@ class IOResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tokens: list[str] | None = None
 
 
-class VMResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Success payload of RegisterVM and AttachVM."""
+class VMResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Success payload of RegisterVM and AttachVM.
+
+    ``exitNotifications`` is hyperd's extension: true when the proxy will send this connection a
+    ``VM_PROCESS_EXITED`` notification for every process exit of the VM. The reference never
+    sends the key (it decodes as false), so a runtime can tell which proxy it talks to.
+    """
 
     io: IOResponse
+    exitNotifications: bool = False  # omitempty
+
+
+class ProcessExitNotice(
+    msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True, kw_only=True
+):
+    """Payload of the ``VM_PROCESS_EXITED`` notification (**hyperd's extension**, notification
+    opcode 1, proxy → runtime connection that registered or attached with exitNotifications).
+
+    ``containerId`` is the VM; ``token`` the I/O token the process was started with (empty for a
+    process started without one); ``container`` and ``process`` the agent's ids;
+    ``status`` the exit status as the agent reported it (0..255). ``backlog`` is true for an
+    exit that happened while no runtime connection listened, delivered on the next AttachVM.
+    """
+
+    containerId: str
+    token: str = ""  # omitempty
+    container: str = ""  # omitempty
+    process: str = ""  # omitempty
+    status: int  # always sent, 0 included
+    backlog: bool = False  # omitempty
 
 
 class Hyper(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -120,6 +148,7 @@ PAYLOAD_TYPES: Final[tuple[type[msgspec.Struct], ...]] = (
     Signal,
     ErrorResponse,
     LogEntry,
+    ProcessExitNotice,
 )
 
 _ENCODER: Final = msgspec.json.Encoder()
@@ -281,6 +310,7 @@ __all__ = [
     "IOResponse",
     "LogEntry",
     "PayloadError",
+    "ProcessExitNotice",
     "RegisterVM",
     "Signal",
     "UnregisterVM",

@@ -75,3 +75,29 @@ def test_check_names_file_and_problem(tmp_path: Path) -> None:
     assert "cannot read" in check_config(tmp_path / "missing.toml")[0]
     f.write_bytes(b"\xff\xfe")
     assert "not UTF-8" in check_config(f)[0]
+
+
+def test_rpc_limits_and_allowlist_round_trip(tmp_path: Path) -> None:
+    c = parse_config(
+        f'base_dir = "{tmp_path}"\n[rpc]\nmax_batch = 10\nmax_output = 4096\n'
+        'allowed_host_paths = ["/srv/a", "/srv/b"]\n'
+    )
+    assert (c.rpc.max_batch, c.rpc.max_output) == (10, 4096)
+    assert c.rpc.allowed_host_paths == ["/srv/a", "/srv/b"]
+    assert parse_config(render_toml(c)) == c
+    assert default_config(str(tmp_path)).rpc.allowed_host_paths is None  # unrestricted
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[rpc]\nmax_batch = 0\n", "rpc.max_batch: must be positive, got 0"),
+        ("[rpc]\nmax_output = -1\n", "rpc.max_output: must be positive, got -1"),
+        ("[rpc]\nnotify_queue = 0\n", "rpc.notify_queue: must be positive"),
+        ('[rpc]\nallowed_host_paths = ["srv"]\n', "rpc.allowed_host_paths: must be absolute"),
+        ('[rpc]\nmax_in_flight = "many"\n', "rpc.max_in_flight"),
+    ],
+)
+def test_rpc_limit_errors_name_the_key(text: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected.replace(".", r"\.")):
+        parse_config(text)

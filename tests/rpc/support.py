@@ -37,6 +37,10 @@ class PublishParams(msgspec.Struct):
     size: int = 0
 
 
+class BlobParams(msgspec.Struct):
+    size: int
+
+
 class Point(msgspec.Struct):
     x: int
     y: int
@@ -97,6 +101,10 @@ def make_methods(state: State) -> MethodTable:
             state.cancelled += 1
             raise
         return "released"
+
+    @methods.method("blob", BlobParams)
+    async def blob(params: BlobParams, ctx: CallContext) -> str:
+        return "x" * params.size  # an answer far larger than its request
 
     @methods.method("note", EchoParams)
     async def note(params: EchoParams, ctx: CallContext) -> None:

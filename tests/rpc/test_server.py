@@ -292,17 +292,37 @@ async def test_batch_elements_run_concurrently(short_tmp: Path) -> None:
         assert sorted(str(r["id"]) for r in answer) == ["0", "1", "2", "p"]
 
 
+def _adds(n: int) -> list[dict[str, Any]]:
+    return [
+        {"jsonrpc": "2.0", "method": "add", "params": {"a": i, "b": 1}, "id": i} for i in range(n)
+    ]
+
+
 async def test_large_batch(short_tmp: Path) -> None:
     n = 2000
-    async with running_server(sock(short_tmp)), RawClient.connect(sock(short_tmp)) as c:
-        await c.send_json(
-            [
-                {"jsonrpc": "2.0", "method": "add", "params": {"a": i, "b": 1}, "id": i}
-                for i in range(n)
-            ]
-        )
+    path = sock(short_tmp)
+    async with running_server(path, max_batch=n), RawClient.connect(path) as c:
+        await c.send_json(_adds(n))
         answer = await c.recv()
         assert sorted((r["id"], r["result"]) for r in answer) == [(i, i + 1) for i in range(n)]
+
+
+async def test_batch_over_max_batch_is_refused_whole(short_tmp: Path) -> None:
+    path = sock(short_tmp)
+    async with running_server(path, max_batch=10) as server, RawClient.connect(path) as c:
+        await c.send_json(_adds(10))
+        assert len(await c.recv()) == 10
+        await c.send_json(_adds(11))
+        refused = await c.recv()
+        assert refused["id"] is None
+        assert refused["error"]["code"] == INVALID_REQUEST
+        assert refused["error"]["data"] == {"kind": "batch_too_large", "calls": 11, "max_batch": 10}
+        assert "11 calls" in refused["error"]["message"]
+        # none of the refused batch ran, and the connection goes on serving
+        assert await c.call("add", {"a": 2, "b": 3}) == {"jsonrpc": "2.0", "result": 5, "id": 1}
+        stats = server.statistics()
+        assert stats.batches_refused == 1
+        assert stats.calls_started == 11
 
 
 async def test_a_failing_connection_does_not_stop_the_server(
