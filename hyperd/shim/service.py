@@ -12,12 +12,13 @@ hyperd or the VM.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -33,6 +34,7 @@ from hyperd.shim.hyperd_api import HyperdAPI, HyperdError
 from hyperd.shim.proto import events_pb2, mount_pb2, shim_pb2, task_types_pb2
 from hyperd.shim.stdio import Input, Output, StdioError
 from hyperd.shim.ttrpc import CallInfo, Code, Method, TtrpcError
+from protocol import ProtocolError
 from protocol.ccproxy import ErrorReply, ProcessExited, Response, Stream, StreamData
 
 log = logging.getLogger(__name__)
@@ -237,9 +239,9 @@ class TaskService:
         if proc.stdin_scope is not None:
             proc.stdin_scope.cancel()
         proc.close_stdio()
-        if proc.proxy is not None:
-            await proc.proxy.disconnect()
-            proc.proxy = None
+        proxy, proc.proxy = proc.proxy, None  # nothing is sent on it from now on
+        if proxy is not None:
+            await proxy.disconnect()
         await proc.start_announced.wait()  # /tasks/exit only after /tasks/start
         proc.status, proc.exit_status, proc.exited_at = Status.STOPPED, status, time.time()
         proc.exited.set()
@@ -265,12 +267,34 @@ class TaskService:
                 # shielded: a cancel (CloseIO, exit) must not cut a frame in half
                 with anyio.CancelScope(shield=True):
                     async with proc.stdin_lock:
-                        if proc.stdin_closed or proc.proxy is None:
+                        if proc.stdin_closed:
                             return
-                        await proc.proxy.send_stdin(data)
+                        try:
+                            await self._to_proxy(
+                                proc, functools.partial(ShimClient.send_stdin, data=data), "stdin"
+                            )
+                        except TtrpcError as exc:
+                            log.warning("%s %s: %s", proc.container, proc.exec_id, exc.message)
+                            return
                         if not data:
                             proc.stdin_closed = True
                             return
+
+    async def _to_proxy(
+        self, proc: Process, send: Callable[[ShimClient], Awaitable[None]], what: str
+    ) -> None:
+        """Send on the process's proxy session; a session that ended because the process
+        exited meanwhile is no error (the call raced the exit)."""
+        proxy = proc.proxy
+        if proxy is None:
+            return
+        try:
+            await send(proxy)
+        except (ProtocolError, OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            if proc.proxy is proxy and not proc.exited.is_set():
+                raise TtrpcError(
+                    Code.UNAVAILABLE, f"{what}: the pod's proxy connection is gone"
+                ) from None
 
     async def _start_io(self, task: Task, proc: Process) -> None:
         self.tg.start_soon(self._relay, task, proc)
@@ -430,8 +454,8 @@ class TaskService:
                 await self._exited(task, proc, SIGNAL_EXIT_BASE + req.signal)
             return empty_pb2.Empty()
         if req.exec_id:
-            if proc.proxy is not None:
-                await proc.proxy.send_signal(req.signal)
+            signum = req.signal
+            await self._to_proxy(proc, lambda p: p.send_signal(signum), "kill")
         else:
             await self.hyperd.call(
                 "container.kill",
@@ -480,8 +504,8 @@ class TaskService:
         proc = self._process(req.id, req.exec_id)
         if not proc.terminal:
             raise TtrpcError(Code.FAILED_PRECONDITION, "the process has no terminal")
-        if proc.proxy is not None and not proc.exited.is_set():
-            await proc.proxy.send_winsize(req.width, req.height)
+        width, height = req.width, req.height
+        await self._to_proxy(proc, lambda p: p.send_winsize(width, height), "resize")
         return empty_pb2.Empty()
 
     async def close_io(self, req: shim_pb2.CloseIORequest, info: CallInfo) -> Message:
@@ -491,13 +515,17 @@ class TaskService:
         if proc.stdin_scope is not None:
             proc.stdin_scope.cancel()
         async with proc.stdin_lock:
-            if proc.stdin_closed or proc.proxy is None:
+            if proc.stdin_closed:
                 return empty_pb2.Empty()
             proc.stdin_closed = True
             chunks = proc.stdin.read_available() if proc.stdin is not None else []
-            for chunk in chunks:
-                await proc.proxy.send_stdin(chunk)
-            await proc.proxy.send_stdin(b"")
+
+            async def forward(proxy: ShimClient) -> None:
+                for chunk in chunks:
+                    await proxy.send_stdin(chunk)
+                await proxy.send_stdin(b"")  # stdin EOF for the process
+
+            await self._to_proxy(proc, forward, "close stdin")
         return empty_pb2.Empty()
 
     async def pids(self, req: shim_pb2.PidsRequest, info: CallInfo) -> Message:
