@@ -44,6 +44,10 @@ EXIT_LOST: Final = 255  # the process's status never arrived (proxy connection l
 SIGNAL_EXIT_BASE: Final = 128  # exit status of a process killed by signal N is 128 + N
 PROCESS_SPEC_TYPE: Final = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 VERSION: Final = "hyperd-shim 1"
+STATUS_WAIT: Final = 0.0
+"""``container.wait``'s timeout when the proxy session ended without a status: only what hyperd
+has recorded by then (its exit notification travels separately from the session). Waiting
+longer would delay every dead VM's exits, whose status nobody will ever know."""
 CLAIM_DEADLINE: Final = 60.0
 """Seconds for the proxy to answer ConnectShim (it answers at once; this only ends a wait on a
 proxy that hangs)."""
@@ -231,7 +235,27 @@ class TaskService:
                         break
             except (OSError, anyio.BrokenResourceError) as exc:
                 log.warning("proxy connection of %s/%s lost: %s", task.id, proc.exec_id, exc)
+        if status is None:
+            status = await self._status_from_hyperd(proc)
         await self._exited(task, proc, EXIT_LOST if status is None else status)
+
+    async def _status_from_hyperd(self, proc: Process) -> int | None:
+        """The exit status hyperd recorded, when the proxy session ended without one (the
+        session broke, the proxy or the VM went away); ``None`` when hyperd does not know it
+        (it answers ``timeout`` at once for a process it still sees running)."""
+        if self.pod is None or proc.status == Status.CREATED:
+            return None
+        if proc.exec_id:
+            method, params = "exec.wait", {"pod": self.pod, "exec_id": proc.hyperd_exec_id}
+        else:
+            method, params = "container.wait", {"pod": self.pod, "id": proc.container}
+        try:
+            result = await self.hyperd.call(method, {**params, "timeout": STATUS_WAIT})
+        except HyperdError as exc:
+            log.info("no exit status from hyperd for %s: %s", proc.exec_id or proc.container, exc)
+            return None
+        status = result.get("exit_status") if isinstance(result, dict) else None
+        return status if isinstance(status, int) and status >= 0 else None
 
     async def _exited(self, task: Task, proc: Process, status: int) -> None:
         if proc.exited.is_set():
