@@ -135,7 +135,7 @@ def _remove_all(ctd: PrivateContainerd) -> None:
 
 
 async def shim(ws: Workspace, s: ShimSettings) -> Section:
-    sec = Section("5. containerd: ctr run --rm true, hyperd shim vs runc shim")
+    sec = Section("6. containerd: ctr run --rm true, hyperd shim vs runc shim")
     missing = _missing()
     if missing:
         sec.notes.append(f"not measured: needs {', '.join(missing)} (Debian containerd, runc)")

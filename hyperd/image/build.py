@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import hyperd
 from hyperd.image import cpio, debs, kernel
@@ -97,12 +98,14 @@ def image_paths(cache: Path) -> tuple[Path, Path]:
 # -- what goes in: the agent's Python distributions -----------------------------------------------
 
 
-# hyperd dependencies the guest agent never imports (the containerd shim's protobuf)
-HOST_ONLY = frozenset({"protobuf"})
+HOST_ONLY: Final = frozenset({"protobuf"})
+"""Runtime dependencies the guest never imports: protobuf is the containerd shim's (host side);
+its C extension needs libraries the guest does not carry."""
 
 
 def _agent_distributions() -> list[importlib.metadata.Distribution]:
-    """hyperd's runtime dependencies (no extras, not :data:`HOST_ONLY`), transitively."""
+    """hyperd's runtime dependencies (no extras, none of :data:`HOST_ONLY`), transitively, as
+    installed here."""
     seen: dict[str, importlib.metadata.Distribution] = {}
     todo = ["hyperd"]
     while todo:

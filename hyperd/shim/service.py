@@ -12,12 +12,13 @@ hyperd or the VM.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -33,6 +34,7 @@ from hyperd.shim.hyperd_api import HyperdAPI, HyperdError
 from hyperd.shim.proto import events_pb2, mount_pb2, shim_pb2, task_types_pb2
 from hyperd.shim.stdio import Input, Output, StdioError
 from hyperd.shim.ttrpc import CallInfo, Code, Method, TtrpcError
+from protocol import ProtocolError
 from protocol.ccproxy import ErrorReply, ProcessExited, Response, Stream, StreamData
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,10 @@ EXIT_LOST: Final = 255  # the process's status never arrived (proxy connection l
 SIGNAL_EXIT_BASE: Final = 128  # exit status of a process killed by signal N is 128 + N
 PROCESS_SPEC_TYPE: Final = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 VERSION: Final = "hyperd-shim 1"
+STATUS_WAIT: Final = 0.0
+"""``container.wait``'s timeout when the proxy session ended without a status: only what hyperd
+has recorded by then (its exit notification travels separately from the session). Waiting
+longer would delay every dead VM's exits, whose status nobody will ever know."""
 CLAIM_DEADLINE: Final = 60.0
 """Seconds for the proxy to answer ConnectShim (it answers at once; this only ends a wait on a
 proxy that hangs)."""
@@ -229,7 +235,27 @@ class TaskService:
                         break
             except (OSError, anyio.BrokenResourceError) as exc:
                 log.warning("proxy connection of %s/%s lost: %s", task.id, proc.exec_id, exc)
+        if status is None:
+            status = await self._status_from_hyperd(proc)
         await self._exited(task, proc, EXIT_LOST if status is None else status)
+
+    async def _status_from_hyperd(self, proc: Process) -> int | None:
+        """The exit status hyperd recorded, when the proxy session ended without one (the
+        session broke, the proxy or the VM went away); ``None`` when hyperd does not know it
+        (it answers ``timeout`` at once for a process it still sees running)."""
+        if self.pod is None or proc.status == Status.CREATED:
+            return None
+        if proc.exec_id:
+            method, params = "exec.wait", {"pod": self.pod, "exec_id": proc.hyperd_exec_id}
+        else:
+            method, params = "container.wait", {"pod": self.pod, "id": proc.container}
+        try:
+            result = await self.hyperd.call(method, {**params, "timeout": STATUS_WAIT})
+        except HyperdError as exc:
+            log.info("no exit status from hyperd for %s: %s", proc.exec_id or proc.container, exc)
+            return None
+        status = result.get("exit_status") if isinstance(result, dict) else None
+        return status if isinstance(status, int) and status >= 0 else None
 
     async def _exited(self, task: Task, proc: Process, status: int) -> None:
         if proc.exited.is_set():
@@ -237,9 +263,9 @@ class TaskService:
         if proc.stdin_scope is not None:
             proc.stdin_scope.cancel()
         proc.close_stdio()
-        if proc.proxy is not None:
-            await proc.proxy.disconnect()
-            proc.proxy = None
+        proxy, proc.proxy = proc.proxy, None  # nothing is sent on it from now on
+        if proxy is not None:
+            await proxy.disconnect()
         await proc.start_announced.wait()  # /tasks/exit only after /tasks/start
         proc.status, proc.exit_status, proc.exited_at = Status.STOPPED, status, time.time()
         proc.exited.set()
@@ -265,12 +291,34 @@ class TaskService:
                 # shielded: a cancel (CloseIO, exit) must not cut a frame in half
                 with anyio.CancelScope(shield=True):
                     async with proc.stdin_lock:
-                        if proc.stdin_closed or proc.proxy is None:
+                        if proc.stdin_closed:
                             return
-                        await proc.proxy.send_stdin(data)
+                        try:
+                            await self._to_proxy(
+                                proc, functools.partial(ShimClient.send_stdin, data=data), "stdin"
+                            )
+                        except TtrpcError as exc:
+                            log.warning("%s %s: %s", proc.container, proc.exec_id, exc.message)
+                            return
                         if not data:
                             proc.stdin_closed = True
                             return
+
+    async def _to_proxy(
+        self, proc: Process, send: Callable[[ShimClient], Awaitable[None]], what: str
+    ) -> None:
+        """Send on the process's proxy session; a session that ended because the process
+        exited meanwhile is no error (the call raced the exit)."""
+        proxy = proc.proxy
+        if proxy is None:
+            return
+        try:
+            await send(proxy)
+        except (ProtocolError, OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            if proc.proxy is proxy and not proc.exited.is_set():
+                raise TtrpcError(
+                    Code.UNAVAILABLE, f"{what}: the pod's proxy connection is gone"
+                ) from None
 
     async def _start_io(self, task: Task, proc: Process) -> None:
         self.tg.start_soon(self._relay, task, proc)
@@ -430,8 +478,8 @@ class TaskService:
                 await self._exited(task, proc, SIGNAL_EXIT_BASE + req.signal)
             return empty_pb2.Empty()
         if req.exec_id:
-            if proc.proxy is not None:
-                await proc.proxy.send_signal(req.signal)
+            signum = req.signal
+            await self._to_proxy(proc, lambda p: p.send_signal(signum), "kill")
         else:
             await self.hyperd.call(
                 "container.kill",
@@ -480,8 +528,8 @@ class TaskService:
         proc = self._process(req.id, req.exec_id)
         if not proc.terminal:
             raise TtrpcError(Code.FAILED_PRECONDITION, "the process has no terminal")
-        if proc.proxy is not None and not proc.exited.is_set():
-            await proc.proxy.send_winsize(req.width, req.height)
+        width, height = req.width, req.height
+        await self._to_proxy(proc, lambda p: p.send_winsize(width, height), "resize")
         return empty_pb2.Empty()
 
     async def close_io(self, req: shim_pb2.CloseIORequest, info: CallInfo) -> Message:
@@ -491,13 +539,17 @@ class TaskService:
         if proc.stdin_scope is not None:
             proc.stdin_scope.cancel()
         async with proc.stdin_lock:
-            if proc.stdin_closed or proc.proxy is None:
+            if proc.stdin_closed:
                 return empty_pb2.Empty()
             proc.stdin_closed = True
             chunks = proc.stdin.read_available() if proc.stdin is not None else []
-            for chunk in chunks:
-                await proc.proxy.send_stdin(chunk)
-            await proc.proxy.send_stdin(b"")
+
+            async def forward(proxy: ShimClient) -> None:
+                for chunk in chunks:
+                    await proxy.send_stdin(chunk)
+                await proxy.send_stdin(b"")  # stdin EOF for the process
+
+            await self._to_proxy(proc, forward, "close stdin")
         return empty_pb2.Empty()
 
     async def pids(self, req: shim_pb2.PidsRequest, info: CallInfo) -> Message:

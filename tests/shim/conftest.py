@@ -1,5 +1,6 @@
-"""A private containerd 1.6 (Debian's) per test session, driving containerd-shim-hyperd-v2
-against a real ``hyperd serve`` on its embedded default (simulated VMs).
+"""A private containerd 1.6 (Debian's) per test run of this package, driving
+containerd-shim-hyperd-v2 against a real ``hyperd serve`` on its embedded default (simulated
+VMs).
 
 Everything lives under one fresh ``/tmp/hdc-*`` directory: containerd's root, state, sockets
 and FIFOs, the shim sockets and hyperd's base dir, so parallel sessions cannot collide. The image
@@ -52,10 +53,13 @@ def _fail_without(tool: str, package: str) -> None:
         pytest.fail(f"{tool} is not installed (Debian package {package}; .ci/run installs it)")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def containerd() -> Iterator[Containerd]:
     """A private containerd with the busybox image imported, and the hyperd it uses (which
-    leaves pods running when it stops, so a test can restart it under running tasks)."""
+    leaves pods running when it stops, so a test can restart it under running tasks).
+
+    One per run of this package: stopped once its tests are done, so no child process of the
+    test run outlives them (later tests list this process's children)."""
     if os.geteuid() != 0:
         pytest.fail("the containerd tests need root (containerd, overlay mounts)")
     _fail_without("containerd", "containerd")
