@@ -23,6 +23,8 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
+from protocol import jsonerrors
+
 STATE_VERSION = 1  # bump when a record's shape changes incompatibly
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # same rule as pod/container ids
 _TMP_SUFFIX = ".tmp"
@@ -134,7 +136,7 @@ class StateStore:
             problem = None
             try:
                 env: Any = decoder.decode(path.read_bytes())
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except jsonerrors.DECODE_ERRORS as exc:
                 problem = f"{path}: unreadable state record: {exc}"
             except OSError as exc:
                 problem = f"{path}: cannot read: {exc.strerror}"

@@ -12,6 +12,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Hypothesis must not depend on the machine being idle: no per-example deadline and no
+# "input generation is slow" health check (both measure wall-clock time, which a busy CI machine
+# stretches). In CI (CI set in the environment, or HYPOTHESIS_PROFILE=ci) the examples are
+# derandomized, so a failure there is the same failure on a developer's machine; elsewhere they are
+# random and a failure prints the seed that reproduces it (``--hypothesis-seed=N``).
+_TIMING_FREE = {
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.too_slow],
+    "print_blob": True,
+}
+settings.register_profile("dev", **_TIMING_FREE)
+settings.register_profile("ci", derandomize=True, database=None, **_TIMING_FREE)
+_PROFILE = os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
+settings.load_profile(_PROFILE)
 
 
 @pytest.fixture(

@@ -14,7 +14,9 @@ import subprocess
 from typing import IO, Any
 
 READY_LINE = b"ready\n"
-READY_DEADLINE = 20.0  # seconds for a program to listen, with room for a loaded machine
+# seconds for a program to listen: a generous bound that only a hung start hits (seen: a Python
+# program took over 20 s to start on 2 cores at load average 25)
+READY_DEADLINE = 60.0
 EXIT_DEADLINE = 10.0  # seconds for a program to exit after SIGTERM before it is killed
 
 

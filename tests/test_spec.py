@@ -139,9 +139,7 @@ def test_resources() -> None:
     assert parse(ResourcesSpec, {"cpu_quota": -1, "cpu_period": 100000}).cpu_quota == -1
 
 
-@pytest.mark.parametrize(
-    "value", ["a", "A9", "pod-1", "c_1.x", "0", "a" * 128, "x." + "y" * 126]
-)
+@pytest.mark.parametrize("value", ["a", "A9", "pod-1", "c_1.x", "0", "a" * 128, "x." + "y" * 126])
 def test_valid_ids(value: str) -> None:
     assert validate_id("pod_id", value) == value
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import anyio
 
+from hyperd.bench.exits import ExitSettings, exit_delivery
 from hyperd.bench.latency import LatencySettings, latency
 from hyperd.bench.lifecycle import LifecycleSettings, lifecycle
 from hyperd.bench.manyvm import ManyVMSettings
@@ -48,7 +49,7 @@ log = logging.getLogger("hyperd.bench")
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-SCENARIOS = ("1", "2", "3", "4")
+SCENARIOS = ("1", "2", "3", "4", "5")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class Settings:
     latency: LatencySettings = field(default_factory=LatencySettings)
     scale: ScaleSettings = field(default_factory=ScaleSettings)
     lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
+    exits: ExitSettings = field(default_factory=ExitSettings)
 
 
 DEFAULT = Settings()
@@ -73,6 +75,7 @@ QUICK = Settings(
     latency=LatencySettings(calls=60, repetitions=2, warmup=10),
     scale=ScaleSettings(sizes=(1, 20), calls=200, repetitions=1, process_limit=4),
     lifecycle=LifecycleSettings(containers=3, repetitions=1, warmup=1),
+    exits=ExitSettings(containers=10, warmup=1),
 )
 
 
@@ -89,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         "--only",
         default=",".join(SCENARIOS),
         help="comma-separated scenarios to run: 1 throughput, 2 RPC latency, "
-        "3 scale, 4 container lifecycle (default: all)",
+        "3 scale, 4 container lifecycle, 5 exit delivery (default: all)",
     )
     p.add_argument("--repetitions", type=int, help="repetitions of every scenario")
     p.add_argument("--scale", help="pod counts of scenario 3, e.g. 1,100,1000")
@@ -163,7 +166,10 @@ def _scenarios() -> dict[str, Scenario]:
     async def three(ws: Workspace, s: Settings) -> Section:
         return await scale(ws, s.scale)
 
-    table: dict[str, Scenario] = {"1": one, "2": two, "3": three, "4": four}
+    async def five(ws: Workspace, s: Settings) -> Section:
+        return await exit_delivery(ws, s.exits)
+
+    table: dict[str, Scenario] = {"1": one, "2": two, "3": three, "4": four, "5": five}
     return table
 
 

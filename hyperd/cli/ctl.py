@@ -32,6 +32,7 @@ from hyperd.cli.output import cell, show
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_STATUS_UNKNOWN = 255  # `wait` of a process whose exit status hyperd could not learn
 
 
 def default_socket() -> str:
@@ -94,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
         "  hyperctl run demo -- sh -c 'echo hello; exit 7'\n"
         "  hyperctl pod list\n"
         "  hyperctl container ps demo run-1a2b3c4d\n"
+        "  hyperctl wait demo run-1a2b3c4d\n"
         "  hyperctl --json pod inspect demo\n"
         "  hyperctl call hyperd.stats '{}'",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -167,10 +169,25 @@ def _parser() -> argparse.ArgumentParser:
         p = ex.add_parser(verb, help=f"exec.{verb}")
         p.add_argument("pod")
         p.add_argument("exec_id")
+    ew = ex.add_parser(
+        "wait", help="exec.wait: wait for the exec process to end, print its status, exit with it"
+    )
+    ew.add_argument("pod")
+    ew.add_argument("exec_id")
+    ew.add_argument("--timeout", type=float, help="give up after this many seconds")
     er = ex.add_parser("run", help="exec create + shim + start: run a command, stream its output")
     er.add_argument("pod")
     er.add_argument("container")
     _add_process_options(er)
+
+    wait = sub.add_parser(
+        "wait",
+        help="container.wait: wait for the container's process to end, print its status, "
+        f"exit with it ({EXIT_STATUS_UNKNOWN} when unknown)",
+    )
+    wait.add_argument("pod")
+    wait.add_argument("id", help="container id")
+    wait.add_argument("--timeout", type=float, help="give up after this many seconds")
 
     run = sub.add_parser(
         "run",
@@ -279,6 +296,25 @@ async def _events(client: RPCClient, args: argparse.Namespace) -> None:
             )
 
 
+async def _wait(client: RPCClient, args: argparse.Namespace) -> int:
+    """``hyperctl wait`` / ``hyperctl exec wait``: print the exit status, exit with it."""
+    if args.command == "wait":
+        method, params = "container.wait", {"pod": args.pod, "id": args.id}
+    else:
+        method, params = "exec.wait", {"pod": args.pod, "exec_id": args.exec_id}
+    if args.timeout is not None:
+        params["timeout"] = args.timeout
+    result = await client.call(method, params)
+    status = result.get("exit_status")
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    elif status is None:
+        print(f"unknown ({result.get('reason') or 'no exit status'})")
+    else:
+        print(status)
+    return EXIT_STATUS_UNKNOWN if status is None else int(status)
+
+
 async def _run(client: RPCClient, args: argparse.Namespace) -> int:
     process = _process(args)
     try:
@@ -346,6 +382,8 @@ async def _main(args: argparse.Namespace) -> int:
             return await _run(client, args)
         if args.command == "exec" and args.verb == "run":
             return await _exec_run(client, args)
+        if args.command == "wait" or (args.command == "exec" and args.verb == "wait"):
+            return await _wait(client, args)
         show(await _rpc(args, client), as_json=args.json)
         return 0
 

@@ -3,7 +3,9 @@
 - A pod that was running: its VM and proxy processes (when hyperd started them) must still be
   the same processes (pid + start time); then hyperd re-attaches to the VM through its proxy
   (AttachVM, not RegisterVM) and undoes the mounts of containers caught in the middle of
-  ``container.start``. A pod whose helpers died, or whose VM cannot be re-attached, is torn down
+  ``container.start``; the exits that happened meanwhile come from the proxy right after the
+  AttachVM (or, without exit notifications, shims that are gone mark their containers exited).
+  A pod whose helpers died, or whose VM cannot be re-attached, is torn down
   and marked ``stopped`` with the reason.
 - A pod that was not running (or was caught in the middle of ``pod.start`` by a crash): every
   helper process it recorded is stopped and its share dir cleaned, so it can start again.
@@ -69,10 +71,13 @@ async def _adopt(d: Daemon, pod: PodRecord) -> None:
         await _reconcile_lost(d, pod, rt, reason)
         return
     try:
-        await d.connect_vm(pod, rt, attach=True)
+        link = await d.connect_vm(pod, rt, attach=True)
     except HyperdError as exc:
         await _reconcile_lost(d, pod, rt, f"cannot re-attach to the VM: {exc}")
         return
+    # the exits kept by the proxy while hyperd was down arrived right after the AttachVM (and
+    # were applied); without exit notifications the shims' pids are watched again
+    d.exit_source(pod, link)
     for c in pod.containers.values():
         if c.state == ContainerState.CREATED:
             # a crash in the middle of container.start may have left its mounts

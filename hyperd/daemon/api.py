@@ -37,15 +37,21 @@ Methods (``params`` → ``result``):
 - ``container.stop {pod, id}``: REMOVECONTAINER, undo its mounts → the container, ``stopped``
 - ``container.delete {pod, id}`` (``created``/``stopped`` only) → ``{pod, id, state: "deleted"}``
 - ``container.kill {pod, id, signal: int | "TERM" | "SIGKILL", all?}`` →
-  ``{id, signal, target: "agent"|"shim"}`` (before start: the shim's pid is signalled)
+  ``{id, signal, target: "agent"|"shim"}`` (before start: the shim is signalled through the
+  pidfd pinned at create)
+- ``container.wait {pod, id, timeout?}`` / ``exec.wait {pod, exec_id, timeout?}`` →
+  ``{exit_status, exited_at, reason}`` once the process has ended (at once if it has);
+  ``timeout`` (seconds) gives a ``timeout`` error, the process keeps running; a client that
+  disconnects cancels its wait; ``invalid_state`` when the pod's exits are not observable
 - ``container.ps {pod, id, format?: "table"|"json", args?: [str]}`` → ``{output}`` (CC only)
 - ``container.list {pod}`` → ``{containers: [container]}``
 - ``container.inspect {pod, id}`` → ``{pod, id, state, args, rootfs, token, proxy_url,
-  exit_status, shim_pid, mounts, execs, created_at}``
+  exit_status, exited_at, exit_reason, exit_watch: "proxy"|"shim_pid"|"none"|"unknown",
+  shim_pid, mounts, execs, created_at}``
 - ``exec.create {pod, container, process, exec_id?}`` → ``{exec_id, token, proxy_url, state}``
 - ``exec.start {pod, exec_id}``: EXECCMD with the token → ``{exec_id, container, state}``
-- ``exec.inspect {pod, exec_id}`` → ``{exec_id, container, state, args, exit_status, token,
-  proxy_url}``
+- ``exec.inspect {pod, exec_id}`` → ``{exec_id, container, state, args, exit_status,
+  exited_at, exit_reason, exit_watch, token, proxy_url}``
 - ``events.subscribe {}`` → ``{subscribed: true}``, then notifications
   ``{"method": "event", "params": {kind: "pod"|"container"|"exec"|"vm", pod, container?,
   exec_id?, state, reason?, time}}`` until the connection closes. A subscriber that falls
@@ -64,7 +70,7 @@ the field.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal
 
 import anyio
@@ -72,9 +78,11 @@ import anyio.abc
 import msgspec
 
 from hyperd.daemon import containers as ops
+from hyperd.daemon import exits
 from hyperd.daemon.events import SUBSCRIBER_BUFFER
 from hyperd.daemon.model import ProxySpec, VMSpec
 from hyperd.daemon.service import Daemon
+from hyperd.errors import HyperdError
 from hyperd.rpc.access import HostPathPolicy
 from hyperd.rpc.methods import CallContext, MethodTable
 from hyperd.spec import DeviceSpec, MountSpec, ProcessSpec, ResourcesSpec, RootfsSpec, parse
@@ -120,6 +128,18 @@ class ContainerCreate(_Params):
 class ContainerRef(_Params):
     pod: str
     id: str
+
+
+class ContainerWait(_Params):
+    pod: str
+    id: str
+    timeout: float | None = None
+
+
+class ExecWait(_Params):
+    pod: str
+    exec_id: str
+    timeout: float | None = None
 
 
 class ContainerKill(_Params):
@@ -248,6 +268,7 @@ def build_methods(d: Daemon) -> MethodTable:
             resources=parse(ResourcesSpec, p.resources) if p.resources is not None else None,
             bind_mount_dev=p.bind_mount_dev,
             shim_pid=p.shim_pid,
+            caller_uid=ctx.peer.uid,
         )
 
     @add("container.start", ContainerRef)
@@ -265,6 +286,10 @@ def build_methods(d: Daemon) -> MethodTable:
     @add("container.kill", ContainerKill)
     async def container_kill(p: ContainerKill, ctx: CallContext) -> Any:
         return await ops.container_kill(d, p.pod, p.id, p.signal, p.all)
+
+    @add("container.wait", ContainerWait)
+    async def container_wait(p: ContainerWait, ctx: CallContext) -> Any:
+        return await _unless_gone(ctx, exits.wait(d, p.pod, "container", p.id, p.timeout))
 
     @add("container.ps", ContainerPs)
     async def container_ps(p: ContainerPs, ctx: CallContext) -> Any:
@@ -287,6 +312,10 @@ def build_methods(d: Daemon) -> MethodTable:
     async def exec_start(p: ExecRef, ctx: CallContext) -> Any:
         return await ops.exec_start(d, p.pod, p.exec_id)
 
+    @add("exec.wait", ExecWait)
+    async def exec_wait(p: ExecWait, ctx: CallContext) -> Any:
+        return await _unless_gone(ctx, exits.wait(d, p.pod, "exec", p.exec_id, p.timeout))
+
     @add("exec.inspect", ExecRef)
     async def exec_inspect(p: ExecRef, ctx: CallContext) -> Any:
         return ops.exec_inspect(d, p.pod, p.exec_id)
@@ -297,6 +326,23 @@ def build_methods(d: Daemon) -> MethodTable:
         return {"subscribed": True}
 
     return table
+
+
+async def _unless_gone(ctx: CallContext, work: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``work``, cancelled if the client goes away first (nobody would read its answer)."""
+    outcome: list[Any] = []
+    async with anyio.create_task_group() as tg:
+
+        async def run() -> None:
+            outcome.append(await work)
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(run)
+        await ctx.wait_hangup()
+        tg.cancel_scope.cancel()
+    if not outcome:
+        raise HyperdError(f"{ctx.method}: the client went away; the call was cancelled")
+    return outcome[0]
 
 
 async def _forward_events(

@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio
 
-from hyperd.daemon import bridge
+from hyperd.daemon import bridge, exits
 from hyperd.daemon.model import (
     ContainerRecord,
     ContainerState,
@@ -29,6 +29,7 @@ from hyperd.daemon.model import (
     check_container_transition,
     check_pod_transition,
     container_view,
+    exit_watch,
 )
 from hyperd.daemon.service import Daemon
 from hyperd.daemon.testhooks import crash_point
@@ -87,8 +88,13 @@ async def container_create(
     resources: ResourcesSpec | None,
     bind_mount_dev: bool,
     shim_pid: int | None,
+    caller_uid: int = exits.ROOT_UID,
 ) -> dict[str, Any]:
-    """Record a container and hand out its I/O token; the agent is not told yet."""
+    """Record a container and hand out its I/O token; the agent is not told yet.
+
+    A ``shim_pid`` must be a process of the caller (``caller_uid``, root excepted); it is
+    pinned with a pidfd here (see :mod:`hyperd.daemon.exits`).
+    """
     pod = d.get_pod(pod_id)
     cid = validate_id("container", cid)
     check_pod_transition(pod, "use")
@@ -97,8 +103,31 @@ async def container_create(
             f"container {cid!r} already exists in pod {pod.id!r}", pod=pod.id, container=cid
         )
     _check_rootfs(rootfs)
-    if shim_pid is not None and shim_pid <= 0:
-        raise InvalidParams(f"invalid shim_pid {shim_pid!r}", field="shim_pid")
+    pin = exits.pin_shim(shim_pid, caller_uid) if shim_pid is not None else None
+    try:
+        return await _create(
+            d, pod, cid, pin, rootfs=rootfs, process=process, mounts=mounts, devices=devices,
+            resources=resources, bind_mount_dev=bind_mount_dev,
+        )  # fmt: skip
+    except BaseException:
+        if pin is not None:
+            pin.close()
+        raise
+
+
+async def _create(
+    d: Daemon,
+    pod: PodRecord,
+    cid: str,
+    pin: exits.ShimPin | None,
+    *,
+    rootfs: RootfsSpec,
+    process: ProcessSpec,
+    mounts: list[MountSpec],
+    devices: list[DeviceSpec],
+    resources: ResourcesSpec | None,
+    bind_mount_dev: bool,
+) -> dict[str, Any]:
     c = ContainerRecord(
         id=cid,
         rootfs=rootfs,
@@ -108,7 +137,8 @@ async def container_create(
         devices=list(devices),
         resources=resources,
         bind_mount_dev=bind_mount_dev,
-        shim_pid=shim_pid,
+        shim_pid=pin.pid if pin is not None else None,
+        shim_start_time=pin.start_time if pin is not None else None,
     )
     # what the agent's dialect cannot carry is refused now, not at start
     bridge.container_message(pod, c, [])
@@ -119,6 +149,8 @@ async def container_create(
             f"container {cid!r} already exists in pod {pod.id!r}", pod=pod.id, container=cid
         )
     pod.containers[cid] = c
+    if pin is not None:
+        d.rt(pod).exits.pins[cid] = pin
     await d.save(pod)
     d.publish("container", pod, str(c.state), container=cid)
     return {"id": cid, "token": token, "proxy_url": pod.proxy_url, "state": str(c.state)}
@@ -146,18 +178,24 @@ async def container_start(d: Daemon, pod_id: object, cid: object) -> dict[str, A
                 message = bridge.container_message(pod, c, layout)
                 await bridge.call(pod, link, "newcontainer", message, tokens=[c.token])
             except BaseException:
-                await bridge.unmount_container(pod, c)
+                await bridge.unmount_recorded(pod, c)
                 c.mounts_made = []
                 await d.save(pod)
                 raise
             c.state = ContainerState.RUNNING
+            d.publish("container", pod, "running", container=c.id)
+            exits.apply_early_exit(d, pod, c)  # an exit that came with newcontainer's reply
+            exits.watch_shim(d, pod, c)  # when the proxy sends no exits
             await d.save(pod)
-    d.publish("container", pod, str(c.state), container=c.id)
     return container_view(pod, c)
 
 
 async def container_stop(d: Daemon, pod_id: object, cid: object) -> dict[str, Any]:
-    """``removecontainer`` (unless the agent freed it already), then undo its mounts."""
+    """``removecontainer`` (unless the agent freed it already), then undo its mounts.
+
+    Also for an ``exited`` container: the CC agent keeps a container whose init ended until
+    it is removed (the hyperhq agent frees it itself: its "not found" is expected then).
+    """
     pod = d.get_pod(pod_id)
     c = get_container(pod, cid)
     async with d.rt(pod).container_lock(c.id):
@@ -165,6 +203,14 @@ async def container_stop(d: Daemon, pod_id: object, cid: object) -> dict[str, An
         check_container_transition(pod, c, "stop")
         if c.state == ContainerState.RUNNING:
             await _remove(d, pod, c)
+        elif c.state == ContainerState.EXITED:
+            try:
+                await _remove(d, pod, c)
+            except AgentError as exc:
+                log.info(
+                    "removecontainer of an exited container: %s", exc,
+                    extra={"pod": pod.id, "container": c.id},
+                )  # fmt: skip
         with anyio.CancelScope(shield=True):
             # stopped as soon as the agent let it go; a failed unmount below is retried by
             # container.delete and pod.stop (both undo whatever mounts_made still lists)
@@ -172,9 +218,12 @@ async def container_stop(d: Daemon, pod_id: object, cid: object) -> dict[str, An
             for e in pod.execs.values():
                 if e.container == c.id:
                     e.state = ExecState.EXITED
+                    d.rt(pod).exits.wake(("exec", e.id))
+            d.rt(pod).exits.unpin(c.id)
+            d.rt(pod).exits.wake(("container", c.id))
             await d.save(pod)
             d.publish("container", pod, str(c.state), container=c.id)
-            await bridge.unmount_container(pod, c)
+            await bridge.unmount_recorded(pod, c)
             c.mounts_made = []
             await d.save(pod)
     return container_view(pod, c)
@@ -189,8 +238,12 @@ async def container_delete(d: Daemon, pod_id: object, cid: object) -> dict[str, 
         # found from mountinfo: also what a failed unmount or a crash left behind
         await bridge.unmount_container(pod, c)
         del pod.containers[c.id]
+        pod_exits = d.rt(pod).exits
+        pod_exits.unpin(c.id)
+        pod_exits.wake(("container", c.id))  # its waiters find it gone
         for eid in [e.id for e in pod.execs.values() if e.container == c.id]:
             del pod.execs[eid]
+            pod_exits.wake(("exec", eid))
         await d.save(pod)
     d.rt(pod).container_locks.pop(c.id, None)
     d.publish("container", pod, "deleted", container=c.id)
@@ -199,9 +252,10 @@ async def container_delete(d: Daemon, pod_id: object, cid: object) -> dict[str, 
 
 async def _remove(d: Daemon, pod: PodRecord, c: ContainerRecord) -> None:
     """``removecontainer``. The hyperhq agent frees a container itself when its init exits and
-    refuses to remove one that still runs (conformance notes #6), and hyperd does not see the
-    exit event (it goes to the shim through the proxy): an ERROR there means "already freed" or
-    "still running"; in the second case the container is killed, and its init's exit frees it.
+    refuses to remove one that still runs (conformance notes #6), and hyperd may not have seen
+    the exit yet (or ever, behind a proxy without exit notifications): an ERROR there means
+    "already freed" or "still running"; in the second case the container is killed, and its
+    init's exit frees it.
     """
     link = d.link_of(pod)
     try:
@@ -221,7 +275,8 @@ async def _remove(d: Daemon, pod: PodRecord, c: ContainerRecord) -> None:
 async def container_kill(
     d: Daemon, pod_id: object, cid: object, signal: int | str, all_processes: bool
 ) -> dict[str, Any]:
-    """Signal the container: ``killcontainer`` once started, the shim's pid before that."""
+    """Signal the container: ``killcontainer`` once started, its shim before that (through the
+    pidfd pinned at ``container.create``, never ``kill()`` of a bare pid)."""
     pod = d.get_pod(pod_id)
     c = get_container(pod, cid)
     signum = parse_signal(signal)
@@ -236,8 +291,16 @@ async def container_kill(
                 container=c.id,
                 state=str(c.state),
             )
+        pod_exits = d.rt(pod).exits
+        pin = pod_exits.pins.get(c.id)
+        if pin is None:  # hyperd restarted since container.create: pin the same process again
+            pin = exits.repin_shim(c)
+            if pin is not None:
+                pod_exits.pins[c.id] = pin
         try:
-            os.kill(c.shim_pid, signum)
+            if pin is None:
+                raise ProcessLookupError
+            pin.send_signal(signum)
         except ProcessLookupError:
             raise NotFound(
                 f"shim pid {c.shim_pid} of container {c.id!r} does not exist",
@@ -330,14 +393,20 @@ async def exec_start(d: Daemon, pod_id: object, exec_id: object) -> dict[str, An
             state=str(e.state),
         )
     e.state = ExecState.RUNNING  # claimed before the await: a second start is refused
+    pod_exits = d.rt(pod).exits
+    pod_exits.starting.add(e.token)  # an exit arriving meanwhile waits for the reply
     try:
         link = d.link_of(pod)
         await bridge.call(pod, link, "execcmd", bridge.exec_message(pod, c, e), tokens=[e.token])
     except BaseException:
         e.state = ExecState.CREATED
+        pod_exits.early.pop(e.token, None)
         raise
+    finally:
+        pod_exits.starting.discard(e.token)
+    d.publish("exec", pod, "running", container=c.id, exec_id=e.id)
+    exits.apply_early_exit(d, pod, e)
     await d.save(pod)
-    d.publish("exec", pod, str(e.state), container=c.id, exec_id=e.id)
     return {"exec_id": e.id, "container": c.id, "state": str(e.state)}
 
 
@@ -350,6 +419,9 @@ def exec_inspect(d: Daemon, pod_id: object, exec_id: object) -> dict[str, Any]:
         "state": str(e.state),
         "args": list(e.process.args),
         "exit_status": e.exit_status,
+        "exited_at": e.exited_at,
+        "exit_reason": e.exit_reason,
+        "exit_watch": exit_watch(pod) if exit_watch(pod) != "shim_pid" else "none",
         "token": e.token,
         "proxy_url": pod.proxy_url,
     }

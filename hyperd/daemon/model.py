@@ -145,6 +145,8 @@ class ExecRecord(msgspec.Struct, kw_only=True):
     token: str
     state: ExecState = ExecState.CREATED
     exit_status: int | None = None
+    exited_at: float | None = None  # when hyperd learned of the exit (time.time())
+    exit_reason: str = ""  # set when the status is unknown, saying why
     created_at: float = msgspec.field(default_factory=time.time)
 
 
@@ -158,8 +160,11 @@ class ContainerRecord(msgspec.Struct, kw_only=True):
     resources: ResourcesSpec | None = None
     bind_mount_dev: bool = False
     shim_pid: int | None = None
+    shim_start_time: int | None = None  # of shim_pid, so a recycled pid is never taken for it
     state: ContainerState = ContainerState.CREATED
     exit_status: int | None = None
+    exited_at: float | None = None  # when hyperd learned of the init's exit (time.time())
+    exit_reason: str = ""  # set when the status is unknown, saying why
     mounts_made: list[MountRecord] = []
     created_at: float = msgspec.field(default_factory=time.time)
 
@@ -184,6 +189,7 @@ class PodRecord(msgspec.Struct, kw_only=True):
     proxy_process: ProcessRef | None = None
     state: PodState = PodState.CREATED
     reason: str = ""  # why the pod is unreachable
+    exit_notifications: bool | None = None  # the proxy sends exits (None: not connected yet)
     containers: dict[str, ContainerRecord] = {}
     execs: dict[str, ExecRecord] = {}
     exec_counter: int = 0
@@ -203,6 +209,20 @@ def pod_summary(pod: PodRecord) -> dict[str, object]:
     }
 
 
+def exit_watch(pod: PodRecord, c: ContainerRecord | None = None) -> str:
+    """How hyperd learns that a process of ``pod`` (container ``c``'s init) ended: ``"proxy"``
+    (the proxy's exit notifications), ``"shim_pid"`` (the shim's pid is watched: the status is
+    unknown), ``"none"`` (not observable: a proxy without the extension and no shim pid), or
+    ``"unknown"`` (the pod's proxy was not connected yet)."""
+    if pod.exit_notifications:
+        return "proxy"
+    if c is not None and c.shim_pid is not None:
+        return "shim_pid"
+    if pod.exit_notifications is None:
+        return "unknown"
+    return "none"
+
+
 def container_view(pod: PodRecord, c: ContainerRecord) -> dict[str, object]:
     """What ``container.inspect`` returns (and the rows of ``container.list``)."""
     return {
@@ -214,6 +234,9 @@ def container_view(pod: PodRecord, c: ContainerRecord) -> dict[str, object]:
         "token": c.token,
         "proxy_url": pod.proxy_url,
         "exit_status": c.exit_status,
+        "exited_at": c.exited_at,
+        "exit_reason": c.exit_reason,
+        "exit_watch": exit_watch(pod, c),
         "shim_pid": c.shim_pid,
         "mounts": [m.target for m in c.mounts_made],
         "execs": sorted(e.id for e in pod.execs.values() if e.container == c.id),
@@ -235,11 +258,18 @@ def pod_view(pod: PodRecord) -> dict[str, object]:
         "ctl": pod.ctl_path,
         "tty": pod.tty_path,
         "reason": pod.reason,
+        "exit_notifications": pod.exit_notifications,
         "vm_pid": pod.vm_process.pid if pod.vm_process else None,
         "proxy_pid": pod.proxy_process.pid if pod.proxy_process else None,
         "containers": [container_view(pod, c) for c in pod.containers.values()],
         "execs": [
-            {"exec_id": e.id, "container": e.container, "state": str(e.state)}
+            {
+                "exec_id": e.id,
+                "container": e.container,
+                "state": str(e.state),
+                "exit_status": e.exit_status,
+                "exited_at": e.exited_at,
+            }
             for e in pod.execs.values()
         ],
     }

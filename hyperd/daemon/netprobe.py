@@ -21,6 +21,7 @@ import msgspec
 
 from hyperd import errors
 from hyperd.host.model import HostNetwork
+from protocol import jsonerrors
 
 PROBE_TIMEOUT = 30.0  # seconds for the child to read the namespace
 _ERRORS: dict[str, type[errors.HyperdError]] = {
@@ -62,7 +63,7 @@ async def discover_network(netns: str) -> HostNetwork:
         ) from None
     try:
         reply = msgspec.json.decode(done.stdout, type=_Reply)
-    except msgspec.DecodeError:
+    except jsonerrors.DECODE_ERRORS:
         detail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
         raise errors.HyperdError(
             f"reading network namespace {netns!r} failed: {detail[0]}"

@@ -20,7 +20,8 @@ def make_dirs(pod: PodRecord, sockets: SocketAccess | None = None) -> None:
     Path(pod.run_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
     if sockets is not None:
         sockets.apply_to_dir(pod.run_dir)
-    Path(pod.share_dir).mkdir(parents=True, exist_ok=True, mode=0o755)
+    Path(pod.share_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(pod.share_dir, 0o700)  # volumes are mounted inside: not for other users
 
 
 def remove_sockets(pod: PodRecord) -> None:

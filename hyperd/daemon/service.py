@@ -28,7 +28,7 @@ import msgspec
 
 from hyperd import __version__ as HYPERD_VERSION
 from hyperd.config import Config
-from hyperd.daemon import bridge, launcher, podfs, testhooks
+from hyperd.daemon import bridge, exits, launcher, podfs, testhooks
 from hyperd.daemon.events import EventBus
 from hyperd.daemon.model import (
     ContainerState,
@@ -73,6 +73,7 @@ class PodRuntime:
     stop_link: anyio.Event = field(default_factory=anyio.Event)
     link_done: anyio.Event | None = None
     stopping: bool = False
+    exits: exits.PodExits = field(default_factory=exits.PodExits)
 
     def container_lock(self, cid: str) -> anyio.Lock:
         return self.container_locks.setdefault(cid, anyio.Lock())
@@ -125,7 +126,9 @@ class Daemon:
         lock = self._save_locks.setdefault(pod.id, anyio.Lock())
         async with lock:
             self.pods.pop(pod.id, None)
-            self.runtime.pop(pod.id, None)
+            rt = self.runtime.pop(pod.id, None)
+            if rt is not None:
+                rt.exits.close()
             await anyio.to_thread.run_sync(self.store.delete, STORE_KIND, pod.id)
         self._save_locks.pop(pod.id, None)
 
@@ -169,6 +172,7 @@ class Daemon:
         result: dict[str, Any] = {
             "vms": vms,
             "events": {"published": self.bus.published, "subscribers": self.bus.subscribers},
+            "exits": {"waiting": exits.waiting(self)},
         }
         if self.rpc_statistics is not None:
             result["rpc"] = self.rpc_statistics()
@@ -357,6 +361,7 @@ class Daemon:
             await self.save(pod)
         link = await self.connect_vm(pod, rt, attach=False)
         pod.proxy_url = link.proxy_url
+        pod.exit_notifications = link.exit_notifications
         await self.save(pod)
         testhooks.crash_point("pod.start:registered")
         pod.dialect = pod.agent_dialect or await detect_dialect(link)
@@ -447,6 +452,8 @@ class Daemon:
         elif event.kind == "reachable":
             self.publish("vm", pod, "reachable")
             rt = self.runtime.get(pod.id)
+            if rt is not None and rt.link is not None:
+                self.exit_source(pod, rt.link)
             helpers_alive = all(
                 launcher.is_alive(ref)
                 for ref in (pod.vm_process, pod.proxy_process)
@@ -458,27 +465,16 @@ class Daemon:
                 self.publish("pod", pod, str(pod.state))
                 self.tg.start_soon(self.save, pod)
         elif event.kind == "process_exited":
-            self._process_exited(pod, event)
+            exits.on_process_exited(self, pod, event)
 
-    def _process_exited(self, pod: PodRecord, event: LinkEvent) -> None:
-        c = pod.containers.get(event.container)
-        if c is None:
-            return
-        for e in pod.execs.values():
-            if e.container == c.id and bridge.process_id_of_exec(e) == event.process:
-                e.state = ExecState.EXITED
-                e.exit_status = event.status
-                self.publish(
-                    "exec", pod, str(e.state), container=c.id, exec_id=e.id, status=event.status
-                )
-                break
-        else:
-            if event.process == bridge.process_id_of_init(c) and c.state == ContainerState.RUNNING:
-                # the hyperhq agent frees a container when its init exits (conformance #6)
-                c.state = ContainerState.EXITED
-                c.exit_status = event.status
-                self.publish("container", pod, str(c.state), container=c.id, status=event.status)
-        self.tg.start_soon(self.save, pod)
+    def exit_source(self, pod: PodRecord, link: AgentLink) -> None:
+        """Record whether the pod's proxy sends exits; watch the shims' pids when it does not."""
+        if pod.exit_notifications != link.exit_notifications:
+            pod.exit_notifications = link.exit_notifications
+            self.tg.start_soon(self.save, pod)
+        if not link.exit_notifications:
+            for c in pod.containers.values():
+                exits.watch_shim(self, pod, c)
 
     async def _close_link(self, rt: PodRuntime, *, unregister: bool) -> None:
         rt.stopping = True
@@ -552,6 +548,7 @@ class Daemon:
                 self.publish("container", pod, str(c.state), container=c.id)
         for e in pod.execs.values():
             e.state = ExecState.EXITED
+        rt.exits.close()  # waiters see the processes ended with the pod
         await self.teardown(pod, rt, unregister=not proxy_gone)
         pod.state = PodState.STOPPED
         await self.save(pod)

@@ -19,7 +19,7 @@ from hyperd.config import Config
 from hyperd.daemon.model import PodRecord
 from hyperd.daemon.vmlink import LinkControl, LinkEvent
 from hyperd.errors import HyperdError
-from hyperd.vm import VMConfig, VMEvent, VMSession
+from hyperd.vm import ProcessExit, VMConfig, VMEvent, VMSession
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,10 @@ class SessionLink:
     def mark_unreachable(self, reason: str) -> None:
         self.session.mark_unreachable(reason)
 
+    @property
+    def exit_notifications(self) -> bool:
+        return self.session.exit_notifications
+
 
 def vm_config(config: Config) -> VMConfig:
     t = config.timeouts
@@ -74,6 +78,18 @@ async def open_session(
     def translate(event: VMEvent) -> None:
         on_event(LinkEvent(kind=event.kind, reason=event.reason))
 
+    def exited(exit: ProcessExit) -> None:
+        on_event(
+            LinkEvent(
+                kind="process_exited",
+                token=exit.token,
+                container=exit.container,
+                process=exit.process,
+                status=exit.status,
+                backlog=exit.backlog,
+            )
+        )
+
     session = VMSession(
         pod.id,
         pod.proxy_url,
@@ -83,6 +99,7 @@ async def open_session(
         register=not attach,
         config=vm_config(config),
         on_event=translate,
+        on_exit=exited,
     )
     control = LinkControl()
     async with anyio.create_task_group() as tg:

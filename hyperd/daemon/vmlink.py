@@ -52,22 +52,28 @@ class AgentLink(Protocol):
         """Fail every queued and future command at once with ``VMUnavailable(reason)``."""
         ...
 
+    @property
+    def exit_notifications(self) -> bool:
+        """The proxy sends an event for every process exit (hyperd-proxy's extension)."""
+        ...
+
 
 @dataclass(frozen=True)
 class LinkEvent:
     """Something the VM reported on its own.
 
     ``kind``: ``"unreachable"`` (``reason`` says why), ``"reconnected"``, ``"reachable"`` (the
-    VM answers again), or ``"process_exited"`` (``container``, ``process``, ``status``; the
-    daemon handles it, but :class:`hyperd.vm.VMSession` does not report process exits today:
-    they reach the process's shim through the proxy, not hyperd).
+    VM answers again), or ``"process_exited"`` (``token``, ``container``, ``process``,
+    ``status``, ``backlog``: a process exit, from the proxy's exit notifications).
     """
 
     kind: str
     reason: str = ""
+    token: str = ""
     container: str = ""
     process: str = ""
     status: int = 0
+    backlog: bool = False
 
 
 @dataclass

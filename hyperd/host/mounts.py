@@ -8,12 +8,22 @@ Safety:
 
 - pod and container ids are checked with :func:`hyperd.spec.validate_id`, so every path stays
   inside the root;
+- a source is resolved once: it is opened (``O_PATH``), the opened object is checked (it must not
+  be inside the shared root) and that very object is mounted, through its file descriptor
+  (``open_tree``/``move_mount``). Swapping a path component for a symlink after the check changes
+  nothing: nothing is looked up by name again;
 - mount targets are reached one component at a time with ``O_NOFOLLOW`` (the guest can write into
-  the share, so a component could be a planted symlink), and the mount is made on the opened
-  directory through ``/proc/self/fd``;
-- unmounting never trusts records: it asks /proc/self/mountinfo what is mounted under the pod or
-  container directory, unmounts the deepest first (lazy detach if busy), and removes directories
-  only once nothing is mounted below them.
+  the share, so a component could be a planted symlink), and the mount is attached to the opened
+  directory;
+- a read-only bind is made read-only before it is attached (never visible writable);
+- the pod's directory is mode 0700: a volume whose source sits behind a directory that only its
+  owner may traverse must not become readable by everyone through the share.
+
+Unmounting: :meth:`SharedDir.unmount_recorded` undoes the mount points that
+:meth:`SharedDir.mount_container` reported (what the daemon records), one ``umount2`` each, with
+no read of the mount table; :meth:`SharedDir.unmount_container` asks /proc/self/mountinfo what is
+mounted under the container (crash recovery: nothing was recorded, or the record may be short).
+Both remove directories only once nothing is mounted below them.
 
 All functions are synchronous; the daemon calls them with ``anyio.to_thread.run_sync``.
 """
@@ -36,17 +46,18 @@ from hyperd.errors import AlreadyExists, InvalidParams
 from hyperd.host.model import SharedMount
 from hyperd.host.mountsys import (
     MNT_DETACH,
-    MS_BIND,
-    MS_RDONLY,
-    MS_REMOUNT,
+    RESOLVE_NO_MAGICLINKS,
+    RESOLVE_NO_SYMLINKS,
     UMOUNT_NOFOLLOW,
     MountError,
     MountInfo,
+    bind_fd,
+    is_mount_root,
+    openat2,
     read_mountinfo,
     read_mountinfo_prefix,
     umount,
 )
-from hyperd.host.mountsys import mount as sys_mount
 from hyperd.spec import DirRootfs, MountSpec, check_absolute_path, validate_id
 
 __all__ = [
@@ -63,7 +74,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SHARED_ROOT = "/run/hyper/shared/pods"  # the seed's defaultSharedDir
 ROOTFS_DIR = "rootfs"  # the seed's rootfsDir: NEWCONTAINER carries rootfs="rootfs", image=<cid>
-DIR_MODE = 0o750  # the seed's dirMode for the pod and container directories
+DIR_MODE = 0o750  # the seed's dirMode for the container directories below a pod's
+POD_DIR_MODE = 0o700  # the pod's share: only hyperd (and the VM it runs) may look inside
 FILE_MODE = 0o640  # an empty file to bind-mount a file source on
 VOLUME_TOKEN_BYTES = 8  # 16 random hex characters in a volume's directory name
 MAX_VOLUME_BASENAME = 64  # keeps "<cid>-<hex>-<base>" well under NAME_MAX (255)
@@ -72,6 +84,10 @@ SYSTEM_MOUNT_PREFIXES = ("/proc", "/sys", "/dev")  # never carried into the VM (
 
 _O_PATH_DIR = os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
 _O_PATH_ANY = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_PATH_RESOLVE = os.O_PATH | os.O_CLOEXEC  # a mount source: its symlinks are resolved, once
+_AT_FDCWD = -100  # openat2 relative to the working directory (absolute paths anyway)
+_NO_LINKS = RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
+MAX_UNMOUNT_STACK = 64  # umount2 calls per recorded mount point (stacked or propagated mounts)
 
 
 def is_system_mount(destination: str) -> bool:
@@ -91,9 +107,15 @@ class ContainerMounts:
 class SharedDir:
     """The shared root holding one 9p-exported directory per pod."""
 
-    def __init__(self, root: str | os.PathLike[str] = DEFAULT_SHARED_ROOT) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str] = DEFAULT_SHARED_ROOT, *, source_symlinks: bool = True
+    ) -> None:
+        """``source_symlinks=False``: a mount source whose path holds any symlink is refused
+        (``openat2`` ``RESOLVE_NO_SYMLINKS``), for sources that were resolved and checked
+        against an allowlist earlier: nothing swapped in since can lead elsewhere."""
         check_absolute_path("shared_root", os.fspath(root))
         self.root = Path(os.path.realpath(root))
+        self.source_symlinks = source_symlinks
 
     # paths -------------------------------------------------------------------------------
 
@@ -114,7 +136,7 @@ class SharedDir:
         path = self.pod_dir(pod)
         self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         with self._open_dir([pod], create=True) as fd:
-            os.fstat(fd)
+            _restrict_pod_dir(fd)
         return path
 
     # mounting ----------------------------------------------------------------------------
@@ -129,10 +151,8 @@ class SharedDir:
         validate_id("pod_id", pod)
         validate_id("container_id", cid)
         target = self.rootfs_path(pod, cid)
-        if self._mounts_at(target):
-            raise AlreadyExists(f"rootfs of container {cid!r} in pod {pod!r} is mounted already")
-        real = self._resolve_source("rootfs.path", source)
-        self._bind(real, [pod, cid, ROOTFS_DIR], readonly)
+        with self._open_source("rootfs.path", source) as src:
+            self._bind(src, [pod, cid, ROOTFS_DIR], readonly, exclusive=True)
         return str(target)
 
     def mount_volumes(self, pod: str, cid: str, mounts: Sequence[MountSpec]) -> list[SharedMount]:
@@ -147,10 +167,10 @@ class SharedDir:
             for m in mounts:
                 if m.type != "bind" or is_system_mount(m.destination):
                     continue
-                real = self._resolve_source("source", m.source)
                 token = secrets.token_hex(VOLUME_TOKEN_BYTES)
                 name = f"{cid}-{token}-{_volume_base(m.destination)}"
-                self._bind(real, [pod, name], m.read_only)
+                with self._open_source("source", m.source) as src:
+                    self._bind(src, [pod, name], m.read_only)
                 made.append(
                     SharedMount(
                         source=name,
@@ -225,22 +245,40 @@ class SharedDir:
 
     # internals ---------------------------------------------------------------------------
 
-    def _resolve_source(self, field: str, source: str) -> str:
-        """The real path of a mount source: it must exist and must not be inside the shared
-        root (one pod's share must not reach into another's)."""
+    @contextlib.contextmanager
+    def _open_source(self, field: str, source: str) -> Iterator[int]:
+        """An ``O_PATH`` fd of the mount source, its symlinks resolved by this one open; the
+        opened object must not be inside the shared root (one pod's share must not reach into
+        another's). The check is made on what was opened, and that is what gets mounted."""
         check_absolute_path(field, source)
-        real = os.path.realpath(source)
-        if not os.path.exists(real):
-            raise InvalidParams(f"invalid {field} {source!r}: does not exist", field=field)
-        if _is_within(Path(real), self.root):
+        try:
+            if self.source_symlinks:
+                fd = os.open(source, _O_PATH_RESOLVE)
+            else:
+                fd = openat2(_AT_FDCWD, source, os.O_PATH, _NO_LINKS)
+        except FileNotFoundError:
             raise InvalidParams(
-                f"invalid {field} {source!r}: must not be inside the shared root", field=field
-            )
-        return real
-
-    def _mounts_at(self, path: Path) -> bool:
-        point = str(path)
-        return any(m.mount_point == point for m in read_mountinfo(point))
+                f"invalid {field} {source!r}: does not exist", field=field
+            ) from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP and not self.source_symlinks:
+                raise InvalidParams(
+                    f"invalid {field} {source!r}: a component is a symlink", field=field
+                ) from None
+            raise InvalidParams(
+                f"invalid {field} {source!r}: cannot open it: {exc.strerror}", field=field
+            ) from None
+        try:
+            real = os.readlink(f"/proc/self/fd/{fd}")
+            if not real.startswith("/") or os.fstat(fd).st_nlink == 0:
+                raise InvalidParams(f"invalid {field} {source!r}: it was deleted", field=field)
+            if _under(real, str(self.root)):
+                raise InvalidParams(
+                    f"invalid {field} {source!r}: must not be inside the shared root", field=field
+                )
+            yield fd
+        finally:
+            os.close(fd)
 
     @contextlib.contextmanager
     def _open_dir(self, parts: Sequence[str], create: bool) -> Iterator[int]:
@@ -259,30 +297,57 @@ class SharedDir:
             if fd >= 0:
                 os.close(fd)
 
-    def _bind(self, source: str, parts: Sequence[str], readonly: bool) -> None:
-        """Bind-mount ``source`` on ``<root>/<parts...>`` (created: a directory for a directory
-        source, an empty file otherwise), then remount read-only if asked."""
-        is_dir = stat.S_ISDIR(os.stat(source).st_mode)
-        target = self.root.joinpath(*parts)
+    def _bind(
+        self, source: int, parts: Sequence[str], readonly: bool, *, exclusive: bool = False
+    ) -> None:
+        """Bind-mount the object open at ``source`` on ``<root>/<parts...>`` (created: a
+        directory for a directory source, an empty file otherwise), read-only if asked.
+
+        ``exclusive``: raise ``AlreadyExists`` if something is mounted there already.
+        """
+        is_dir = stat.S_ISDIR(os.fstat(source).st_mode)
         self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        if parts[:1]:
+            with self._open_dir(parts[:1], create=True) as pod_fd:
+                _restrict_pod_dir(pod_fd)
         with self._open_dir(parts[:-1], create=True) as parent:
             leaf = _make_leaf(parent, parts[-1], is_dir)
             try:
-                sys_mount(source, f"/proc/self/fd/{leaf}", MS_BIND)
+                if exclusive and is_mount_root(leaf):
+                    where = "/".join(parts)
+                    raise AlreadyExists(f"{where} is mounted already")
+                bind_fd(source, leaf, readonly=readonly)
             finally:
                 os.close(leaf)
-            if not readonly:
-                return
-            try:
-                # reopen by name: the lookup now crosses into the new mount, whose root we remount
-                top = os.open(parts[-1], _O_PATH_ANY, dir_fd=parent)
-                try:
-                    sys_mount("none", f"/proc/self/fd/{top}", MS_BIND | MS_REMOUNT | MS_RDONLY)
-                finally:
-                    os.close(top)
-            except BaseException:
-                _detach(str(target))
-                raise
+
+    def unmount_recorded(self, pod: str, cid: str, targets: Sequence[str]) -> None:
+        """Unmount the mount points ``targets`` (what :meth:`mount_container` reported for the
+        container, as recorded) and remove what was created for them, without reading the
+        mount table: one ``umount2`` per mount plus one that says nothing is left there.
+
+        Each target must be the container's rootfs or one of its volume mount points. If
+        anything unexpected is found mounted below the container's directory, it falls back to
+        :meth:`unmount_container` (the mountinfo scan). Idempotent. Raises
+        :class:`MountError` if something stays mounted.
+        """
+        container_dir = self.container_dir(pod, cid)
+        pod_prefix = str(self.pod_dir(pod)) + "/"
+        volume_name = re.compile(re.escape(cid) + r"-[0-9a-f]{16}-[^/]+")
+        rootfs = str(container_dir / ROOTFS_DIR)
+        for target in targets:
+            name = target[len(pod_prefix) :] if target.startswith(pod_prefix) else ""
+            if target != rootfs and not volume_name.fullmatch(name):
+                raise InvalidParams(
+                    f"{target!r} is not a mount point of container {cid!r} in pod {pod!r}",
+                    field="path",
+                )
+        for target in reversed(targets):
+            _detach_all(target)
+            if target != rootfs:
+                _remove_path(Path(target))
+        if not _remove_tree_unless_mounted(container_dir):
+            log.warning("%s: more than was recorded is mounted; scanning", container_dir)
+            self.unmount_container(pod, cid)
 
     def _unmount_tree(self, top: Path) -> None:
         """Unmount every mount at or below ``top``, deepest and most recent first."""
@@ -359,6 +424,62 @@ def _make_leaf(parent: int, name: str, is_dir: bool) -> int:
         raise
 
 
+def _restrict_pod_dir(fd: int) -> None:
+    """Make the pod's directory (open at ``fd``) mode 0700, whatever it was created with."""
+    if stat.S_IMODE(os.fstat(fd).st_mode) != POD_DIR_MODE:
+        os.chmod(f"/proc/self/fd/{fd}", POD_DIR_MODE)
+
+
+def _detach_all(point: str) -> None:
+    """Unmount ``point`` until nothing is mounted there (stacked mounts come off one a call)."""
+    for _ in range(MAX_UNMOUNT_STACK):
+        try:
+            umount(point, UMOUNT_NOFOLLOW)
+        except MountError as exc:
+            if exc.errno == errno.EINVAL:  # not a mount point (any more): done
+                return
+            if exc.errno == errno.ENOENT:
+                return
+            if exc.errno != errno.EBUSY:
+                raise
+            log.warning("%s is busy; detaching it lazily", point)
+            umount(point, UMOUNT_NOFOLLOW | MNT_DETACH)
+    raise MountError(f"mounts on {point!r} do not go away", errno.EBUSY)
+
+
+def _remove_tree_unless_mounted(top: Path) -> bool:
+    """Remove ``top`` and what is below it (mount points and what the guest wrote next to
+    them), never descending into a mount (statx says which directory is a mount root).
+
+    False if a mount was found (nothing below it is touched); True once ``top`` is gone.
+    """
+    try:
+        fd = os.open(top, _O_PATH_DIR)
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            _remove_path(top)
+            return True
+        raise
+    try:
+        if is_mount_root(fd):
+            return False
+    finally:
+        os.close(fd)
+    with os.scandir(top) as it:
+        entries = list(it)
+    for entry in entries:
+        path = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            if not _remove_tree_unless_mounted(path):
+                return False
+        else:
+            _remove_path(path)
+    _remove_path(top)
+    return True
+
+
 def _detach(point: str) -> None:
     try:
         umount(point, UMOUNT_NOFOLLOW)
@@ -375,10 +496,6 @@ def _volume_base(destination: str) -> str:
     if base in ("", ".", "..", "/"):
         base = "mount"
     return base[:MAX_VOLUME_BASENAME]
-
-
-def _is_within(path: Path, top: Path) -> bool:
-    return path == top or top in path.parents
 
 
 def _under(path: str, top: str) -> bool:

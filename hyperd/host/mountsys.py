@@ -1,6 +1,9 @@
-"""mount(2) and umount2(2) through ctypes, and /proc/self/mountinfo parsing.
+"""mount(2), umount2(2), the new mount API (open_tree, mount_setattr, move_mount), openat2(2)
+and statx(2) through ctypes, and /proc/self/mountinfo parsing.
 
-No shelling out to mount(8): errors keep their errno, and nothing depends on util-linux.
+No shelling out to mount(8): errors keep their errno, and nothing depends on util-linux. The
+system calls added after glibc 2.28 are made with ``syscall(2)``: their numbers are the same on
+every architecture (the unified table from 424 on).
 """
 
 from __future__ import annotations
@@ -17,14 +20,23 @@ from hyperd.errors import HyperdError
 __all__ = [
     "MNT_DETACH",
     "MS_BIND",
+    "MS_NODEV",
     "MS_RDONLY",
     "MS_REC",
     "MS_REMOUNT",
+    "RESOLVE_BENEATH",
+    "RESOLVE_IN_ROOT",
+    "RESOLVE_NO_MAGICLINKS",
+    "RESOLVE_NO_SYMLINKS",
+    "RESOLVE_NO_XDEV",
     "UMOUNT_NOFOLLOW",
     "MountError",
     "MountInfo",
+    "bind_fd",
     "escape_path",
+    "is_mount_root",
     "mount",
+    "openat2",
     "read_mountinfo",
     "read_mountinfo_prefix",
     "umount",
@@ -33,6 +45,7 @@ __all__ = [
 
 # from <sys/mount.h>
 MS_RDONLY = 0x1
+MS_NODEV = 0x4
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_REC = 0x4000
@@ -40,6 +53,31 @@ MNT_DETACH = 0x2  # lazy unmount: detach now, release when no longer busy
 UMOUNT_NOFOLLOW = 0x8  # do not follow a symlink in the last component of the target
 
 MOUNTINFO = "/proc/self/mountinfo"
+
+# <linux/openat2.h>: how openat2 resolves a path
+RESOLVE_NO_XDEV = 0x01  # never cross a mount point
+RESOLVE_NO_MAGICLINKS = 0x02  # no /proc/<pid>/fd-style links
+RESOLVE_NO_SYMLINKS = 0x04  # no symlinks at all
+RESOLVE_BENEATH = 0x08  # refuse any path that leaves the starting directory
+RESOLVE_IN_ROOT = 0x10  # treat the starting directory as "/" (as chroot does, race-free)
+
+# unified syscall numbers (asm-generic, identical on x86_64, aarch64, riscv64...)
+_SYS_OPEN_TREE = 428
+_SYS_MOVE_MOUNT = 429
+_SYS_OPENAT2 = 437
+_SYS_MOUNT_SETATTR = 442
+_OPEN_TREE_CLONE = 1  # a detached copy of the tree (a bind mount not yet attached anywhere)
+_AT_EMPTY_PATH = 0x1000  # operate on the fd itself
+_AT_SYMLINK_NOFOLLOW = 0x100
+_MOVE_MOUNT_F_EMPTY_PATH = 0x04
+_MOVE_MOUNT_T_EMPTY_PATH = 0x40
+_MOUNT_ATTR_RDONLY = 0x1
+_MOUNT_ATTR_NODEV = 0x4
+_STATX_ATTR_MOUNT_ROOT = 0x2000  # stx_attributes bit: the file is the root of a mount
+_STATX_BASIC_STATS = 0x7FF
+_STATX_SIZE = 256  # sizeof(struct statx)
+_STATX_ATTRIBUTES = 8  # offset of stx_attributes (u64)
+_STATX_ATTRIBUTES_MASK = 56  # offset of stx_attributes_mask (u64)
 
 
 class MountError(HyperdError):
@@ -62,6 +100,15 @@ def _libc() -> ctypes.CDLL:
     lib.mount.restype = ctypes.c_int
     lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
     lib.umount2.restype = ctypes.c_int
+    lib.syscall.restype = ctypes.c_long
+    lib.statx.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.c_void_p,
+    ]
+    lib.statx.restype = ctypes.c_int
     return lib
 
 
@@ -84,6 +131,137 @@ def umount(target: str, flags: int = UMOUNT_NOFOLLOW) -> None:
     if _LIBC.umount2(os.fsencode(target), flags) != 0:
         err = ctypes.get_errno()
         raise MountError(f"unmount {target!r} failed: {os.strerror(err)}", err)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    ]
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
+    """``openat2(dirfd, path, {flags, mode, resolve})``: an fd, or OSError with its errno.
+
+    ``resolve`` is a mask of the ``RESOLVE_*`` flags; the kernel enforces them during the lookup
+    itself, so no rename or symlink swap can move the result outside what they allow.
+    """
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    fd = _LIBC.syscall(
+        _SYS_OPENAT2,
+        ctypes.c_int(dirfd),
+        ctypes.c_char_p(os.fsencode(path)),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"openat2 {path!r}: {os.strerror(err)}", path)
+    return int(fd)
+
+
+def is_mount_root(fd: int) -> bool:
+    """Whether the file open at ``fd`` is the root of a mount (statx ``STATX_ATTR_MOUNT_ROOT``).
+
+    Unlike :func:`os.path.ismount` it also sees a bind mount of a directory of the same
+    filesystem, and it reads one inode, not the mount table.
+    """
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    flags = _AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW
+    if _LIBC.statx(fd, b"", flags, _STATX_BASIC_STATS, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"statx: {os.strerror(err)}")
+    attrs = int.from_bytes(buf.raw[_STATX_ATTRIBUTES : _STATX_ATTRIBUTES + 8], "little")
+    mask = int.from_bytes(buf.raw[_STATX_ATTRIBUTES_MASK : _STATX_ATTRIBUTES_MASK + 8], "little")
+    if not mask & _STATX_ATTR_MOUNT_ROOT:  # kernel < 5.8: ask the mount table instead
+        return os.path.ismount(f"/proc/self/fd/{fd}") or _in_mountinfo(fd)
+    return bool(attrs & _STATX_ATTR_MOUNT_ROOT)
+
+
+def _in_mountinfo(fd: int) -> bool:
+    point = os.readlink(f"/proc/self/fd/{fd}")
+    return any(m.mount_point == point for m in read_mountinfo(point))
+
+
+def _sys(number: int, *args: object) -> int:
+    rc = _LIBC.syscall(number, *args)
+    if rc < 0:
+        return -ctypes.get_errno()
+    return int(rc)
+
+
+def bind_fd(source_fd: int, target_fd: int, *, readonly: bool, nodev: bool = False) -> None:
+    """Bind-mount the object open at ``source_fd`` on the one open at ``target_fd``.
+
+    Both ends are file descriptors, so nothing is looked up by name again: what was checked is
+    what gets mounted, where it was checked. With the new mount API (Linux 5.12+) the copy is
+    made read-only (and ``nodev``: device nodes on it cannot be opened) before it is attached,
+    so it is never visible without those; on older kernels (``ENOSYS``) it falls back to
+    ``mount(2)`` on the ``/proc/self/fd`` links and a remount.
+    Raises :class:`MountError`.
+    """
+    tree = _sys(
+        _SYS_OPEN_TREE,
+        ctypes.c_int(source_fd),
+        ctypes.c_char_p(b""),
+        ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC | _AT_EMPTY_PATH),
+    )
+    if tree == -errno.ENOSYS:
+        _bind_fd_legacy(source_fd, target_fd, readonly, nodev)
+        return
+    if tree < 0:
+        raise MountError(f"open_tree of the mount source failed: {os.strerror(-tree)}", -tree)
+    try:
+        attrs = (_MOUNT_ATTR_RDONLY if readonly else 0) | (_MOUNT_ATTR_NODEV if nodev else 0)
+        if attrs:
+            attr = _MountAttr(attrs, 0, 0, 0)
+            rc = _sys(
+                _SYS_MOUNT_SETATTR,
+                ctypes.c_int(tree),
+                ctypes.c_char_p(b""),
+                ctypes.c_uint(_AT_EMPTY_PATH),
+                ctypes.byref(attr),
+                ctypes.c_size_t(ctypes.sizeof(attr)),
+            )
+            if rc < 0:
+                raise MountError(f"setting the bind mount's flags failed: {os.strerror(-rc)}", -rc)
+        rc = _sys(
+            _SYS_MOVE_MOUNT,
+            ctypes.c_int(tree),
+            ctypes.c_char_p(b""),
+            ctypes.c_int(target_fd),
+            ctypes.c_char_p(b""),
+            ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_T_EMPTY_PATH),
+        )
+        if rc < 0:
+            raise MountError(f"attaching the bind mount failed: {os.strerror(-rc)}", -rc)
+    finally:
+        os.close(tree)
+
+
+def _bind_fd_legacy(source_fd: int, target_fd: int, readonly: bool, nodev: bool) -> None:
+    target = f"/proc/self/fd/{target_fd}"
+    mount(f"/proc/self/fd/{source_fd}", target, MS_BIND)
+    if not readonly and not nodev:
+        return
+    # the fd still names the directory below the new mount; its root is reached by path
+    point = os.readlink(target)
+    try:
+        flags = (MS_RDONLY if readonly else 0) | (MS_NODEV if nodev else 0)
+        mount("none", point, MS_BIND | MS_REMOUNT | flags)
+    except BaseException:
+        umount(point, UMOUNT_NOFOLLOW | MNT_DETACH)
+        raise
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,13 @@ from typing import Final
 
 import anyio
 
-from hyperd.proxy.server import DEFAULT_AGENT_TIMEOUT, DEFAULT_WAIT, Proxy, ProxyConfig
+from hyperd.proxy.server import (
+    DEFAULT_AGENT_TIMEOUT,
+    DEFAULT_MAX_UNDELIVERED_EXITS,
+    DEFAULT_WAIT,
+    Proxy,
+    ProxyConfig,
+)
 from protocol.hyperstart import DIALECTS
 
 log = logging.getLogger("hyperd.proxy")
@@ -135,6 +141,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="deadline for an agent reply (0: wait forever, as the reference)",
     )
+    p.add_argument(
+        "--no-exit-notifications",
+        dest="exit_notifications",
+        action="store_false",
+        help="turn off hyperd's exit-notification extension (behave as the reference cc-proxy)",
+    )
+    p.add_argument(
+        "--max-undelivered-exits",
+        type=int,
+        default=DEFAULT_MAX_UNDELIVERED_EXITS,
+        metavar="N",
+        help="exits kept per VM while no runtime connection listens (oldest dropped beyond)",
+    )
     return p
 
 
@@ -152,6 +171,8 @@ def config_from_args(
         process_timeout=args.process_timeout,
         agent_timeout=args.agent_timeout or None,
         socket_path=owned_path,
+        exit_notifications=args.exit_notifications,
+        max_undelivered_exits=max(args.max_undelivered_exits, 0),
     )
 
 

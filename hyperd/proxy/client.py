@@ -32,6 +32,7 @@ from protocol.ccproxy import (
     Command,
     CommandReceived,
     Hyper,
+    ProcessExitNotice,
     RegisterVM,
     ServerConnection,
     Stream,
@@ -69,6 +70,7 @@ class ClientConnection(asyncio.Protocol, ShimCommands):
         self.closed = False
         self.vm: AgentVM | None = None
         self.session: IOSession | None = None
+        self.exit_vms: list[AgentVM] = []  # VMs whose exits this connection asked for
         self._pumping = False
         self._paused = False
         self._queued_bytes = 0
@@ -107,6 +109,8 @@ class ClientConnection(asyncio.Protocol, ShimCommands):
             self._pump()
 
     def eof_received(self) -> bool:
+        # a runtime going away: exits from now on are kept for the next one, not written here
+        self._stop_exit_notices()
         # finish what the client sent before closing (it may have half-closed after pipelining)
         self.queue.append(_CLOSE)
         if not self.busy:
@@ -149,6 +153,20 @@ class ClientConnection(asyncio.Protocol, ShimCommands):
         session, self.session = self.session, None
         if session is not None:
             session.detach_shim(self)
+        self._stop_exit_notices()
+
+    def _stop_exit_notices(self) -> None:
+        vms, self.exit_vms = self.exit_vms, []
+        for vm in vms:
+            vm.unlisten_exits(self)
+
+    def send_exit_notice(self, notice: ProcessExitNotice) -> None:
+        """hyperd's extension: one VM_PROCESS_EXITED notification (ExitListener)."""
+        self.write(self.conn.send_vm_process_exited(notice))
+
+    def _listen_exits(self, requested: bool) -> bool:
+        """Whether this connection gets the VM's exits (asked for and the extension is on)."""
+        return requested and self.proxy.config.exit_notifications
 
     # -- shim output (ShimPeer) ------------------------------------------------------------------
 
@@ -264,7 +282,13 @@ class ClientConnection(asyncio.Protocol, ShimCommands):
             raise
         tokens = proxy.allocate(vm, req.numIOStreams)
         self.vm = vm
-        return proxy.io_response(tokens)
+        notify = self._listen_exits(req.exitNotifications)
+        if notify and not self.closed:
+            # the response is written right after this returns, in the same loop step, and a
+            # new VM has no earlier exits: nothing can come before the response
+            self.exit_vms.append(vm)
+            vm.listen_exits(self)
+        return proxy.io_response(tokens, exit_notifications=notify)
 
     def _attach_vm(self, payload: bytes) -> None:
         req: AttachVM = decode_command(AttachVM, payload)
@@ -274,7 +298,12 @@ class ClientConnection(asyncio.Protocol, ShimCommands):
             raise texts.CommandError(texts.unknown_container(req.containerId))
         tokens = proxy.allocate(vm, req.numIOStreams)
         self.vm = vm
-        self.write(self.conn.send_response(Command.ATTACH_VM, proxy.io_response(tokens)))
+        notify = self._listen_exits(req.exitNotifications)
+        payload = proxy.io_response(tokens, exit_notifications=notify)
+        self.write(self.conn.send_response(Command.ATTACH_VM, payload))
+        if notify and vm not in self.exit_vms:
+            self.exit_vms.append(vm)
+            vm.listen_exits(self)  # after the response: the exits kept meanwhile follow it
 
     def _unregister_vm(self, payload: bytes) -> None:
         req: UnregisterVM = decode_command(UnregisterVM, payload)
@@ -282,6 +311,9 @@ class ClientConnection(asyncio.Protocol, ShimCommands):
         if vm is None:
             raise texts.CommandError(texts.unknown_container(req.containerId))
         self.vm = None
+        if vm in self.exit_vms:
+            self.exit_vms.remove(vm)
+            vm.unlisten_exits(self)
         self.write(self.conn.send_response(Command.UNREGISTER_VM))
         self.proxy.unregister(vm)
 

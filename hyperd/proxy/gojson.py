@@ -18,6 +18,7 @@ from typing import Any, Final, TypeVar, Union, get_args, get_origin
 
 import msgspec
 
+from protocol import jsonerrors
 from protocol.ccproxy import PayloadError, decode_payload
 
 T = TypeVar("T", bound=msgspec.Struct)
@@ -358,7 +359,7 @@ def type_error(cls: type[msgspec.Struct], data: bytes) -> str | None:
     """The first Go type error decoding ``data`` (syntactically valid JSON) into ``cls``."""
     try:
         value = msgspec.json.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except jsonerrors.DECODE_ERRORS:
         return None
     if value is None:
         return None

@@ -28,6 +28,7 @@ log = logging.getLogger("hyperd.proxy")
 DEFAULT_WAIT: Final = 30.0  # the reference's shim/process waits; also our READY deadline
 DEFAULT_AGENT_TIMEOUT: Final = 60.0  # ours: the reference waits for agent replies forever
 MAX_IO_STREAMS: Final = 4096  # tokens per RegisterVM/AttachVM (the reference has no cap)
+DEFAULT_MAX_UNDELIVERED_EXITS: Final = 1024  # exits kept per VM while no runtime listens
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +43,8 @@ class ProxyConfig:
     process_timeout: float = DEFAULT_WAIT
     agent_timeout: float | None = DEFAULT_AGENT_TIMEOUT
     socket_path: str | None = None  # removed when pod mode stops listening
+    exit_notifications: bool = True  # hyperd's extension; False behaves as the reference
+    max_undelivered_exits: int = DEFAULT_MAX_UNDELIVERED_EXITS
 
 
 class Proxy:
@@ -104,6 +107,7 @@ class Proxy:
             dialect=self.config.dialect,
             agent_timeout=self.config.agent_timeout,
             on_lost=self._vm_lost,
+            keep_exits=self.config.max_undelivered_exits if self.config.exit_notifications else 0,
         )
         self.vms[vm_id] = vm
         self._all_vms.add(vm)
@@ -151,9 +155,21 @@ class Proxy:
             tokens.append(session.token)
         return tokens
 
-    def io_response(self, tokens: list[str]) -> bytes:
-        """The RegisterVM/AttachVM success payload ``{"io":{"URL":…,"tokens":…}}``."""
-        return encode_payload(VMResponse(IOResponse(self.config.url, tokens or None)))
+    def io_response(self, tokens: list[str], *, exit_notifications: bool = False) -> bytes:
+        """The RegisterVM/AttachVM success payload ``{"io":{"URL":…,"tokens":…}}``, plus
+        ``"exitNotifications":true`` when this connection will get them (hyperd's extension)."""
+        return encode_payload(
+            VMResponse(
+                IOResponse(self.config.url, tokens or None), exitNotifications=exit_notifications
+            )
+        )
 
 
-__all__ = ["DEFAULT_AGENT_TIMEOUT", "DEFAULT_WAIT", "MAX_IO_STREAMS", "Proxy", "ProxyConfig"]
+__all__ = [
+    "DEFAULT_AGENT_TIMEOUT",
+    "DEFAULT_MAX_UNDELIVERED_EXITS",
+    "DEFAULT_WAIT",
+    "MAX_IO_STREAMS",
+    "Proxy",
+    "ProxyConfig",
+]

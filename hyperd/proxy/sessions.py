@@ -119,6 +119,8 @@ class IOSession:
         if self.shim is not None and not self.is_null:
             self.exit_delivered = True
             self.shim.send_exited(status)
+        if self.used and not self.is_null:
+            self.vm.process_exited(self, status)
 
     def free(self) -> None:
         """Forget the session's seqs and close its shim (DisconnectShim or VM lost).

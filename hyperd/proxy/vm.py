@@ -9,6 +9,11 @@
 - tty output is routed by seq to the shim owning the session; the exit status comes from the
   1-byte frame after the EOF (CC) or from the ctl PROCESSASYNCEVENT (hyperhq). stdin frames
   toward hyperhq stay within 4096 bytes; a backed-up tty channel holds the shim back.
+- Exit notifications (hyperd's extension): every exit of a process started with a token is
+  also sent to the runtime connections that asked for it (:meth:`AgentVM.listen_exits`); with
+  none listening, the exit is kept (at most ``keep_exits`` per VM, the oldest dropped first)
+  and delivered to the next one. A session freed by DisconnectShim before its process ended
+  stays indexed (its output discarded) until the exit arrives, so no exit is missed.
 """
 
 from __future__ import annotations
@@ -16,14 +21,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+from collections import deque
 from collections.abc import Callable
-from typing import Final, cast
+from typing import Final, Protocol, cast
+
+import msgspec
 
 from hyperd.proxy import texts
 from hyperd.proxy.ctlqueue import CtlQueue, ReplyCallback
 from hyperd.proxy.sessions import FIRST_IO_BASE, IO_STEP, NULL_IO_BASE, IOSession
 from protocol import NEED_DATA, ProtocolError, _NeedData
-from protocol.ccproxy import MAX_PAYLOAD, Stream
+from protocol.ccproxy import MAX_PAYLOAD, ProcessExitNotice, Stream
 from protocol.hyperstart import (
     CC,
     HYPER,
@@ -51,6 +59,12 @@ MAX_AGENT_FRAME: Final = MAX_PAYLOAD + 8  # an ACK payload must fit in one respo
 EXIT_GRACE: Final = 1.0  # hyperhq: seconds to wait for the stdio EOF after the exit event
 _U32: Final = struct.Struct(">I")
 _VERSION_SIZE: Final = 4  # GETVERSION's ACK payload: u32 APIVERSION
+
+
+class ExitListener(Protocol):
+    """A runtime connection that asked for exit notifications."""
+
+    def send_exit_notice(self, notice: ProcessExitNotice) -> None: ...
 
 
 class _Channel(asyncio.Protocol):
@@ -97,6 +111,7 @@ class AgentVM:
         dialect: Dialect | None,
         agent_timeout: float | None,
         on_lost: Callable[[AgentVM], None],
+        keep_exits: int = 0,
     ) -> None:
         self.id = vm_id
         self.dialect: Dialect = dialect or CC
@@ -118,6 +133,10 @@ class AgentVM:
         self.null_session = IOSession("", self, NULL_IO_BASE)
         self.sessions[NULL_IO_BASE] = self.null_session
         self.sessions[NULL_IO_BASE + 1] = self.null_session
+        self.exit_listeners: dict[ExitListener, None] = {}  # an ordered set
+        self.undelivered: deque[ProcessExitNotice] = deque()
+        self.keep_exits = keep_exits
+        self.dropped_exits = 0
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -360,12 +379,57 @@ class AgentVM:
             del self.by_process[key]
 
     def free_session(self, session: IOSession) -> None:
-        """Forget ``session``'s seqs and close its shim (DisconnectShim)."""
+        """Close ``session``'s shim (DisconnectShim) and forget its seqs, except while its
+        process still runs: then they stay (output discarded) until its exit is seen."""
+        if not (session.used and session.exit_status is None and not self.lost):
+            self._forget(session)
+        session.free()
+
+    def _forget(self, session: IOSession) -> None:
         for seq in (session.io_base, session.io_base + 1):
             if self.sessions.get(seq) is session:
                 del self.sessions[seq]
         self.unbind_process(session)
-        session.free()
+
+    # -- exit notifications (hyperd's extension) ---------------------------------------------------
+
+    def listen_exits(self, listener: ExitListener) -> None:
+        """Send ``listener`` every exit from now on, after the exits nobody received yet."""
+        self.exit_listeners[listener] = None
+        backlog, self.undelivered = self.undelivered, deque()
+        if self.dropped_exits:
+            log.warning(
+                "VM %s: %d exits were dropped while no runtime listened (limit %d)",
+                self.id, self.dropped_exits, self.keep_exits,
+            )  # fmt: skip
+            self.dropped_exits = 0
+        for notice in backlog:
+            listener.send_exit_notice(msgspec.structs.replace(notice, backlog=True))
+
+    def unlisten_exits(self, listener: ExitListener) -> None:
+        self.exit_listeners.pop(listener, None)
+
+    def process_exited(self, session: IOSession, status: int) -> None:
+        """``session``'s process exited: tell the listeners, or keep it for the next one."""
+        if session.freed:
+            self._forget(session)  # kept only to see this exit
+        notice = ProcessExitNotice(
+            containerId=self.id,
+            token=session.token,
+            container=session.container_id,
+            process=session.process_id,
+            status=status,
+        )
+        if self.exit_listeners:
+            for listener in list(self.exit_listeners):
+                listener.send_exit_notice(notice)
+            return
+        if self.keep_exits <= 0:
+            return
+        if len(self.undelivered) >= self.keep_exits:
+            self.undelivered.popleft()
+            self.dropped_exits += 1
+        self.undelivered.append(notice)
 
     # -- loss ------------------------------------------------------------------------------------
 
@@ -391,4 +455,4 @@ class AgentVM:
         self._on_lost_cb(self)
 
 
-__all__ = ["EXIT_GRACE", "AgentVM", "ReplyCallback"]
+__all__ = ["EXIT_GRACE", "AgentVM", "ExitListener", "ReplyCallback"]

@@ -308,6 +308,14 @@ class RPCConnection(asyncio.Protocol):
     async def wait_closed(self) -> None:
         await self._closed_event.wait()
 
+    def socket_fd(self) -> int | None:
+        """The client socket's fd while the connection is open (see
+        :meth:`CallContext.wait_hangup`); ``None`` once it is closing."""
+        if self._transport is None or self._lost or self._aborted:
+            return None
+        sock = self._transport.get_extra_info("socket")
+        return None if sock is None else int(sock.fileno())
+
     def statistics(self) -> ConnectionStatistics:
         """In-flight calls, queued notifications, calls started so far."""
         transport = self._transport

@@ -5,10 +5,12 @@ from __future__ import annotations
 import dis
 import inspect
 import logging
+import select
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, TypeVar, cast, overload
 
+import anyio
 import msgspec
 from msgspec import UNSET, UnsetType
 
@@ -94,6 +96,32 @@ class CallContext:
     async def wait_closed(self) -> None:
         """Return once the connection has closed."""
         await self.channel.wait_closed()
+
+    async def wait_hangup(self) -> None:
+        """Return once the client has gone: closed its socket (not merely half-closed it after
+        its last request, which still gets its answers), or the connection closed.
+
+        For calls that wait on something else for a long time (``container.wait``): a client
+        that is gone leaves no call behind. The socket's hang-up is watched through an epoll
+        instance of its own that reports only ``EPOLLHUP`` (both directions shut down), so
+        pending requests and a half-close do not wake it.
+        """
+        socket_fd = getattr(self.channel, "socket_fd", None)
+        fd = socket_fd() if socket_fd is not None else None
+        if fd is None:
+            await self.channel.wait_closed()
+            return
+        with select.epoll(1) as hangup:
+            hangup.register(fd, 0)  # no event asked: EPOLLHUP and EPOLLERR are always reported
+            async with anyio.create_task_group() as tg:
+
+                async def closed() -> None:
+                    await self.channel.wait_closed()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(closed)
+                await anyio.wait_readable(hangup.fileno())
+                tg.cancel_scope.cancel()
 
     def __repr__(self) -> str:
         return f"<CallContext {self.method} conn={self.connection_id} uid={self.peer.uid}>"

@@ -36,6 +36,7 @@ from anyio.abc import TaskGroup
 from hyperd.sim.base import Answer, Channels, Handler, Refused, log
 from hyperd.sim.containers import ContainerRecord, ProcessRecord
 from hyperd.sim.control import ControlCommands, version_payload
+from hyperd.sim.isolation import CapabilityError, capability_mask
 from hyperd.sim.process import LaunchSpec, exit_status, spawn
 from hyperd.sim.rootfs import (
     BindMount,
@@ -46,6 +47,7 @@ from hyperd.sim.rootfs import (
     prepare_bind,
     resolve_identity,
 )
+from protocol import jsonerrors
 from protocol.hyperstart import (
     Code,
     Container,
@@ -258,7 +260,7 @@ class Agent(ControlCommands):
         """
         try:
             doc: Any = msgspec.json.decode(payload)
-        except msgspec.DecodeError:
+        except jsonerrors.DECODE_ERRORS:
             return  # decode_message reports it
         for key in path:
             doc = doc.get(key) if isinstance(doc, dict) else None
@@ -374,8 +376,14 @@ class Agent(ControlCommands):
                 if self.chroot
                 else None
             )
-        except IdentityError as exc:
+            capabilities = (
+                capability_mask(process.capabilities.bounding)
+                if process.capabilities.bounding is not None
+                else None
+            )
+        except (IdentityError, CapabilityError) as exc:
             self._refuse(str(exc))
+        init = container.init.proc
         spec = LaunchSpec(
             args=process.args or [],
             env={e.env: e.value for e in process.envs},
@@ -387,6 +395,10 @@ class Agent(ControlCommands):
             separate_stderr=self._hyper and process.terminal and bool(process.stderr),
             netns_fd=self.netns_fd,
             binds=container.binds,
+            namespaces=init.namespaces if init is not None and rec is not container.init else None,
+            capabilities=capabilities,
+            no_new_privileges=process.no_new_privileges,
+            hostname=self.pod.hostname if self.pod is not None else "",
         )
         failure: OSError | None = None
         try:

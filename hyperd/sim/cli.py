@@ -46,7 +46,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="hyperd-sim",
         description="A simulated VM: the agent side of the hyperstart protocol on two unix "
-        "sockets (ctl and tty), running container processes as host processes.",
+        "sockets (ctl and tty), running container processes as host processes. A development "
+        "backend, not a security boundary: as root, containers get their own PID, mount, IPC "
+        "and UTS namespaces, a pivot_root into their rootfs, a minimal /dev and Docker's "
+        "default capabilities, but no user namespace, cgroups or seccomp; as another user, "
+        "nothing is isolated.",
     )
     p.add_argument("--ctl", type=Path, required=True, help="ctl channel socket to listen on")
     p.add_argument("--tty", type=Path, required=True, help="tty channel socket to listen on")

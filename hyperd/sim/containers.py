@@ -35,7 +35,8 @@ class ProcessRecord:
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
+        """The program's host pid (for ps and logs; below an isolated init, its PID 2)."""
+        return self.proc.main_pid if self.proc is not None else None
 
 
 @dataclass(eq=False)

@@ -16,6 +16,8 @@ from typing import Any, TextIO
 
 import msgspec
 
+from protocol import jsonerrors
+
 __all__ = ["Action", "FaultPlan", "Recorder"]
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ class Recorder:
         if payload:
             try:
                 parsed = msgspec.json.decode(payload)
-            except msgspec.DecodeError:
+            except jsonerrors.DECODE_ERRORS:
                 parsed = None
         line = msgspec.json.encode({"code": code, "name": name, "payload": parsed})
         self._file.write(line.decode() + "\n")

@@ -1,14 +1,17 @@
 """Real host processes standing in for a simulated container's processes.
 
 :func:`spawn` starts one process in its own session (so it leads a process group the simulator can
-kill as a whole), chrooted into the container root when running as root, with its identity,
-environment, working directory and optionally a network namespace. Its stdio is a pipe set or a
+kill as a whole) with its identity, environment, working directory and optionally a network
+namespace. Running as root, a container's init gets namespaces, a root and capabilities of its
+own and exec'd processes join them (:mod:`hyperd.sim.isolation`); otherwise processes run in the
+container directory as the simulator's user, with nothing isolated. Its stdio is a pipe set or a
 pty. :meth:`SimProcess.run` pumps its output to a callback, feeds it queued stdin and returns the
 exit status once the process has exited and its output is drained.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -26,6 +29,8 @@ from pathlib import Path
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from hyperd.sim import isolation
+from hyperd.sim.isolation import Namespaces
 from hyperd.sim.rootfs import BindMount, Identity
 
 __all__ = ["LaunchSpec", "OutputSink", "SimProcess", "exit_status", "kill_group_quietly", "spawn"]
@@ -35,12 +40,6 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 4096  # bytes per output read; one tty frame each
 DRAIN_GRACE = 1.0  # seconds to wait for output EOF after exit (a grandchild may hold the pipe)
 CLONE_NEWNET = 0x40000000  # <sched.h>; os.CLONE_NEWNET only exists from Python 3.12
-CLONE_NEWNS = 0x00020000  # <sched.h>: a new mount namespace
-MS_RDONLY = 0x1  # <sys/mount.h>
-MS_REMOUNT = 0x20
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MS_PRIVATE = 1 << 18
 PR_SET_PDEATHSIG = 1  # <sys/prctl.h>: signal the child when its parent dies
 PARENT_GONE_STATUS = 1  # the simulator died while the child was being set up
 SIGNAL_EXIT_BASE = 128  # shell convention: killed by signal N -> 128 + N
@@ -65,6 +64,12 @@ class LaunchSpec:
     separate_stderr: bool  # terminal only: stderr on its own pipe instead of the pty
     netns_fd: int | None = None
     binds: tuple[BindMount, ...] = ()  # fsmap entries, mounted when chrooting
+    # chroot mode isolates (hyperd.sim.isolation): a container's init gets namespaces of its
+    # own; an exec'd process joins its container's (``namespaces``)
+    namespaces: Namespaces | None = None
+    capabilities: int | None = None  # bit mask; None: Docker's default set
+    no_new_privileges: bool = False
+    hostname: str = ""
 
 
 def _libc_check(result: int, what: str) -> None:
@@ -73,30 +78,7 @@ def _libc_check(result: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def _mount_api_filesystems(root: bytes, binds: tuple[BindMount, ...]) -> None:
-    """In a private mount namespace of the child, give the container /dev, /proc and its fsmap.
-
-    The mounts live in the child's own mount namespace, so they vanish with it: nothing to clean
-    up, nothing visible on the host. Skipped for a root without those directories.
-    """
-    _libc_check(_libc.unshare(CLONE_NEWNS), "unshare")
-    _libc_check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount private")
-    dev, proc = os.path.join(root, b"dev"), os.path.join(root, b"proc")
-    if os.path.isdir(dev):
-        _libc_check(_libc.mount(b"/dev", dev, None, MS_BIND | MS_REC, None), "bind /dev")
-    if os.path.isdir(proc):
-        _libc_check(_libc.mount(b"proc", proc, b"proc", 0, None), "mount /proc")
-    for bind in binds:
-        target = os.fsencode(bind.target)
-        _libc_check(
-            _libc.mount(os.fsencode(bind.source), target, None, MS_BIND | MS_REC, None), "bind"
-        )
-        if bind.read_only:
-            flags = MS_BIND | MS_REMOUNT | MS_RDONLY
-            _libc_check(_libc.mount(None, target, None, flags, None), "remount read-only")
-
-
-def _child_setup(spec: LaunchSpec) -> Callable[[], None]:
+def _child_setup(spec: LaunchSpec, status_fd: int, sim_pidfd: int) -> Callable[[], None]:
     """The pre-exec hook: runs in the forked child after stdio is in place, before exec."""
     root = os.fsencode(spec.root)
     workdir = spec.workdir or "/"
@@ -108,11 +90,9 @@ def _child_setup(spec: LaunchSpec) -> Callable[[], None]:
         if spec.terminal:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         if spec.chroot:
-            _mount_api_filesystems(root, spec.binds)
-            os.chroot(root)
-            os.chdir(workdir)
-        else:
-            os.chdir(os.path.join(root, os.fsencode(workdir.lstrip("/"))))
+            _isolated_setup(spec, root, status_fd, sim_pidfd)
+            return
+        os.chdir(os.path.join(root, os.fsencode(workdir.lstrip("/"))))
         if spec.identity is not None:
             os.setgroups(list(spec.identity.groups))
             os.setgid(spec.identity.gid)
@@ -125,10 +105,50 @@ def _child_setup(spec: LaunchSpec) -> Callable[[], None]:
     return setup
 
 
+def _isolated_setup(spec: LaunchSpec, root: bytes, status_fd: int, sim_pidfd: int) -> None:
+    """A container's init (new namespaces, then the forwarding init forks off) or an exec'd
+    process (joins them); then the working directory, capabilities and identity."""
+    # the forwarding init and an exec'd process die with the simulator (no credential change
+    # follows for the former; the latter sets it again below)
+    _libc_check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
+    if not isolation.parent_alive(sim_pidfd):
+        os._exit(PARENT_GONE_STATUS)
+    if spec.namespaces is not None:
+        isolation.join_container(spec.namespaces)
+    else:
+        binds = [(str(b.source), b.path, b.read_only) for b in spec.binds]
+        isolation.enter_container(root, binds, spec.hostname)
+        isolation.fork_init(status_fd)  # from here on: the container's process, pid 2
+    os.chdir(spec.workdir or "/")
+    identity = spec.identity or Identity(0, 0, ())
+    caps = spec.capabilities
+    isolation.drop_privileges(
+        isolation.capability_mask(None) if caps is None else caps,
+        identity.uid,
+        identity.gid,
+        identity.groups,
+        no_new_privileges=spec.no_new_privileges,
+    )
+    # its parent is the forwarding init (or the simulator): dies with it
+    _libc_check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
+    isolation.mark_pre_exec()
+
+
 def _check_workdir(spec: LaunchSpec) -> None:
-    path = spec.root / (spec.workdir or "/").lstrip("/")
-    if not path.is_dir():
-        raise FileNotFoundError(errno.ENOENT, "working directory does not exist", spec.workdir)
+    """The working directory must exist, as the container sees it (inside its root)."""
+    if not spec.chroot:
+        if not (spec.root / (spec.workdir or "/").lstrip("/")).is_dir():
+            raise FileNotFoundError(errno.ENOENT, "working directory does not exist", spec.workdir)
+        return
+    root = os.open(spec.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.close(isolation.resolve_in_root(root, spec.workdir or "/", os.O_PATH | os.O_DIRECTORY))
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(
+            errno.ENOENT, "working directory does not exist", spec.workdir
+        ) from None
+    finally:
+        os.close(root)
 
 
 @dataclass(eq=False)
@@ -141,6 +161,10 @@ class SimProcess:
     stdout_fd: int  # pipe read end or pty master
     stderr_fd: int | None
     pidfd: int
+    status_fd: int | None = None  # an isolated init's report of its container process's status
+    namespaces: Namespaces | None = None  # an isolated init's namespaces, for exec'd processes
+    _main_pid: int | None = None
+    _reported: int | None = None  # the status an isolated init reported
     _stdin_send: MemoryObjectSendStream[bytes | None] = field(init=False)
     _stdin_recv: MemoryObjectReceiveStream[bytes | None] = field(init=False)
     returncode: int | None = None
@@ -155,7 +179,19 @@ class SimProcess:
 
     @property
     def pid(self) -> int:
+        """The pid of the process the simulator started: for an isolated container init, the
+        forwarding init of its PID namespace (signals sent to it reach the container's process;
+        its process group is the container's)."""
         return self.popen.pid
+
+    @property
+    def main_pid(self) -> int:
+        """The host pid of the program itself (below an isolated init: its PID 2)."""
+        if self.status_fd is None:
+            return self.popen.pid
+        if self._main_pid is None and self.returncode is None:
+            self._main_pid = isolation.ns_child_pid(self.popen.pid)
+        return self._main_pid if self._main_pid is not None else self.popen.pid
 
     def write_stdin(self, data: bytes) -> None:
         """Queue bytes for the process's stdin; dropped once stdin is closed or it exited.
@@ -187,7 +223,10 @@ class SimProcess:
         """Send ``signum`` to the process's whole process group (its session)."""
         if self.returncode is not None:
             raise ProcessLookupError(errno.ESRCH, "process has exited")
-        os.killpg(self.pid, signum)
+        if self.status_fd is not None:  # the forwarding init sends it to the group, once
+            isolation.sigqueue(self.pid, signum)
+        else:
+            os.killpg(self.pid, signum)
 
     def kill_group_quietly(self) -> None:
         """SIGKILL the process group, ignoring a group that is already gone."""
@@ -222,21 +261,54 @@ class SimProcess:
                 else:
                     done_err.set()
                 tg.start_soon(self._feed_stdin)
-                await anyio.wait_readable(self.pidfd)
-                self.popen.poll()
-                if on_exit is not None:
-                    on_exit()
+                if self.status_fd is not None:
+                    await self._wait_isolated_exit(on_exit)
+                else:
+                    await anyio.wait_readable(self.pidfd)
+                    self.popen.poll()
+                    if on_exit is not None:
+                        on_exit()
                 with anyio.move_on_after(DRAIN_GRACE):
                     await done_out.wait()
                     await done_err.wait()
                 tg.cancel_scope.cancel()
         finally:
+            isolated = self.status_fd is not None
             self._close_fds()
-            if self.popen.poll() is None:  # cancelled before exit: make sure it dies
+            if self.popen.poll() is None:  # cancelled before exit, or a killed isolated init
                 self.kill_group_quietly()
-                self.popen.wait()
-            self.returncode = self.popen.returncode
-        return self.popen.returncode
+                if isolated:
+                    # its namespace ends only once we reaped the processes exec'd into it:
+                    # waiting here could wait for ourselves. Reaped later, without blocking.
+                    _UNREAPED.append(self.popen)
+                else:
+                    self.popen.wait()
+            _reap_unreaped()
+            reported = self._reported
+            if reported is None:
+                reported = self.popen.returncode
+            self.returncode = -signal.SIGKILL if reported is None else reported
+        return self.returncode
+
+    async def _wait_isolated_exit(self, on_exit: Callable[[], None] | None) -> None:
+        """An isolated init reports its container process's status, then waits to be killed:
+        the simulator reacts to the exit (``on_exit``) before the namespace's other processes
+        die, in the order it would without a namespace."""
+        assert self.status_fd is not None
+        await anyio.wait_readable(self.status_fd)
+        try:
+            data = os.read(self.status_fd, isolation.STATUS_SIZE)
+        except OSError:
+            data = b""
+        if len(data) == isolation.STATUS_SIZE:  # else: the init itself was killed
+            (status,) = struct.unpack(isolation.STATUS_FORMAT, data)
+            self._reported = os.waitstatus_to_exitcode(status)
+        if on_exit is not None:
+            on_exit()
+        try:
+            os.kill(self.pid, signal.SIGKILL)  # the namespace goes with its init
+        except ProcessLookupError:
+            pass
 
     async def _pump(self, fd: int, seq: int, sink: OutputSink, done: anyio.Event) -> None:
         try:
@@ -284,6 +356,11 @@ class SimProcess:
         self._stdin_send.close()
         self._stdin_recv.close()
         fds = {self.stdout_fd, self.pidfd}
+        if self.status_fd is not None:
+            fds.add(self.status_fd)
+        if self.namespaces is not None:
+            self.namespaces.close()
+            self.namespaces = None
         if self.stdin_fd is not None:
             fds.add(self.stdin_fd)
         if self.stderr_fd is not None:
@@ -303,8 +380,10 @@ def spawn(spec: LaunchSpec) -> SimProcess:
     PermissionError, ...) or subprocess.SubprocessError when the child setup failed.
     """
     _check_workdir(spec)
+    _reap_unreaped()
     parent_fds: list[int] = []
     child_fds: list[int] = []
+    status_fd: int | None = None
     try:
         stderr_r: int | None = None
         if spec.terminal:
@@ -323,15 +402,31 @@ def spawn(spec: LaunchSpec) -> SimProcess:
             stderr_r, stderr_child = os.pipe()
             parent_fds += [stdin_fd, stdout_fd, stderr_r]
             child_fds += [stdin_child, stdout_child, stderr_child]
-        popen = subprocess.Popen(
-            list(spec.args),
-            stdin=stdin_child,
-            stdout=stdout_child,
-            stderr=stderr_child,
-            env=spec.env,
-            start_new_session=True,
-            preexec_fn=_child_setup(spec),  # chroot, setns and setuid need a hook in the child
-        )
+        new_container = spec.chroot and spec.namespaces is None
+        status_w = -1
+        if new_container:
+            status_fd, status_w = os.pipe2(os.O_CLOEXEC)
+            parent_fds.append(status_fd)
+            child_fds.append(status_w)
+        sim_pidfd = os.pidfd_open(os.getpid())
+        child_fds.append(sim_pidfd)
+        with (
+            isolation.pid_namespace_for_children(
+                spec.namespaces.pid if spec.namespaces is not None else None
+            )
+            if spec.chroot
+            else contextlib.nullcontext()
+        ):
+            popen = subprocess.Popen(
+                list(spec.args),
+                stdin=stdin_child,
+                stdout=stdout_child,
+                stderr=stderr_child,
+                env=spec.env,
+                start_new_session=True,
+                # namespaces, mounts, setuid... need a hook in the child
+                preexec_fn=_child_setup(spec, status_w, sim_pidfd),
+            )
     except BaseException:
         for fd in parent_fds:
             os.close(fd)
@@ -339,8 +434,11 @@ def spawn(spec: LaunchSpec) -> SimProcess:
     finally:
         for fd in set(child_fds):
             os.close(fd)
+    namespaces = None
     try:
         pidfd = os.pidfd_open(popen.pid)
+        if new_container:
+            namespaces = Namespaces.of_process(popen.pid)
     except OSError:
         popen.kill()
         popen.wait()
@@ -356,7 +454,17 @@ def spawn(spec: LaunchSpec) -> SimProcess:
         stdout_fd=stdout_fd,
         stderr_fd=stderr_r,
         pidfd=pidfd,
+        status_fd=status_fd,
+        namespaces=namespaces,
     )
+
+
+_UNREAPED: list[subprocess.Popen[bytes]] = []  # killed isolated inits not reaped yet
+
+
+def _reap_unreaped() -> None:
+    """Reap the killed isolated inits that have exited meanwhile (never blocks)."""
+    _UNREAPED[:] = [p for p in _UNREAPED if p.poll() is None]
 
 
 def kill_group_quietly(pgid: int) -> None:

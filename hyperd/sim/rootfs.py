@@ -8,9 +8,13 @@ would inside the guest.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from hyperd.sim.isolation import resolve_in_root
 
 __all__ = [
     "BindMount",
@@ -66,11 +70,13 @@ def check_fsmap_source(share: Path, source: str, absolute: bool) -> Path:
 
 @dataclass(frozen=True, slots=True)
 class BindMount:
-    """An fsmap entry ready to mount: host ``source`` onto ``target`` (a host path in the root)."""
+    """An fsmap entry ready to mount: host ``source`` onto ``path`` in the container (``target``:
+    where that is on the host when no symlink is involved, for logs and the non-root mode)."""
 
     source: Path
     target: Path
     read_only: bool
+    path: str = ""
 
 
 def prepare_bind(
@@ -78,21 +84,48 @@ def prepare_bind(
 ) -> BindMount:
     """Check an fsmap entry and create its mount point in the container root; RootfsError.
 
-    The mount point is a directory or an empty file, like the source.
+    The mount point is a directory or an empty file, like the source. It is made as the
+    container would see the path: every component is looked up inside the root
+    (``RESOLVE_IN_ROOT``), so a symlink in the rootfs (``mnt -> /host/dir``) leads to
+    ``<root>/host/dir``, never out of the root.
     """
     src = check_fsmap_source(share, source, absolute)
-    target = Path(os.path.normpath(root / path.lstrip("/")))
-    if target == root or not target.is_relative_to(root):
+    relative = os.path.normpath(path.lstrip("/"))
+    inside = "/" + relative
+    if relative in (".", "..") or relative.startswith("../"):
         raise RootfsError(f"fsmap path {path!r} is not inside the container")
     try:
-        if src.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-        elif not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.touch()
+        root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            _make_mount_point(root_fd, inside, src.is_dir())
+        finally:
+            os.close(root_fd)
     except OSError as exc:
         raise RootfsError(f"cannot create mount point {path!r}: {exc.strerror}") from None
-    return BindMount(src, target, read_only)
+    return BindMount(src, root / inside.lstrip("/"), read_only, inside)
+
+
+def _make_mount_point(root_fd: int, inside: str, is_dir: bool) -> None:
+    """``mkdir -p`` (or touch, for a file) of ``inside`` with every lookup confined to the
+    root open at ``root_fd``."""
+    parts = inside.strip("/").split("/")
+    for i, name in enumerate(parts):
+        last = i == len(parts) - 1
+        here = "/".join(parts[: i + 1])
+        with contextlib.suppress(FileNotFoundError):
+            os.close(resolve_in_root(root_fd, here))
+            continue
+        parent = resolve_in_root(root_fd, "/".join(parts[:i]), os.O_PATH | os.O_DIRECTORY)
+        try:
+            if is_dir or not last:
+                os.mkdir(name, 0o755, dir_fd=parent)
+            else:
+                flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                os.close(os.open(name, flags, 0o644, dir_fd=parent))
+        except FileExistsError:  # a dangling symlink: its target would be outside
+            raise OSError(errno.ELOOP, f"{here} is a dangling symlink") from None
+        finally:
+            os.close(parent)
 
 
 def _table(root: Path, name: str) -> list[list[str]]:

@@ -56,14 +56,19 @@ connection idle for ``ping_interval`` sends a Hyper ``ping`` that must be answer
 ``ping_timeout`` past its caller's deadline with nothing received since. Losing reachability
 closes the connection; the session reconnects (capped exponential backoff), re-attaches,
 pings, and reports ``reconnected`` + ``reachable``.
+
+Process exits: a session made with ``on_exit`` asks the proxy for hyperd's exit notifications
+(``exitNotifications`` in RegisterVM/AttachVM, on every (re)connection) and passes each exit
+up as a :class:`ProcessExit`; ``VMSession.exit_notifications`` says whether the proxy agreed.
 """
 
 from hyperd.vm.connection import VMConnection
 from hyperd.vm.session import VMSession, socket_path
-from hyperd.vm.types import ConnectionStatistics, VMConfig, VMEvent, VMStatistics
+from hyperd.vm.types import ConnectionStatistics, ProcessExit, VMConfig, VMEvent, VMStatistics
 
 __all__ = [
     "ConnectionStatistics",
+    "ProcessExit",
     "VMConfig",
     "VMConnection",
     "VMEvent",

@@ -34,6 +34,7 @@ import heapq
 import logging
 import math
 from collections import deque
+from collections.abc import Callable
 from time import monotonic
 from typing import Final, cast
 
@@ -50,7 +51,14 @@ from hyperd.errors import (
 )
 from hyperd.vm.types import ConnectionStatistics
 from protocol import NEED_DATA, LocalProtocolError, RemoteProtocolError
-from protocol.ccproxy import ClientConnection, Command, ErrorReply, Response
+from protocol.ccproxy import (
+    ClientConnection,
+    Command,
+    ErrorReply,
+    ProcessExitNotice,
+    Response,
+    VMProcessExited,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +131,23 @@ class VMConnection:
     fails every caller still waiting and makes :meth:`run` return.
     """
 
-    def __init__(self, *, vm_id: str, counters: Counters | None = None) -> None:
-        """Use :meth:`connect`; the transport is attached when the connection is made."""
+    def __init__(
+        self,
+        *,
+        vm_id: str,
+        counters: Counters | None = None,
+        on_exit: Callable[[ProcessExitNotice], None] | None = None,
+    ) -> None:
+        """Use :meth:`connect`; the transport is attached when the connection is made.
+
+        ``on_exit``: accept hyperd's exit notifications (ask for them with
+        ``exitNotifications`` in RegisterVM/AttachVM) and call this, synchronously, with each.
+        """
         self.vm_id = vm_id
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        self._protocol = ClientConnection("runtime")
+        self._on_exit = on_exit
+        self._protocol = ClientConnection("runtime", exit_notifications=on_exit is not None)
         self._counters = counters if counters is not None else Counters()
         self._slots: deque[_Slot] = deque()
         self._outbuf: list[bytes] = []  # frames of the last len(_outbuf) slots, not yet written
@@ -146,10 +165,15 @@ class VMConnection:
 
     @classmethod
     async def connect(
-        cls, path: str, *, vm_id: str, counters: Counters | None = None
+        cls,
+        path: str,
+        *,
+        vm_id: str,
+        counters: Counters | None = None,
+        on_exit: Callable[[ProcessExitNotice], None] | None = None,
     ) -> VMConnection:
         """Connect to the proxy socket at ``path``; raises ``OSError`` as the connect does."""
-        conn = cls(vm_id=vm_id, counters=counters)
+        conn = cls(vm_id=vm_id, counters=counters, on_exit=on_exit)
         await conn._loop.create_unix_connection(lambda: _Driver(conn), path)
         return conn
 
@@ -337,6 +361,9 @@ class VMConnection:
                     event = protocol.next_event()
                     if event is NEED_DATA:
                         return
+                    if type(event) is VMProcessExited:
+                        self._exited(event.notice)
+                        continue
                     if isinstance(event, ErrorReply):
                         slot = slots.popleft()
                         if slot.future.done():
@@ -370,6 +397,14 @@ class VMConnection:
                 if not self._flush_scheduled:
                     self._flush_scheduled = True
                     self._loop.call_soon(self._flush)
+
+    def _exited(self, notice: ProcessExitNotice) -> None:
+        if self._on_exit is None:  # pragma: no cover - the protocol object refuses it then
+            return
+        try:
+            self._on_exit(notice)
+        except Exception:
+            log.exception("VM %s: exit notification callback failed", self.vm_id)
 
     def _fail(self, slot: _Slot, error: str) -> None:
         """Fail ``slot``'s caller with the exception for the proxy's error response."""

@@ -25,6 +25,7 @@ from hyperd.vm.types import (
     RECONNECTED,
     UNREACHABLE,
     EventKind,
+    ProcessExit,
     VMConfig,
     VMEvent,
     VMStatistics,
@@ -35,6 +36,7 @@ from protocol.ccproxy import (
     Command,
     Hyper,
     PayloadError,
+    ProcessExitNotice,
     RegisterVM,
     UnregisterVM,
     VMResponse,
@@ -103,6 +105,12 @@ class VMSession:
     :meth:`new_tokens`, :meth:`unregister` from any task. While the VM is unreachable every
     command fails at once with :class:`VMUnavailable`; the session keeps reconnecting and
     publishes :class:`VMEvent`s through ``on_event`` (called synchronously; keep it cheap).
+
+    ``on_exit``: ask the proxy for exit notifications (hyperd's extension) on every
+    Register/AttachVM and call ``on_exit`` (synchronously) with a :class:`ProcessExit` for each;
+    :attr:`exit_notifications` says whether the proxy agreed on the current connection (the
+    reference cc-proxy never does). Exits kept by the proxy while hyperd was away arrive right
+    after the AttachVM of a reconnect or of a new session.
     """
 
     def __init__(
@@ -116,6 +124,7 @@ class VMSession:
         register: bool = True,
         config: VMConfig = VMConfig(),  # noqa: B008 - frozen value
         on_event: Callable[[VMEvent], None] | None = None,
+        on_exit: Callable[[ProcessExit], None] | None = None,
     ) -> None:
         if register and not (ctl and tty):
             raise ValueError("registering a VM needs its ctl and tty socket paths")
@@ -128,6 +137,8 @@ class VMSession:
         self._register = register
         self._config = config
         self._on_event = on_event
+        self._on_exit = on_exit
+        self._exit_notifications = False
         self._io_url: str | None = None
         self._conn: VMConnection | None = None
         self._counters = Counters()
@@ -151,6 +162,11 @@ class VMSession:
     @property
     def reachable(self) -> bool:
         return self._reachable
+
+    @property
+    def exit_notifications(self) -> bool:
+        """The proxy said (in its last Register/AttachVM reply) it sends exit notifications."""
+        return self._exit_notifications
 
     def statistics(self) -> VMStatistics:
         conn = self._conn
@@ -399,7 +415,10 @@ class VMSession:
             try:
                 with anyio.fail_after(self._config.connect_timeout):
                     conn = await VMConnection.connect(
-                        self._path, vm_id=self.vm_id, counters=self._counters
+                        self._path,
+                        vm_id=self.vm_id,
+                        counters=self._counters,
+                        on_exit=self._exited if self._on_exit is not None else None,
                     )
             except (OSError, TimeoutError) as exc:
                 now = monotonic()
@@ -454,10 +473,10 @@ class VMSession:
                 if not _proxy_message(exc).endswith(ALREADY_REGISTERED):
                     raise
                 log.info("VM %s: already registered with the proxy; attaching", self.vm_id)
-                response = await self._attach(conn, 0, attach_timeout)
+                response = await self._attach(conn, 0, attach_timeout, notify=True)
         else:
             try:
-                response = await self._attach(conn, 0, attach_timeout)
+                response = await self._attach(conn, 0, attach_timeout, notify=True)
             except ProxyError as exc:
                 known = not _proxy_message(exc).startswith(UNKNOWN_CONTAINER)
                 if known or not (self._ctl and self._tty) or self._closing:
@@ -466,6 +485,7 @@ class VMSession:
                 response = await self._register_vm(conn)
                 verify = False
         self._io_url = response.io.URL
+        self._exit_notifications = self._on_exit is not None and response.exitNotifications
         if verify:
             await conn.command(Command.HYPER, PING_PAYLOAD, timeout=cfg.ping_timeout, label=PING)
 
@@ -476,12 +496,17 @@ class VMSession:
             ctlSerial=self._ctl,
             ioSerial=self._tty,
             console=self._console or "",
+            exitNotifications=self._on_exit is not None,
         )
         reply = await conn.command(Command.REGISTER_VM, payload, timeout=self._config.ready_timeout)
         return self._decode_vm_response(reply, "RegisterVM")
 
-    async def _attach(self, conn: VMConnection, count: int, deadline: float) -> VMResponse:
-        payload = AttachVM(containerId=self.vm_id, numIOStreams=count)
+    async def _attach(
+        self, conn: VMConnection, count: int, deadline: float, *, notify: bool = False
+    ) -> VMResponse:
+        # notify only on the handshake: a token request must not change the subscription
+        notify = notify and self._on_exit is not None
+        payload = AttachVM(containerId=self.vm_id, numIOStreams=count, exitNotifications=notify)
         reply = await conn.command(Command.ATTACH_VM, payload, timeout=deadline)
         response = self._decode_vm_response(reply, "AttachVM")
         self._io_url = response.io.URL
@@ -492,6 +517,24 @@ class VMSession:
             return decode_payload(VMResponse, reply)
         except PayloadError as exc:
             raise ProxyError(f"VM {self.vm_id}: {what}: malformed reply: {exc}") from None
+
+    # -- exits -------------------------------------------------------------------------------
+
+    def _exited(self, notice: ProcessExitNotice) -> None:
+        if self._on_exit is None or notice.containerId not in ("", self.vm_id):
+            return  # a proxy may serve several VMs, but only asked ones reach this connection
+        exit = ProcessExit(
+            self.vm_id,
+            notice.token,
+            notice.container,
+            notice.process,
+            notice.status,
+            notice.backlog,
+        )
+        try:
+            self._on_exit(exit)
+        except Exception:
+            log.exception("VM %s: on_exit callback failed", self.vm_id)
 
     # -- liveness ----------------------------------------------------------------------------
 

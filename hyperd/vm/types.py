@@ -78,6 +78,23 @@ class VMStatistics:
 
 
 @dataclass(frozen=True)
+class ProcessExit:
+    """A process of the VM exited (hyperd's exit-notification extension of the proxy).
+
+    ``token``: the I/O token it was started with; ``container``/``process``: the agent's ids
+    (``process`` is empty for the CC dialect); ``status``: 0..255 as the agent reported it;
+    ``backlog``: it happened while no runtime connection listened, and was kept by the proxy.
+    """
+
+    vm_id: str
+    token: str
+    container: str
+    process: str
+    status: int
+    backlog: bool = False
+
+
+@dataclass(frozen=True)
 class VMEvent:
     """A change of a VM's reachability, published through ``on_event``.
 

@@ -8,6 +8,11 @@
   (and ``FrameDecoder.next_payload_of`` under it) is the fast path of ``next_event`` for the
   common event, a success response, returning its payload without building an event object.
 
+hyperd's extension (never sent by the reference cc-proxy): ``exitNotifications`` in
+RegisterVM/AttachVM and their response, and the ``VM_PROCESS_EXITED`` notification (opcode 1,
+a JSON :class:`ProcessExitNotice`) that a proxy sends to a runtime connection that asked for it
+(``ClientConnection(exit_notifications=True)`` accepts it, as :class:`VMProcessExited`).
+
 Only the standard library and msgspec are imported; nothing here performs I/O.
 """
 
@@ -31,6 +36,7 @@ from protocol.ccproxy.events import (
     Response,
     StreamData,
     StreamReceived,
+    VMProcessExited,
 )
 from protocol.ccproxy.frames import Frame, FrameDecoder, FrameError, encode_frame
 from protocol.ccproxy.payloads import (
@@ -42,6 +48,7 @@ from protocol.ccproxy.payloads import (
     IOResponse,
     LogEntry,
     PayloadError,
+    ProcessExitNotice,
     RegisterVM,
     Signal,
     UnregisterVM,
@@ -73,6 +80,7 @@ __all__ = [
     "LogEntry",
     "Notification",
     "PayloadError",
+    "ProcessExitNotice",
     "ProcessExited",
     "RegisterVM",
     "Response",
@@ -83,6 +91,7 @@ __all__ = [
     "StreamData",
     "StreamReceived",
     "UnregisterVM",
+    "VMProcessExited",
     "VMResponse",
     "decode_payload",
     "encode_frame",

@@ -35,9 +35,15 @@ from protocol.ccproxy.events import (
     Response,
     StreamData,
     StreamReceived,
+    VMProcessExited,
 )
 from protocol.ccproxy.frames import _HEADER, Frame, FrameDecoder, encode_raw
-from protocol.ccproxy.payloads import ErrorResponse, decode_payload, encode_payload
+from protocol.ccproxy.payloads import (
+    ErrorResponse,
+    ProcessExitNotice,
+    decode_payload,
+    encode_payload,
+)
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 
 Role = Literal["runtime", "shim"]
@@ -56,6 +62,8 @@ _STREAM_FRAME: Final = FrameType.STREAM
 _CONNECT_SHIM: Final = Command.CONNECT_SHIM
 _DISCONNECT_SHIM: Final = Command.DISCONNECT_SHIM
 _STDIN: Final = Stream.STDIN
+_NOTIFICATION_FRAME: Final = FrameType.NOTIFICATION
+_VM_PROCESS_EXITED: Final = Notification.VM_PROCESS_EXITED
 
 _COMMANDS: Final = tuple(Command)
 _SPECIAL: Final = frozenset((_CONNECT_SHIM, _DISCONNECT_SHIM))
@@ -153,14 +161,26 @@ class ClientConnection(_Receiver):
     ConnectShim is pending, stream and notification frames are accepted too (the proxy may send
     output before it writes the response). DisconnectShim sent on a shim connection expects no
     response (the proxy closes the connection); afterwards nothing more may be sent.
+
+    ``exit_notifications``: the runtime asks for hyperd's extension (``exitNotifications`` in
+    RegisterVM/AttachVM), so ``VM_PROCESS_EXITED`` notifications are accepted, at any time, as
+    :class:`VMProcessExited` events; without it they are a protocol violation, as any
+    notification on a runtime connection.
     """
 
-    __slots__ = ("_connecting", "_disconnecting", "_expected", "_role")
+    __slots__ = ("_connecting", "_disconnecting", "_exit_notifications", "_expected", "_role")
 
-    def __init__(self, role: Role = "runtime", *, max_payload: int = MAX_PAYLOAD) -> None:
+    def __init__(
+        self,
+        role: Role = "runtime",
+        *,
+        max_payload: int = MAX_PAYLOAD,
+        exit_notifications: bool = False,
+    ) -> None:
         if role not in ("runtime", "shim"):
             raise ValueError(f"role must be 'runtime' or 'shim', not {role!r}")
         super().__init__(max_payload)
+        self._exit_notifications = exit_notifications and role == "runtime"
         self._role: Role = role
         self._expected: deque[Command] = deque()
         self._connecting = 0  # ConnectShim commands awaiting their response
@@ -248,14 +268,17 @@ class ClientConnection(_Receiver):
                     return payload
         return None
 
-    def next_event(self) -> Response | ErrorReply | StreamData | ProcessExited | _NeedData:
+    def next_event(
+        self,
+    ) -> Response | ErrorReply | StreamData | ProcessExited | VMProcessExited | _NeedData:
         """Return the next event, or :data:`NEED_DATA`.
 
         Raises :class:`RemoteProtocolError` for an invalid frame, a response with no command
         pending or whose opcode is not the oldest pending command's, a command frame, a stream
-        or notification on a runtime connection, stdin/log streams from the proxy, a
-        ProcessExited payload that is not one byte, an undecodable error payload, or EOF in the
-        middle of a frame.
+        or notification on a runtime connection (except ``VM_PROCESS_EXITED`` when
+        ``exit_notifications`` is on: its payload must decode), stdin/log streams from the
+        proxy, a ProcessExited payload that is not one byte, an undecodable error payload, or
+        EOF in the middle of a frame.
         """
         frame = self._next_frame()
         if frame is None:
@@ -265,6 +288,8 @@ class ClientConnection(_Receiver):
             return self._response(frame)
         if frame_type is _COMMAND_FRAME:
             self._fail(f"{_COMMANDS[frame.opcode].name} command frame from the proxy")
+        if frame_type is _NOTIFICATION_FRAME and frame.opcode == _VM_PROCESS_EXITED:
+            return self._vm_process_exited(frame)
         if not self._is_shim():
             self._fail(f"{frame_type.name.lower()} frame on a runtime connection")
         if frame_type is _STREAM_FRAME:
@@ -275,6 +300,18 @@ class ClientConnection(_Receiver):
         if len(frame.payload) != 1:
             self._fail(f"ProcessExited payload of {len(frame.payload)} bytes (expected 1)")
         return ProcessExited(frame.payload[0])
+
+    def _vm_process_exited(self, frame: Frame) -> VMProcessExited:
+        if not self._exit_notifications or self._role != "runtime":
+            self._fail("VM_PROCESS_EXITED notification on a connection that did not ask for it")
+        try:
+            notice = decode_payload(ProcessExitNotice, frame.payload)
+        except ProtocolError as exc:
+            self._error = exc
+            raise
+        if not 0 <= notice.status <= MAX_EXIT_STATUS:
+            self._fail(f"VM_PROCESS_EXITED status {notice.status} is not 0..{MAX_EXIT_STATUS}")
+        return VMProcessExited(notice)
 
     def _response(self, frame: Frame) -> Response | ErrorReply:
         expected = self._expected
@@ -385,6 +422,13 @@ class ServerConnection(_Receiver):
         if not 0 <= status <= MAX_EXIT_STATUS:
             raise LocalProtocolError(f"exit status {status} does not fit in one byte")
         return _PROCESS_EXITED_FRAMES[status]
+
+    def send_vm_process_exited(self, notice: ProcessExitNotice) -> bytes:
+        """Return hyperd's ``VM_PROCESS_EXITED`` notification (for a runtime connection that
+        asked for exit notifications); ``notice.status`` must be 0..255."""
+        if not 0 <= notice.status <= MAX_EXIT_STATUS:
+            raise LocalProtocolError(f"exit status {notice.status} does not fit in one byte")
+        return encode_raw(_NOTIFICATION_FRAME, _VM_PROCESS_EXITED, encode_payload(notice))
 
 
 __all__ = ["UNKNOWN_ERROR", "ClientConnection", "Role", "ServerConnection"]

@@ -60,9 +60,17 @@ class Stream(IntEnum):
 
 
 class Notification(IntEnum):
-    """Opcodes of notification frames."""
+    """Opcodes of notification frames.
+
+    ``PROCESS_EXITED`` is the reference protocol's (proxy → shim, one status byte).
+    ``VM_PROCESS_EXITED`` is **hyperd's extension**, never sent by the reference cc-proxy: the
+    proxy sends it to a runtime connection that asked for exit notifications
+    (``exitNotifications`` in RegisterVM/AttachVM), once per process exit of the VM, with a JSON
+    :class:`~protocol.ccproxy.payloads.ProcessExitNotice` payload.
+    """
 
     PROCESS_EXITED = 0
+    VM_PROCESS_EXITED = 1
 
 
 OPCODES: Final[dict[FrameType, type[IntEnum]]] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from protocol.ccproxy.constants import Command, Stream
+from protocol.ccproxy.payloads import ProcessExitNotice
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,14 @@ class ProcessExited:
 
 
 @dataclass(frozen=True, slots=True)
+class VMProcessExited:
+    """hyperd's extension, on a runtime connection that asked for exit notifications: a process
+    of the VM exited (``notice`` names it and carries its status)."""
+
+    notice: ProcessExitNotice
+
+
+@dataclass(frozen=True, slots=True)
 class CommandReceived:
     """Server side: a client's command; it must be answered in order (except DisconnectShim,
     after which the proxy closes the connection)."""
@@ -63,4 +72,5 @@ __all__ = [
     "Response",
     "StreamData",
     "StreamReceived",
+    "VMProcessExited",
 ]

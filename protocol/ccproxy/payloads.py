@@ -23,6 +23,7 @@ from typing import Any, Final, TypeVar, Union, get_args, get_origin
 
 import msgspec
 
+from protocol import jsonerrors
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 
 T = TypeVar("T", bound=msgspec.Struct)
@@ -40,6 +41,7 @@ class RegisterVM(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_d
     ioSerial: str
     console: str = ""  # omitempty
     numIOStreams: int = 0  # omitempty
+    exitNotifications: bool = False  # hyperd's extension (omitempty); the reference ignores it
 
 
 class UnregisterVM(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -53,6 +55,7 @@ class AttachVM(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_def
 
     containerId: str
     numIOStreams: int = 0  # omitempty
+    exitNotifications: bool = False  # hyperd's extension (omitempty); the reference ignores it
 
 
 class IOResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -62,10 +65,36 @@ class IOResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tokens: list[str] | None = None
 
 
-class VMResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Success payload of RegisterVM and AttachVM."""
+class VMResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Success payload of RegisterVM and AttachVM.
+
+    ``exitNotifications`` is hyperd's extension: true when the proxy will send this connection a
+    ``VM_PROCESS_EXITED`` notification for every process exit of the VM. The reference never
+    sends the key (it decodes as false), so a runtime can tell which proxy it talks to.
+    """
 
     io: IOResponse
+    exitNotifications: bool = False  # omitempty
+
+
+class ProcessExitNotice(
+    msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True, kw_only=True
+):
+    """Payload of the ``VM_PROCESS_EXITED`` notification (**hyperd's extension**, notification
+    opcode 1, proxy → runtime connection that registered or attached with exitNotifications).
+
+    ``containerId`` is the VM; ``token`` the I/O token the process was started with (empty for a
+    process started without one); ``container`` and ``process`` the agent's ids;
+    ``status`` the exit status as the agent reported it (0..255). ``backlog`` is true for an
+    exit that happened while no runtime connection listened, delivered on the next AttachVM.
+    """
+
+    containerId: str
+    token: str = ""  # omitempty
+    container: str = ""  # omitempty
+    process: str = ""  # omitempty
+    status: int  # always sent, 0 included
+    backlog: bool = False  # omitempty
 
 
 class Hyper(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -119,6 +148,7 @@ PAYLOAD_TYPES: Final[tuple[type[msgspec.Struct], ...]] = (
     Signal,
     ErrorResponse,
     LogEntry,
+    ProcessExitNotice,
 )
 
 _ENCODER: Final = msgspec.json.Encoder()
@@ -249,9 +279,7 @@ def _error(cls: type[Any], payload: bytes, exc: Exception) -> PayloadError:
     name = cls.__name__
     if not payload:
         return PayloadError(f"invalid {name} payload: empty")
-    if isinstance(exc, UnicodeDecodeError):
-        return PayloadError(f"invalid {name} payload: a string is not valid UTF-8")
-    return PayloadError(f"invalid {name} payload: {exc}")
+    return PayloadError(f"invalid {name} payload: {jsonerrors.describe(payload, exc)}")
 
 
 def decode_payload(cls: type[T], payload: bytes) -> T:
@@ -265,11 +293,11 @@ def decode_payload(cls: type[T], payload: bytes) -> T:
         return decoder.decode(payload)
     except msgspec.ValidationError:
         pass  # key case, unknown or missing keys, nulls: take the tolerant path
-    except (msgspec.DecodeError, ValueError) as exc:
+    except jsonerrors.DECODE_ERRORS as exc:
         raise _error(cls, payload, exc) from None
     try:
         return decoder.decode(_normalize(cls, payload))
-    except (msgspec.MsgspecError, ValueError) as exc:
+    except jsonerrors.DECODE_ERRORS as exc:
         raise _error(cls, payload, exc) from None
 
 
@@ -282,6 +310,7 @@ __all__ = [
     "IOResponse",
     "LogEntry",
     "PayloadError",
+    "ProcessExitNotice",
     "RegisterVM",
     "Signal",
     "UnregisterVM",

@@ -33,6 +33,7 @@ from typing import Any, Final, TypeVar
 
 import msgspec
 
+from protocol import jsonerrors
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.hyperstart.dialects import CC, Dialect
 from protocol.hyperstart.messages import (
@@ -403,6 +404,7 @@ def decode_message(cls: type[T], payload: bytes, dialect: Dialect = CC) -> T:
         result: T = decoder.decode(payload)
     except msgspec.ValidationError as exc:
         raise MessageError(f"invalid {cls.__name__} body: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise MessageError(f"malformed {cls.__name__} body: {exc}") from None
+    except jsonerrors.DECODE_ERRORS as exc:
+        text = jsonerrors.describe(payload, exc)
+        raise MessageError(f"malformed {cls.__name__} body: {text}") from None
     return result

@@ -14,6 +14,7 @@ from typing import Any, Final, Literal, TypeAlias
 import msgspec
 from msgspec import UNSET, UnsetType
 
+from protocol import jsonerrors
 from protocol.errors import LocalProtocolError
 
 VERSION: Final = "2.0"
@@ -201,10 +202,10 @@ def parse_message(line: bytes | bytearray) -> Parsed | list[Parsed]:
     """
     try:
         value = _decoder.decode(line)
-    except (ValueError, RecursionError) as err:
-        # msgspec.DecodeError, ValidationError (numbers out of range), UnicodeDecodeError are
-        # all ValueErrors; nesting deeper than the interpreter allows is a RecursionError.
-        return _invalid(PARSE_ERROR, str(err) or type(err).__name__)
+    except jsonerrors.DECODE_ERRORS as err:
+        # bad JSON, invalid UTF-8, numbers out of range, nesting deeper than the interpreter
+        # allows: described in hyperd's words, whatever msgspec release raised it.
+        return _invalid(PARSE_ERROR, jsonerrors.describe(line, err))
     if isinstance(value, list):
         if not value:
             return _invalid(INVALID_REQUEST, "empty batch")

@@ -342,9 +342,13 @@ async def test_hyperctl_events(hyperd: Hyperd) -> None:
         await proc.aclose()
 
 
-def _run_on_a_terminal(hyperd: Hyperd, args: list[str], typed: list[bytes]) -> tuple[int, bytes]:
-    """Run hyperctl with a pty as its stdin/stdout/stderr, type ``typed`` into it one piece per
-    quiet moment, and return its exit status and everything it printed."""
+def _run_on_a_terminal(
+    hyperd: Hyperd, args: list[str], script: list[tuple[bytes, bytes]]
+) -> tuple[int, bytes]:
+    """Run hyperctl with a pty as its stdin/stdout/stderr; for each ``(seen, typed)`` of
+    ``script``, type ``typed`` once the output so far contains ``seen`` (events, not quiet
+    moments: on a busy machine a pause in the output says nothing). Returns its exit status and
+    everything it printed."""
     import os
     import pty
     import select
@@ -361,21 +365,21 @@ def _run_on_a_terminal(hyperd: Hyperd, args: list[str], typed: list[bytes]) -> t
     os.close(slave)
     output = b""
     deadline = time.monotonic() + CLI_TIMEOUT
-    pending = list(typed)
+    pending = list(script)
     try:
         while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.2)
-            if ready:
-                try:
-                    chunk = os.read(master, 4096)
-                except OSError:  # EIO: every holder of the pty's slave side has gone
-                    break
-                output += chunk
-            elif pending and (proc.poll() is None):
-                os.write(master, pending.pop(0))
-            if proc.poll() is not None and not ready:
+            while pending and pending[0][0] in output:
+                os.write(master, pending.pop(0)[1])
+            # the wait is bounded by the test's deadline, not used to decide anything
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
                 break
-        return proc.wait(timeout=max(1.0, deadline - time.monotonic())), output
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: every holder of the pty's slave side has gone
+                break
+            output += chunk
+        return proc.wait(timeout=max(0.0, deadline - time.monotonic())), output
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -386,13 +390,14 @@ def _run_on_a_terminal(hyperd: Hyperd, args: list[str], typed: list[bytes]) -> t
 def test_hyperctl_run_with_a_terminal(hyperd: Hyperd, busybox_rootfs: Path) -> None:
     """``run -t`` on a real terminal: input reaches the process through its pty (echoed), ^D
     ends it, and hyperctl exits with its status instead of waiting for more keyboard input."""
+    command = ["sh", "-c", "echo started; cat; exit 6"]
     status, output = _run_on_a_terminal(
         hyperd,
-        ["run", "-t", "tty1", "--rootfs", str(busybox_rootfs), "--", "sh", "-c", "cat; exit 6"],
-        [b"typed line\r", b"\x04"],
+        ["run", "-t", "tty1", "--rootfs", str(busybox_rootfs), "--", *command],
+        [(b"started", b"typed line\r"), (b"typed line", b"\x04")],
     )
     assert status == 6, output
-    assert b"typed line" in output
+    assert output.count(b"typed line") == 2, output  # the pty's echo, then cat's copy
 
     status, output = _run_on_a_terminal(
         hyperd,

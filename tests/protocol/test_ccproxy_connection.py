@@ -290,9 +290,10 @@ def test_failed_connect_shim_leaves_a_runtime() -> None:
         (stream(Stream.LOG, b"{}"), "LOG stream from the proxy"),
         (encode_frame(Frame(FrameType.NOTIFICATION, 0, b"")), "payload of 0 bytes"),
         (encode_frame(Frame(FrameType.NOTIFICATION, 0, b"\x01\x02")), "payload of 2 bytes"),
-        (bytes.fromhex("000203000000030100000001ff"), "opcode 1 out of range for notification"),
+        (bytes.fromhex("000203000000030100000002") + b"{}", "did not ask for it"),
+        (bytes.fromhex("000203000000030200000001ff"), "opcode 2 out of range for notification"),
     ],
-    ids=["stdin", "log", "exit-empty", "exit-two-bytes", "notification-opcode-1"],
+    ids=["stdin", "log", "exit-empty", "exit-two-bytes", "vm-exit-to-shim", "opcode-2"],
 )
 def test_shim_protocol_violations(data: bytes, fault: str) -> None:
     shim = ClientConnection("shim")

@@ -152,7 +152,7 @@ BAD_HEADERS = [
     ("command-opcode-7", "000203000000000700000000", "opcode 7 out of range for command"),
     ("response-opcode-7", "000203000000010700000000", "opcode 7 out of range for response"),
     ("stream-opcode-4", "000203000000020400000000", "opcode 4 out of range for stream"),
-    ("notification-opcode-1", "000203000000030100000000", "opcode 1 out of range for notif"),
+    ("notification-opcode-2", "000203000000030200000000", "opcode 2 out of range for notif"),
     ("payload-too-long", "0002030000000003ffffffff", "payload length 4294967295 exceeds"),
 ]
 
@@ -213,7 +213,7 @@ def test_negative_maximum_is_refused() -> None:
     [
         (Frame(FrameType.COMMAND, 7), "opcode 7 out of range for command"),
         (Frame(FrameType.STREAM, 4), "opcode 4 out of range for stream"),
-        (Frame(FrameType.NOTIFICATION, 1), "opcode 1 out of range for notification"),
+        (Frame(FrameType.NOTIFICATION, 2), "opcode 2 out of range for notification"),
         (Frame(FrameType.RESPONSE, -1), "opcode -1 out of range for response"),
         (Frame(4, 0), "unknown frame type 4"),  # type: ignore[arg-type]
         (Frame(FrameType.STREAM, 0, b"x" * (MAX_PAYLOAD + 1)), "exceeds the maximum"),
@@ -239,7 +239,7 @@ OPCODE_COUNTS = {
     FrameType.COMMAND: 7,
     FrameType.RESPONSE: 7,
     FrameType.STREAM: 4,
-    FrameType.NOTIFICATION: 1,
+    FrameType.NOTIFICATION: 2,
 }
 
 

@@ -19,6 +19,7 @@ from protocol.ccproxy import (
     IOResponse,
     LogEntry,
     PayloadError,
+    ProcessExitNotice,
     RegisterVM,
     Signal,
     UnregisterVM,
@@ -198,7 +199,7 @@ def test_unencodable_string_is_a_local_error() -> None:
 def test_payload_types_lists_every_struct() -> None:
     assert set(PAYLOAD_TYPES) == {
         RegisterVM, UnregisterVM, AttachVM, IOResponse, VMResponse, Hyper, ConnectShim, Signal,
-        ErrorResponse, LogEntry,
+        ErrorResponse, LogEntry, ProcessExitNotice,
     }  # fmt: skip
 
 
@@ -215,16 +216,33 @@ json_values = st.recursive(
 raw_values = json_values.map(lambda v: msgspec.Raw(msgspec.json.encode(v)))
 
 PAYLOADS: dict[type[msgspec.Struct], st.SearchStrategy[Any]] = {
-    RegisterVM: st.builds(RegisterVM, texts, texts, texts, console=texts, numIOStreams=ints),
+    RegisterVM: st.builds(
+        RegisterVM,
+        texts,
+        texts,
+        texts,
+        console=texts,
+        numIOStreams=ints,
+        exitNotifications=st.booleans(),
+    ),
     UnregisterVM: st.builds(UnregisterVM, texts),
-    AttachVM: st.builds(AttachVM, texts, ints),
+    AttachVM: st.builds(AttachVM, texts, ints, st.booleans()),
     IOResponse: st.builds(IOResponse, texts, token_lists),
-    VMResponse: st.builds(VMResponse, st.builds(IOResponse, texts, token_lists)),
+    VMResponse: st.builds(VMResponse, st.builds(IOResponse, texts, token_lists), st.booleans()),
     Hyper: st.builds(Hyper, texts, token_lists, st.just(msgspec.UNSET) | raw_values),
     ConnectShim: st.builds(ConnectShim, texts),
     Signal: st.builds(Signal, ints, ints, ints),
     ErrorResponse: st.builds(ErrorResponse, texts),
     LogEntry: st.builds(LogEntry, source=texts, containerId=texts, level=texts, msg=texts),
+    ProcessExitNotice: st.builds(
+        ProcessExitNotice,
+        containerId=texts,
+        token=texts,
+        container=texts,
+        process=texts,
+        status=ints,
+        backlog=st.booleans(),
+    ),
 }
 
 

@@ -318,16 +318,34 @@ def test_container_dies_with_its_init(sim: Sim, client: HostClient, add_rootfs: 
     add_rootfs(sim, "c1")
     start_pod(client)
     t0 = time.monotonic()
+    # a unique argument finds the orphan on the host: the pid it prints is its container's
+    seconds = str(100_000 + os.getpid() % 100_000)
     client.ok(
-        Code.NEWCONTAINER, container("c1", process(["sh", "-c", "sleep 100 & echo $!"], 3, 4))
+        Code.NEWCONTAINER,
+        container("c1", process(["sh", "-c", f"sleep {seconds} & echo $!"], 3, 4)),
     )
     out = client.wait_exit(3)
     assert time.monotonic() - t0 < 0.9  # the orphan holding stdout was killed, no drain wait
-    orphan = int(bytes(out.data))
+    assert int(bytes(out.data)) > 0
     deadline = time.monotonic() + 5
-    while _alive(orphan) and time.monotonic() < deadline:
+    while _running(["sleep", seconds]) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not _alive(orphan)
+    assert not _running(["sleep", seconds])
+
+
+def _running(argv: list[str]) -> list[int]:
+    """Host pids of the live processes whose command line is ``argv``."""
+    wanted = "\0".join(argv).encode() + b"\0"
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    if f.read() == wanted and _alive(int(name)):
+                        found.append(int(name))
+            except OSError:
+                continue
+    return found
 
 
 def test_processes_die_with_a_killed_sim(short_tmp: Path, add_rootfs: AddRootfs) -> None:
