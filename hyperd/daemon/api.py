@@ -251,12 +251,16 @@ def build_methods(d: Daemon) -> MethodTable:
     async def container_create(p: ContainerCreate, ctx: CallContext) -> Any:
         rootfs = parse(RootfsSpec, p.rootfs)
         mounts = _decode_list(MountSpec, p.mounts, "mounts")
-        if host_paths.restricts(ctx.peer):
+        restricted = host_paths.restricts(ctx.peer)
+        if restricted:
+            # checked resolved, recorded resolved, mounted without following links
             if rootfs.path is not None:
-                host_paths.check(ctx.peer, "rootfs.path", rootfs.path)
+                real = host_paths.check(ctx.peer, "rootfs.path", rootfs.path)
+                rootfs = msgspec.structs.replace(rootfs, path=real)
             for index, mount in enumerate(mounts):
                 if mount.type == "bind":
-                    host_paths.check(ctx.peer, f"mounts[{index}].source", mount.source)
+                    real = host_paths.check(ctx.peer, f"mounts[{index}].source", mount.source)
+                    mounts[index] = msgspec.structs.replace(mount, source=real)
         return await ops.container_create(
             d,
             p.pod,
@@ -269,6 +273,7 @@ def build_methods(d: Daemon) -> MethodTable:
             bind_mount_dev=p.bind_mount_dev,
             shim_pid=p.shim_pid,
             caller_uid=ctx.peer.uid,
+            sources_resolved=restricted,
         )
 
     @add("container.start", ContainerRef)

@@ -173,13 +173,14 @@ async def discover_network(netns: str) -> HostNetwork:
     return await netprobe.discover_network(netns)
 
 
-def shared_dir(pod: PodRecord) -> tuple[SharedDir, str]:
+def shared_dir(pod: PodRecord, *, source_symlinks: bool = True) -> tuple[SharedDir, str]:
     """The :class:`SharedDir` holding the pod's share, and the pod's name in it."""
-    return SharedDir(os.path.dirname(pod.share_dir)), os.path.basename(pod.share_dir)
+    shared = SharedDir(os.path.dirname(pod.share_dir), source_symlinks=source_symlinks)
+    return shared, os.path.basename(pod.share_dir)
 
 
 def _mount_container(pod: PodRecord, c: ContainerRecord) -> list[MountRecord]:
-    shared, name = shared_dir(pod)
+    shared, name = shared_dir(pod, source_symlinks=not c.sources_resolved)
     rootfs = c.rootfs.resolve()
     from hyperd.spec import DirRootfs
 

@@ -89,8 +89,12 @@ async def container_create(
     bind_mount_dev: bool,
     shim_pid: int | None,
     caller_uid: int = exits.ROOT_UID,
+    sources_resolved: bool = False,
 ) -> dict[str, Any]:
     """Record a container and hand out its I/O token; the agent is not told yet.
+
+    ``sources_resolved``: the rootfs and bind sources were resolved and checked against
+    ``rpc.allowed_host_paths``; they are mounted without following any symlink.
 
     A ``shim_pid`` must be a process of the caller (``caller_uid``, root excepted); it is
     pinned with a pidfd here (see :mod:`hyperd.daemon.exits`).
@@ -107,7 +111,7 @@ async def container_create(
     try:
         return await _create(
             d, pod, cid, pin, rootfs=rootfs, process=process, mounts=mounts, devices=devices,
-            resources=resources, bind_mount_dev=bind_mount_dev,
+            resources=resources, bind_mount_dev=bind_mount_dev, sources_resolved=sources_resolved,
         )  # fmt: skip
     except BaseException:
         if pin is not None:
@@ -127,8 +131,10 @@ async def _create(
     devices: list[DeviceSpec],
     resources: ResourcesSpec | None,
     bind_mount_dev: bool,
+    sources_resolved: bool = False,
 ) -> dict[str, Any]:
     c = ContainerRecord(
+        sources_resolved=sources_resolved,
         id=cid,
         rootfs=rootfs,
         process=process,

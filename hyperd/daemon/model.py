@@ -167,6 +167,7 @@ class ContainerRecord(msgspec.Struct, kw_only=True):
     exit_reason: str = ""  # set when the status is unknown, saying why
     mounts_made: list[MountRecord] = []
     created_at: float = msgspec.field(default_factory=time.time)
+    sources_resolved: bool = False  # checked against rpc.allowed_host_paths: mount no links
 
 
 class PodRecord(msgspec.Struct, kw_only=True):

@@ -162,6 +162,20 @@ def member_flow(sock: str, pod: str, allowed_rootfs: str, allowed_vol: str, outs
     return anyio.run(main)
 
 
+def member_call(sock: str, method: str, params: dict[str, Any]) -> Any:
+    """One call as a group member: its result, or ``{"error": {kind, message, data}}``."""
+
+    async def main() -> Any:
+        with anyio.fail_after(CHILD_DEADLINE):
+            async with await RPCClient.connect(sock) as client:
+                try:
+                    return await client.call(method, params)
+                except RPCError as exc:
+                    return {"error": _rpc_error(exc)}
+
+    return anyio.run(main)
+
+
 def outsider_flow(sock: str, base: str, shared_root: str, known: dict[str, str]) -> dict[str, Any]:
     """As a user outside the group: try the known sockets, then every socket, file and
     directory under the base dir."""
@@ -264,6 +278,38 @@ def test_group_member_runs_a_container_and_outsiders_reach_nothing(
     assert seen["closed_dirs"] == sorted(
         [str(hyperd_factory.base / "state"), os.path.dirname(sockets["proxy"])]
     ), seen
+
+    # a source checked at create and swapped for a symlink before start is not followed
+    swap = allowed / "swap"
+    swap.mkdir()
+    created = run_as(
+        member,
+        [group],
+        lambda: member_call(
+            sock,
+            "container.create",
+            {
+                "pod": "mine",
+                "id": "swapped",
+                "rootfs": {"path": str(rootfs)},
+                "mounts": [{"source": str(swap), "destination": "/data"}],
+                "process": {"args": ["true"]},
+            },
+        ),
+    )
+    assert "error" not in created, created
+    swap.rename(allowed / "swap-old")
+    swap.symlink_to(secret)
+    started = run_as(
+        member,
+        [group],
+        lambda: member_call(sock, "container.start", {"pod": "mine", "id": "swapped"}),
+    )
+    assert started.get("error", {}).get("kind") == "invalid_params", started
+    assert "symlink" in started["error"]["message"], started
+    # the refused start left nothing of that container mounted
+    swapped_mounts = [p for p in hyperd_factory.mounts_under_base() if "/swapped" in p]
+    assert swapped_mounts == [], swapped_mounts
 
     # root is not restricted by the allowlist
     async def as_root() -> Any:
