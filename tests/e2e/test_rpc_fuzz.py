@@ -127,7 +127,7 @@ frames = st.one_of(
             ("raw", b"[]"),
             ("raw", b'{"jsonrpc":"2.0"}'),
             ("raw", b"[1,2]"),
-            ("raw", b'{"jsonrpc":"1.0","method":"pod.list","id":1}'),
+            ("bad_version", b""),
             ("oversized", b""),
             ("too_many", b""),
         ]
@@ -164,6 +164,8 @@ def encode(frames: list[tuple[str, Any]], numbering: Numbering) -> tuple[bytes, 
             out += msgspec.json.encode([number(c) for c in body])
         elif kind == "raw":
             out += body
+        elif kind == "bad_version":  # invalid, but its id is readable: answered with it
+            out += msgspec.json.encode(number({"jsonrpc": "1.0", "method": "pod.list", "id": None}))
         elif kind == "oversized":
             out += b"[" + b"0," * (MAX_MESSAGE // 2) + b"0]"
         else:  # a batch over max_batch: refused whole, its ids are never answered
