@@ -176,7 +176,7 @@ def member_call(sock: str, method: str, params: dict[str, Any]) -> Any:
     return anyio.run(main)
 
 
-def outsider_flow(sock: str, base: str, shared_root: str, known: dict[str, str]) -> dict[str, Any]:
+def outsider_flow(sock: str, base: str, known: dict[str, str]) -> dict[str, Any]:
     """As a user outside the group: try the known sockets, then every socket, file and
     directory under the base dir."""
     reachable: list[str] = []
@@ -189,10 +189,7 @@ def outsider_flow(sock: str, base: str, shared_root: str, known: dict[str, str])
         else:
             raise exc
 
-    for root, dirs, files in os.walk(base, onerror=on_error):
-        if root == shared_root or root.startswith(shared_root + "/"):
-            dirs[:] = []  # the shares hold the containers' files: the isolation work's part
-            continue
+    for root, _dirs, files in os.walk(base, onerror=on_error):
         for name in files:
             path = os.path.join(root, name)
             mode = os.lstat(path).st_mode
@@ -266,17 +263,20 @@ def test_group_member_runs_a_container_and_outsiders_reach_nothing(
     seen = run_as(
         outsider,
         [],
-        lambda: outsider_flow(
-            sock, str(hyperd_factory.base), str(hyperd_factory.base / "shared"), sockets
-        ),
+        lambda: outsider_flow(sock, str(hyperd_factory.base), sockets),
     )
     assert seen["rpc"] == errno.EACCES
     assert seen["known"] == {name: errno.EACCES for name in sockets}, seen
     assert seen["reachable"] == [], seen
     assert seen["refused"] >= 1, seen  # the RPC socket, found by the walk
-    # the state (tokens) and the pod's run dir (its sockets) cannot even be listed
+    # the state (tokens), the pod's run dir (its sockets) and its share (the containers'
+    # files and volumes) cannot even be listed
     assert seen["closed_dirs"] == sorted(
-        [str(hyperd_factory.base / "state"), os.path.dirname(sockets["proxy"])]
+        [
+            str(hyperd_factory.base / "state"),
+            os.path.dirname(sockets["proxy"]),
+            str(hyperd_factory.base / "shared" / "mine"),
+        ]
     ), seen
 
     # a source checked at create and swapped for a symlink before start is not followed
