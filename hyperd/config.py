@@ -58,11 +58,29 @@ class RPCConfig(_Section):
         return int(self.mode, 8)
 
 
-class VMSection(_Section):
-    """Where VMs come from by default: ``sim`` (hyperd starts hyperd-sim) or ``external``."""
+class QemuSection(_Section):
+    """``[vm.qemu]``: defaults of the qemu backend (``pod.create``'s ``vm`` may override them).
 
-    backend: Literal["sim", "external"] = "sim"
+    Empty ``kernel``/``initrd``: the image ``hyperd image build`` made in its cache dir.
+    """
+
+    binary: str = "qemu-system-x86_64"
+    kernel: str = ""
+    initrd: str = ""
+    memory_mib: int = 512
+    cpus: int = 1
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    machine: str = "q35"
+    kernel_args: str = ""
+
+
+class VMSection(_Section):
+    """Where VMs come from by default: ``sim`` (hyperd starts hyperd-sim), ``qemu`` (hyperd
+    starts QEMU with the guest image) or ``external``."""
+
+    backend: Literal["sim", "qemu", "external"] = "sim"
     sim_command: list[str] = []
+    qemu: QemuSection = msgspec.field(default_factory=QemuSection)
 
 
 class ProxySection(_Section):
@@ -153,6 +171,11 @@ def resolve(config: Config) -> Config:
             "proxy.url: system mode needs the unix:// URL of a running proxy, "
             f"got {config.proxy.url!r}"
         )
+    q = config.vm.qemu
+    if not 64 <= q.memory_mib <= 1 << 20:
+        raise ConfigError(f"vm.qemu.memory_mib: must be 64..1048576, got {q.memory_mib!r}")
+    if not 1 <= q.cpus <= 255:
+        raise ConfigError(f"vm.qemu.cpus: must be 1..255, got {q.cpus!r}")
     t = config.timeouts
     for field in msgspec.structs.fields(Timeouts):
         value = getattr(t, field.name)
@@ -247,10 +270,13 @@ def render_toml(config: Config) -> str:
             tables.append((key, value))
         elif value is not None:
             lines.append(f"{key} = {_toml_value(value)}")
-    for name, table in tables:
+    while tables:
+        name, table = tables.pop(0)
         lines.append("")
         lines.append(f"[{name}]")
         for key, value in table.items():
-            if value is not None:
+            if isinstance(value, dict):
+                tables.append((f"{name}.{key}", value))
+            elif value is not None:
                 lines.append(f"{key} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"

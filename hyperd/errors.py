@@ -95,3 +95,11 @@ class Unauthorized(HyperdError):
 
     code = -32008
     kind = "unauthorized"
+
+
+class StateError(HyperdError):
+    """hyperd's state could not be saved or read (state filesystem full, I/O error); the
+    message says what was done and what was not."""
+
+    code = -32010
+    kind = "state_error"

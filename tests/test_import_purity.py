@@ -20,7 +20,7 @@ FORBIDDEN = (
 PROBE = f"""
 import sys
 before = set(sys.modules)
-import protocol, protocol.ccproxy, protocol.hyperstart, protocol.jsonrpc
+import protocol, protocol.ccproxy, protocol.hyperstart, protocol.jsonrpc, protocol.ttrpc
 loaded = set(sys.modules) - before
 bad = sorted(m for m in loaded if m.split(".")[0] in {FORBIDDEN!r})
 print(",".join(bad))

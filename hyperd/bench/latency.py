@@ -1,26 +1,29 @@
 """Scenario 2: RPC latency end to end at low load, and what hyperd adds to an agent command.
 
 One pod (hyperd-sim behind its per-pod hyperd-proxy, both started by the daemon) runs one
-container (``sleep``). Calls are made one at a time, alternating in blocks per repetition:
+container (``sleep``). Calls are made one at a time and interleaved: every round makes one call
+of each kind, in a rotating order, so that a change of the machine's load hits all kinds alike:
 
 - ``rpc kill``: ``container.kill`` (SIGCONT) — client → hyperd → proxy → agent → back;
 - ``direct kill``: the same ``killcontainer`` Hyper command on a connection of our own straight to
   the pod's proxy (attached once, one at a time);
 - ``rpc version``: ``hyperd.version`` — the RPC layer alone, no agent on the path.
 
-hyperd's overhead = p50(rpc kill) - p50(direct kill), per repetition, then the median.
+hyperd's overhead = p50(rpc kill) - p50(direct kill), per repetition; the table shows the median
+of the repetitions and their spread (lowest, highest), and the median of the paired differences
+(each round's rpc kill minus the same round's direct kill), which a load drift cancels out of.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from time import perf_counter
 from typing import Final
 
 from hyperd.bench import wire
 from hyperd.bench.daemon import KILL_SIGNAL_NAME, busybox_rootfs, start_container, start_daemon
-from hyperd.bench.stats import Section, percentile
+from hyperd.bench.stats import Section, median, percentile
 from hyperd.bench.topology import Workspace
 from protocol.hyperstart import KillCommand, encode_message
 
@@ -32,17 +35,25 @@ US: Final = 1e6
 
 @dataclass(frozen=True)
 class LatencySettings:
-    calls: int = 400
+    calls: int = 1000
     repetitions: int = 5
-    warmup: int = 50
+    warmup: int = 100
 
 
-async def _timed(n: int, call: Callable[[], Awaitable[object]]) -> list[float]:
-    samples = []
-    for _ in range(n):
-        start = perf_counter()
-        await call()
-        samples.append((perf_counter() - start) * US)
+Call = Callable[[], Awaitable[object]]
+
+
+async def _interleaved(n: int, calls: Sequence[Call]) -> list[list[float]]:
+    """``n`` rounds of one call of each kind (the order rotates every round); durations in us,
+    one list per kind."""
+    samples: list[list[float]] = [[] for _ in calls]
+    k = len(calls)
+    for i in range(n):
+        for j in range(k):
+            index = (i + j) % k
+            start = perf_counter()
+            await calls[index]()
+            samples[index].append((perf_counter() - start) * US)
     return samples
 
 
@@ -77,24 +88,30 @@ async def latency(ws: Workspace, s: LatencySettings) -> Section:
             ("direct", "killcontainer direct to the proxy", direct_kill),
             ("version", "hyperd.version (RPC only, no agent)", rpc_version),
         )
-        for _, _, call in kinds:
-            await _timed(s.warmup, call)
+        calls = [call for _, _, call in kinds]
+        await _interleaved(s.warmup, calls)
+        overheads = []
         for _ in range(s.repetitions):
             p50: dict[str, float] = {}
-            for key, label, call in kinds:
-                samples = await _timed(s.calls, call)
+            by_kind = await _interleaved(s.calls, calls)
+            for (key, label, _), samples in zip(kinds, by_kind, strict=True):
                 p50[key] = percentile(samples, 50)
                 sec.add(f"{key}50", f"{label} p50", "us", p50[key])
                 sec.add(f"{key}99", f"{label} p99", "us", percentile(samples, 99))
+            overheads.append(p50["rpc"] - p50["direct"])
             sec.add(
                 "overhead",
                 "hyperd overhead per agent command (p50 rpc - p50 direct)",
                 "us",
-                p50["rpc"] - p50["direct"],
+                overheads[-1],
             )
+            paired = [r - d for r, d in zip(by_kind[0], by_kind[1], strict=True)]
+            sec.add("paired", "  the same, median of paired differences", "us", median(paired))
+        sec.add("overhead_min", "  overhead: lowest repetition", "us", min(overheads))
+        sec.add("overhead_max", "  overhead: highest repetition", "us", max(overheads))
         sec.ratio("p50 via hyperd / p50 direct", "rpc50", "direct50")
         sec.notes.append(
-            f"{s.calls} calls per repetition and kind; the pod's proxy and VM are "
+            f"{s.calls} calls per repetition and kind, interleaved; the pod's proxy and VM are "
             "per-pod processes started by hyperd"
         )
     finally:

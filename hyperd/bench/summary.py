@@ -15,6 +15,11 @@ REFERENCE_US: Final = {"raw": 84.0, "B": 138.0, "A": 256.0}
 50 pings in one write 4.2 ms, sequential 6.9 ms, connect+AttachVM+ping+close 12.8 ms (medians
 of 10; conformance README, item 10)."""
 HYPERD_PREFIX: Final = "hyperd"
+OVERHEAD_TARGET_US: Final = 100.0
+"""An agent command through hyperd's RPC costs at most this much more than sent straight to the
+proxy (p50)."""
+LIFECYCLE_TARGET: Final = 1.0
+"""hyperd's container lifecycle p50 at least as fast as the seed pattern's."""
 
 
 def _find(sections: Sequence[Section], prefix: str) -> Section | None:
@@ -76,16 +81,29 @@ def summary(sections: Sequence[Section]) -> list[str]:
             )
     lat = _find(sections, "2.")
     if lat is not None:
+        overhead = lat.value("overhead")
         lines.append(
             f"hyperd's overhead per agent command over JSON-RPC: "
-            f"{fmt(lat.value('overhead'), 'us')} at p50 "
-            f"(RPC round trip alone {fmt(lat.value('version50'), 'us')})"
+            f"{fmt(overhead, 'us')} at p50 (repetitions {fmt(lat.value('overhead_min'), 'us')}"
+            f" to {fmt(lat.value('overhead_max'), 'us')}; paired "
+            f"{fmt(lat.value('paired'), 'us')}; RPC round trip alone "
+            f"{fmt(lat.value('version50'), 'us')}); target <= {OVERHEAD_TARGET_US:.0f} us: "
+            f"{_verdict(overhead <= OVERHEAD_TARGET_US)}"
         )
     lc = _find(sections, "4.")
     if lc is not None:
+        ratio = lc.value("seed_p50") / lc.value("hyperd_p50")
         lines.append(
             f"container lifecycle: hyperd {fmt(lc.value('hyperd_p50'), 'ms')} vs seed "
-            f"pattern {fmt(lc.value('seed_p50'), 'ms')} at p50; hyperd's 4 durable "
+            f"pattern {fmt(lc.value('seed_p50'), 'ms')} at p50 ({fmt(ratio, 'x')}, target >= "
+            f"{LIFECYCLE_TARGET:.1f}x: {_verdict(ratio >= LIFECYCLE_TARGET)}); hyperd's "
             f"saves cost {fmt(lc.value('saves'), 'ms')} of that"
         )
+        for step in ("create+start", "stop"):
+            key = step.replace("+", "_")
+            mine, theirs = lc.value(f"hyperd_{key}"), lc.value(f"seed_{key}")
+            lines.append(
+                f"  {step} p50: hyperd {fmt(mine, 'ms')} vs seed {fmt(theirs, 'ms')}: "
+                f"{'no slower' if mine <= theirs else 'SLOWER'}"
+            )
     return lines

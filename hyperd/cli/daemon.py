@@ -4,6 +4,7 @@
                  [--stop-pods-on-exit] [--log-level LEVEL] [--log-format FORMAT]
     hyperd config check FILE
     hyperd config default
+    hyperd image build [--cache DIR] [--force]
 
 With no ``--config`` and no ``/etc/hyperd/hyperd.toml``, ``serve`` runs the embedded default:
 simulated VMs behind a per-pod hyperd-proxy, everything under one base directory
@@ -60,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     check = csub.add_parser("check", help="validate a config file")
     check.add_argument("file")
     csub.add_parser("default", help="print the embedded default configuration as TOML")
+    from hyperd.image.cli import add_arguments as image_arguments
+
+    image_arguments(sub.add_parser("image", help="build the qemu backend's guest image"))
     return parser
 
 
@@ -128,6 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "image":
+        from hyperd.image.cli import run as run_image
+
+        return run_image(args)
     if args.config_command == "check":
         problems = check_config(args.file)
         for problem in problems:

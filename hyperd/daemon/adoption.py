@@ -1,12 +1,25 @@
 """Restart adoption: load the persisted pods and reconcile each with what is really there.
 
+- Helper processes whose start was under way (a :class:`~hyperd.daemon.model.LaunchIntent`
+  with no pid recorded yet) are found by the marker in their environment and stopped: the
+  ``pod.start`` that started them never finished.
 - A pod that was running: its VM and proxy processes (when hyperd started them) must still be
   the same processes (pid + start time); then hyperd re-attaches to the VM through its proxy
-  (AttachVM, not RegisterVM) and undoes the mounts of containers caught in the middle of
-  ``container.start``; the exits that happened meanwhile come from the proxy right after the
-  AttachVM (or, without exit notifications, shims that are gone mark their containers exited).
-  A pod whose helpers died, or whose VM cannot be re-attached, is torn down
-  and marked ``stopped`` with the reason.
+  (AttachVM, not RegisterVM) and settles the containers caught in the middle of an operation
+  (:attr:`~hyperd.daemon.model.ContainerRecord.intent`):
+
+  - ``start`` before its mounts were recorded: NEWCONTAINER was never sent; whatever is mounted
+    under the container is undone and it stays ``created``;
+  - ``start`` with its mounts recorded: NEWCONTAINER may have reached the agent. If the agent
+    knows the container (it accepts a SIGCONT for it) it is adopted as ``running``, else its
+    mounts are undone and it stays ``created``;
+  - ``stop``: if the agent still has the container, REMOVECONTAINER is sent again (refused: it
+    still runs, and stays ``running``); then it is unmounted and ``stopped``.
+
+  The exits that happened meanwhile come from the proxy right after the AttachVM (or, without
+  exit notifications, shims that are gone mark their containers exited). A pod whose helpers
+  died, or whose VM cannot be re-attached or answer, is torn down and marked ``stopped`` with
+  the reason.
 - A pod that was not running (or was caught in the middle of ``pod.start`` by a crash): every
   helper process it recorded is stopped and its share dir cleaned, so it can start again.
 
@@ -16,27 +29,32 @@ Pods are reconciled concurrently; one broken record does not keep the others fro
 from __future__ import annotations
 
 import logging
+import signal
 
 import anyio
 
 from hyperd.daemon import bridge, launcher
-from hyperd.daemon.model import ContainerState, PodRecord, PodState
-from hyperd.daemon.service import STORE_KIND, Daemon, PodRuntime
-from hyperd.errors import HyperdError
+from hyperd.daemon.model import ContainerRecord, ContainerState, PodRecord, PodState
+from hyperd.daemon.service import Daemon, PodRuntime
+from hyperd.daemon.vmlink import AgentLink
+from hyperd.errors import AgentError, HyperdError
 
 log = logging.getLogger(__name__)
+
+PROBE_SIGNAL = signal.SIGCONT  # asks "do you have this container?" without harming it
 
 
 async def load(d: Daemon) -> list[str]:
     """Load persisted pods and re-adopt the running ones; returns the load problems."""
-    result = await anyio.to_thread.run_sync(d.store.load_all, STORE_KIND, PodRecord)
-    for pid, pod in sorted(result.records.items()):
+    pods, problems = await anyio.to_thread.run_sync(d.persist.load)
+    d.state_problems = list(problems)
+    for pid, pod in sorted(pods.items()):
         d.pods[pid] = pod
         d.runtime[pid] = PodRuntime()
     async with anyio.create_task_group() as tg:  # one slow VM must not delay the others
         for pod in list(d.pods.values()):
             tg.start_soon(_reconcile, d, pod)
-    return result.problems
+    return problems
 
 
 async def _reconcile(d: Daemon, pod: PodRecord) -> None:
@@ -53,14 +71,20 @@ async def _reconcile(d: Daemon, pod: PodRecord) -> None:
 async def _reconcile_stopped(d: Daemon, pod: PodRecord) -> None:
     """A pod that was not running (or was caught mid-start by a crash): nothing may be left."""
     share_left = await anyio.Path(pod.share_dir).exists()
-    if pod.vm_process or pod.proxy_process or share_left:
+    if pod.vm_process or pod.proxy_process or pod.launching or share_left:
         log.info("cleaning up after an interrupted operation", extra={"pod": pod.id})
         await d.teardown(pod, d.rt(pod), unregister=False)
-        await d.save(pod)
+        for c in pod.containers.values():
+            c.intent = ""
+        d.save_logged(pod)
 
 
 async def _adopt(d: Daemon, pod: PodRecord) -> None:
     rt = d.rt(pod)
+    if pod.launching:
+        # (a running pod starts no helper; a record that says so is settled the safe way)
+        await _reconcile_lost(d, pod, rt, "helper processes were being started")
+        return
     dead = [
         ref
         for ref in (pod.vm_process, pod.proxy_process)
@@ -75,18 +99,61 @@ async def _adopt(d: Daemon, pod: PodRecord) -> None:
     except HyperdError as exc:
         await _reconcile_lost(d, pod, rt, f"cannot re-attach to the VM: {exc}")
         return
+    try:
+        for c in pod.containers.values():
+            await _settle(pod, c, link)
+    except HyperdError as exc:
+        await _reconcile_lost(d, pod, rt, f"the VM does not answer after a restart: {exc}")
+        return
     # the exits kept by the proxy while hyperd was down arrived right after the AttachVM (and
     # were applied); without exit notifications the shims' pids are watched again
     d.exit_source(pod, link)
-    for c in pod.containers.values():
-        if c.state == ContainerState.CREATED:
-            # a crash in the middle of container.start may have left its mounts
-            await bridge.unmount_container(pod, c)
-            c.mounts_made = []
     pod.state = PodState.RUNNING
     pod.reason = ""
-    await d.save(pod)
+    d.save_logged(pod)
     log.info("pod re-adopted", extra={"pod": pod.id})
+
+
+async def _settle(pod: PodRecord, c: ContainerRecord, link: AgentLink) -> None:
+    """Settle the operation a crash interrupted on ``c`` (see the module's docstring)."""
+    intent = c.intent
+    if not intent and c.state == ContainerState.CREATED and c.mounts_made:
+        intent = "start"  # a record of an earlier version, which had no intents
+    if intent == "start":
+        if c.mounts_made and await _agent_has(pod, c, link):
+            # (its exit may have been reported already, right after the AttachVM)
+            exited = c.exited_at is not None
+            c.state = ContainerState.EXITED if exited else ContainerState.RUNNING
+            log.info("container start completed", extra={"pod": pod.id, "container": c.id})
+        else:
+            await bridge.unmount_container(pod, c)  # also what no record lists yet
+            c.mounts_made = []
+    elif intent == "stop":
+        if await _agent_has(pod, c, link):
+            try:
+                await bridge.call(pod, link, "removecontainer", bridge.remove_message(c))
+            except AgentError as exc:
+                log.info(
+                    "interrupted stop not completed: %s",
+                    exc,
+                    extra={"pod": pod.id, "container": c.id},
+                )
+                c.intent = ""
+                return
+        c.state = ContainerState.STOPPED
+        await bridge.unmount_container(pod, c)
+        c.mounts_made = []
+    c.intent = ""
+
+
+async def _agent_has(pod: PodRecord, c: ContainerRecord, link: AgentLink) -> bool:
+    """Whether the agent knows the container (an ERROR to a harmless signal means it does not:
+    unknown, or for the hyperhq agent, freed since its init exited)."""
+    try:
+        await bridge.call(pod, link, "killcontainer", bridge.kill_message(c, PROBE_SIGNAL, False))
+    except AgentError:
+        return False
+    return True
 
 
 async def _reconcile_lost(d: Daemon, pod: PodRecord, rt: PodRuntime, reason: str) -> None:
@@ -94,7 +161,8 @@ async def _reconcile_lost(d: Daemon, pod: PodRecord, rt: PodRuntime, reason: str
     await d.teardown(pod, rt, unregister=False)
     for c in pod.containers.values():
         c.state = ContainerState.STOPPED
+        c.intent = ""
     pod.state = PodState.STOPPED
     pod.reason = reason
-    await d.save(pod)
+    d.save_logged(pod)
     d.publish("pod", pod, str(pod.state), reason=reason)

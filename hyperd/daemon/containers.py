@@ -7,6 +7,15 @@ shim has connected, so a caller must claim the token before (or while) it calls 
 
 Every function takes the :class:`~hyperd.daemon.service.Daemon` and validated parameters, and
 raises :class:`hyperd.errors.HyperdError` subclasses whose message names the object.
+
+Persistence, intent first: ``start`` records ``intent="start"`` before its first mount, the mounts
+once made (before NEWCONTAINER), and the running container; ``stop`` records ``intent="stop"``
+before REMOVECONTAINER and the stopped container after the unmount. Each save writes the one
+container's row (and the pod's, if it changed). A restart settles an intent left by a crash
+(:mod:`hyperd.daemon.adoption`). A save that fails before the agent acted undoes the call and
+fails it; after the agent acted (the container runs, or was removed) the call fails with a
+``StateError`` saying so, hyperd's memory keeps the truth, and the intent record already makes a
+restart reach the same state.
 """
 
 from __future__ import annotations
@@ -33,7 +42,15 @@ from hyperd.daemon.model import (
 )
 from hyperd.daemon.service import Daemon
 from hyperd.daemon.testhooks import crash_point
-from hyperd.errors import AgentError, AlreadyExists, InvalidParams, InvalidState, NotFound
+from hyperd.errors import (
+    AgentError,
+    AlreadyExists,
+    HyperdError,
+    InvalidParams,
+    InvalidState,
+    NotFound,
+    StateError,
+)
 from hyperd.spec import DeviceSpec, MountSpec, ProcessSpec, ResourcesSpec, RootfsSpec, validate_id
 
 log = logging.getLogger(__name__)
@@ -51,17 +68,24 @@ def get_container(pod: PodRecord, cid: object) -> ContainerRecord:
     return c
 
 
+_SIGNALS: dict[str, int] = {
+    **{s.name: int(s) for s in signal_module.Signals},
+    **{s.name[3:]: int(s) for s in signal_module.Signals if s.name.startswith("SIG")},
+}  # "SIGKILL" and "KILL" -> 9, looked up once here rather than through the enum per call
+
+
 def parse_signal(value: int | str) -> int:
     """A signal number from ``9``, ``"9"``, ``"KILL"`` or ``"SIGKILL"``; ``InvalidParams``."""
     if isinstance(value, str):
+        known = _SIGNALS.get(value)
+        if known is not None:
+            return known
         name = value.strip().upper()
         if name.isdigit():
             value = int(name)
         else:
-            if not name.startswith("SIG"):
-                name = "SIG" + name
             try:
-                return int(signal_module.Signals[name])
+                return _SIGNALS[name]
             except KeyError:
                 raise InvalidParams(f"invalid signal {value!r}", field="signal") from None
     if not 1 <= value <= MAX_SIGNAL:
@@ -155,9 +179,15 @@ async def _create(
             f"container {cid!r} already exists in pod {pod.id!r}", pod=pod.id, container=cid
         )
     pod.containers[cid] = c
+    try:
+        d.save_now(pod, c)
+    except StateError:
+        del pod.containers[cid]  # the token is simply never used
+        if pin is not None:
+            pin.close()
+        raise
     if pin is not None:
         d.rt(pod).exits.pins[cid] = pin
-    await d.save(pod)
     d.publish("container", pod, str(c.state), container=cid)
     return {"id": cid, "token": token, "proxy_url": pod.proxy_url, "state": str(c.state)}
 
@@ -176,23 +206,40 @@ async def container_start(d: Daemon, pod_id: object, cid: object) -> dict[str, A
         # not cancelled half-way by a caller that goes away: the mounts and the agent's view
         # must agree (every step below has its own deadline)
         with anyio.CancelScope(shield=True):
-            made, layout = await bridge.mount_container(pod, c)
-            c.mounts_made = made
-            await d.save(pod)  # a crash from here on leaves a record of what to unmount
-            crash_point("container.start:mounted")
+            c.intent = "start"
             try:
+                d.save_now(pod, c)  # intent first: a crash from here on may leave mounts
+            except StateError:
+                c.intent = ""
+                raise
+            try:
+                made, layout = await bridge.mount_container(pod, c)
+                c.mounts_made = made
+                d.save_now(pod, c)  # what to unmount, before the agent may use it
+                crash_point("container.start:mounted")
                 message = bridge.container_message(pod, c, layout)
                 await bridge.call(pod, link, "newcontainer", message, tokens=[c.token])
+                crash_point("container.start:sent")
             except BaseException:
                 await bridge.unmount_recorded(pod, c)
                 c.mounts_made = []
-                await d.save(pod)
+                c.intent = ""
+                d.save_logged(pod, c)  # (if this fails too, a restart finds the intent)
                 raise
             c.state = ContainerState.RUNNING
+            c.intent = ""
             d.publish("container", pod, "running", container=c.id)
             exits.apply_early_exit(d, pod, c)  # an exit that came with newcontainer's reply
             exits.watch_shim(d, pod, c)  # when the proxy sends no exits
-            await d.save(pod)
+            try:
+                d.save_now(pod, c)
+            except StateError as exc:
+                raise StateError(
+                    f"container {c.id!r} of pod {pod.id!r} was started, but its state could "
+                    f"not be saved ({exc.message}); a restart finds it running",
+                    pod=pod.id,
+                    container=c.id,
+                ) from None
     return container_view(pod, c)
 
 
@@ -207,31 +254,59 @@ async def container_stop(d: Daemon, pod_id: object, cid: object) -> dict[str, An
     async with d.rt(pod).container_lock(c.id):
         check_pod_transition(pod, "use")
         check_container_transition(pod, c, "stop")
-        if c.state == ContainerState.RUNNING:
-            await _remove(d, pod, c)
-        elif c.state == ContainerState.EXITED:
+        if c.state in (ContainerState.RUNNING, ContainerState.EXITED):
+            c.intent = "stop"
             try:
-                await _remove(d, pod, c)
-            except AgentError as exc:
-                log.info(
-                    "removecontainer of an exited container: %s", exc,
-                    extra={"pod": pod.id, "container": c.id},
-                )  # fmt: skip
+                d.save_now(pod, c)  # intent first: the agent may free it from here on
+            except StateError:
+                c.intent = ""
+                raise
+            try:
+                if c.state == ContainerState.RUNNING:
+                    await _remove(d, pod, c)
+                else:
+                    try:
+                        await _remove(d, pod, c)
+                    except AgentError as exc:
+                        log.info(
+                            "removecontainer of an exited container: %s", exc,
+                            extra={"pod": pod.id, "container": c.id},
+                        )  # fmt: skip
+                crash_point("container.stop:removed")
+            except AgentError:
+                c.intent = ""  # refused: nothing changed (other errors leave the outcome
+                d.save_logged(pod, c)  # unknown: the intent stays for a restart to settle)
+                raise
         with anyio.CancelScope(shield=True):
             # stopped as soon as the agent let it go; a failed unmount below is retried by
             # container.delete and pod.stop (both undo whatever mounts_made still lists)
             c.state = ContainerState.STOPPED
-            for e in pod.execs.values():
-                if e.container == c.id:
-                    e.state = ExecState.EXITED
-                    d.rt(pod).exits.wake(("exec", e.id))
+            c.intent = ""
+            execs = [e for e in pod.execs.values() if e.container == c.id]
+            for e in execs:
+                e.state = ExecState.EXITED
+                d.rt(pod).exits.wake(("exec", e.id))
             d.rt(pod).exits.unpin(c.id)
             d.rt(pod).exits.wake(("container", c.id))
-            await d.save(pod)
-            d.publish("container", pod, str(c.state), container=c.id)
-            await bridge.unmount_recorded(pod, c)
-            c.mounts_made = []
-            await d.save(pod)
+            unmount_error: HyperdError | OSError | None = None
+            try:
+                await bridge.unmount_recorded(pod, c)
+                c.mounts_made = []
+            except (HyperdError, OSError) as exc:
+                unmount_error = exc
+            try:
+                d.save_now(pod, c, *execs)
+            except StateError as exc:
+                raise StateError(
+                    f"container {c.id!r} of pod {pod.id!r} was stopped, but its state could "
+                    f"not be saved ({exc.message}); a restart finds it stopped",
+                    pod=pod.id,
+                    container=c.id,
+                ) from None
+            finally:
+                d.publish("container", pod, str(c.state), container=c.id)
+            if unmount_error is not None:
+                raise unmount_error
     return container_view(pod, c)
 
 
@@ -243,14 +318,22 @@ async def container_delete(d: Daemon, pod_id: object, cid: object) -> dict[str, 
         check_container_transition(pod, c, "delete")
         # found from mountinfo: also what a failed unmount or a crash left behind
         await bridge.unmount_container(pod, c)
+        execs = [e for e in pod.execs.values() if e.container == c.id]
         del pod.containers[c.id]
+        for e in execs:
+            del pod.execs[e.id]
+        try:
+            d.save_now(pod, c, *execs)  # deletes their rows
+        except StateError:
+            pod.containers[c.id] = c  # still there, as its record says
+            for e in execs:
+                pod.execs[e.id] = e
+            raise
         pod_exits = d.rt(pod).exits
         pod_exits.unpin(c.id)
         pod_exits.wake(("container", c.id))  # its waiters find it gone
-        for eid in [e.id for e in pod.execs.values() if e.container == c.id]:
-            del pod.execs[eid]
-            pod_exits.wake(("exec", eid))
-        await d.save(pod)
+        for e in execs:
+            pod_exits.wake(("exec", e.id))
     d.rt(pod).container_locks.pop(c.id, None)
     d.publish("container", pod, "deleted", container=c.id)
     return {"pod": pod.id, "id": c.id, "state": "deleted"}
@@ -364,7 +447,11 @@ async def exec_create(
             f"exec {eid!r} already exists in pod {pod.id!r}", pod=pod.id, exec_id=eid
         )
     pod.execs[eid] = e
-    await d.save(pod)
+    try:
+        d.save_now(pod, e)
+    except StateError:
+        del pod.execs[eid]
+        raise
     d.publish("exec", pod, str(e.state), container=c.id, exec_id=eid)
     return {"exec_id": eid, "token": token, "proxy_url": pod.proxy_url, "state": str(e.state)}
 
@@ -412,7 +499,7 @@ async def exec_start(d: Daemon, pod_id: object, exec_id: object) -> dict[str, An
         pod_exits.starting.discard(e.token)
     d.publish("exec", pod, "running", container=c.id, exec_id=e.id)
     exits.apply_early_exit(d, pod, e)
-    await d.save(pod)
+    d.save_logged(pod, e)  # (a restart finds the exec created: the VM has its process)
     return {"exec_id": e.id, "container": c.id, "state": str(e.state)}
 
 

@@ -232,7 +232,7 @@ def record_exit(
     elif obj.state == ExecState.RUNNING:
         obj.state = ExecState.EXITED
     _publish(d, pod, kind, obj)
-    d.tg.start_soon(d.save, pod)
+    d.save_logged(pod, obj)  # (a failure is logged; a restart asks the VM again)
     d.rt(pod).exits.wake((kind, obj.id))
     return True
 

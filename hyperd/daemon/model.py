@@ -1,10 +1,17 @@
 """The persisted model of pods, containers and exec processes, and their state machines.
 
 A pod's whole record (its VM and proxy processes, its containers, their exec processes, tokens
-and every mount made for them) is one :class:`PodRecord`, a ``msgspec.Struct`` that
-:class:`hyperd.store.StateStore` persists as ``pods/<id>.json`` after every change. The records are
+and every mount made for them) is one :class:`PodRecord`, a ``msgspec.Struct``. It is persisted
+in rows (:mod:`hyperd.daemon.persist`): the pod's own fields, and one row per container and per
+exec process, so that a change of one container writes that container only. The records are
 mutable; the daemon changes them only while holding the owning object's lock and saves them
 right after.
+
+Intent first: what hyperd is about to create outside itself is recorded before it exists, so a
+restart after a crash at any point finds it. A helper process is announced in
+:attr:`PodRecord.launching` (its kind and the marker put in its environment) before it is
+started; a container's start or stop is announced in :attr:`ContainerRecord.intent` before its
+first mount or agent command.
 
 State transitions are written as tables (:data:`POD_TRANSITIONS`, :data:`CONTAINER_TRANSITIONS`):
 :func:`check_pod_transition` / :func:`check_container_transition` raise
@@ -104,6 +111,18 @@ class ProcessRef(msgspec.Struct, kw_only=True):
     argv: list[str] = []
 
 
+class LaunchIntent(msgspec.Struct, kw_only=True):
+    """A helper process (VM, proxy…) about to be started: recorded before it exists.
+
+    ``marker`` is the value of :data:`hyperd.daemon.launcher.MARKER_ENV` in the process's
+    environment, by which a restart finds it when the crash came before its pid was recorded.
+    ``kind`` says which role it plays ("vm", "proxy", or a backend's own helper).
+    """
+
+    kind: str
+    marker: str
+
+
 class MountRecord(msgspec.Struct, kw_only=True):
     """A bind mount hyperd made: its target on the host, and what it is for.
 
@@ -119,16 +138,24 @@ class MountRecord(msgspec.Struct, kw_only=True):
 
 
 class VMSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """``pod.create`` ``vm``: ``{"backend": "sim"}`` or ``{"backend": "external", ctl, tty}``.
+    """``pod.create`` ``vm``: ``{"backend": "sim"}``, ``{"backend": "qemu", ...}`` or
+    ``{"backend": "external", ctl, tty}``.
 
-    ``dialect`` applies to the sim backend only: the agent dialect the simulated VM speaks.
+    ``dialect`` applies to the sim and qemu backends: the agent dialect hyperd's agent speaks.
+    ``kernel`` … ``kernel_args`` apply to qemu only; unset ones come from ``[vm.qemu]``.
     """
 
-    backend: Literal["sim", "external"] = "sim"
+    backend: Literal["sim", "qemu", "external"] = "sim"
     ctl: str | None = None
     tty: str | None = None
     console: str | None = None
     dialect: Literal["cc", "hyper"] | None = None
+    kernel: str | None = None
+    initrd: str | None = None
+    memory_mib: int | None = None
+    cpus: int | None = None
+    accel: Literal["auto", "kvm", "tcg"] | None = None
+    kernel_args: str | None = None
 
 
 class ProxySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -167,7 +194,15 @@ class ContainerRecord(msgspec.Struct, kw_only=True):
     exit_reason: str = ""  # set when the status is unknown, saying why
     mounts_made: list[MountRecord] = []
     created_at: float = msgspec.field(default_factory=time.time)
+    intent: str = ""
+    """The operation under way whose outcome a crash would leave unknown: "start" (recorded
+    before the first mount; mounts may exist under the container's share, NEWCONTAINER may have
+    been sent once ``mounts_made`` is recorded) or "stop" (recorded before REMOVECONTAINER).
+    A restart settles it (:mod:`hyperd.daemon.adoption`)."""
     sources_resolved: bool = False  # checked against rpc.allowed_host_paths: mount no links
+
+
+CONTAINER_INTENTS = ("start", "stop")
 
 
 class PodRecord(msgspec.Struct, kw_only=True):
@@ -187,6 +222,7 @@ class PodRecord(msgspec.Struct, kw_only=True):
     tty_path: str = ""
     proxy_url: str = ""
     vm_process: ProcessRef | None = None
+    vm_accel: str = ""  # qemu: the accelerator the VM runs with, and why ("tcg: ...")
     proxy_process: ProcessRef | None = None
     state: PodState = PodState.CREATED
     reason: str = ""  # why the pod is unreachable
@@ -195,6 +231,7 @@ class PodRecord(msgspec.Struct, kw_only=True):
     execs: dict[str, ExecRecord] = {}
     exec_counter: int = 0
     created_at: float = msgspec.field(default_factory=time.time)
+    launching: list[LaunchIntent] = []  # helper processes being started (intent first)
 
 
 def pod_summary(pod: PodRecord) -> dict[str, object]:
@@ -261,6 +298,7 @@ def pod_view(pod: PodRecord) -> dict[str, object]:
         "reason": pod.reason,
         "exit_notifications": pod.exit_notifications,
         "vm_pid": pod.vm_process.pid if pod.vm_process else None,
+        "vm_accel": pod.vm_accel or None,
         "proxy_pid": pod.proxy_process.pid if pod.proxy_process else None,
         "containers": [container_view(pod, c) for c in pod.containers.values()],
         "execs": [

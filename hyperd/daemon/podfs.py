@@ -25,16 +25,22 @@ def make_dirs(pod: PodRecord, sockets: SocketAccess | None = None) -> None:
 
 
 def remove_sockets(pod: PodRecord) -> None:
-    if pod.vm.backend == "sim":
+    if pod.vm.backend in ("sim", "qemu"):
         for path in (pod.ctl_path, pod.tty_path):
             with contextlib.suppress(OSError):
                 os.unlink(path)
+    if pod.vm.backend == "qemu":
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(pod.run_dir, "qmp.sock"))
     with contextlib.suppress(OSError):
         os.unlink(os.path.join(pod.run_dir, "proxy.sock"))
 
 
 def remove_dirs(pod: PodRecord) -> None:
     remove_sockets(pod)
+    for log_file in ("console.log", "qemu.log"):  # qemu: kept after a stop, for a look
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(pod.run_dir, log_file))
     with contextlib.suppress(OSError):
         os.rmdir(pod.run_dir)
     remove_empty_tree(pod.share_dir)

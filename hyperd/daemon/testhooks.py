@@ -37,7 +37,9 @@ def sim_args(pod_id: str) -> list[str]:
 def crash_point(name: str) -> None:
     """Test-only fault hook: die by SIGKILL here when ``$HYPERD_TEST_CRASH_AT`` names ``name``.
 
-    Points: ``pod.start:vm-launched``, ``pod.start:registered``, ``container.start:mounted``.
+    Points: ``pod.start:vm-launched``, ``pod.start:registered``, ``container.start:mounted``,
+    ``container.start:sent`` (NEWCONTAINER answered, ``running`` not saved yet),
+    ``container.stop:removed`` (REMOVECONTAINER answered, ``stopped`` not saved yet).
     """
     if os.environ.get(TEST_CRASH_ENV) == name:
         log.warning("test fault hook: SIGKILL at %s", name)

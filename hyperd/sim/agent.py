@@ -384,6 +384,9 @@ class Agent(ControlCommands):
         except (IdentityError, CapabilityError) as exc:
             self._refuse(str(exc))
         init = container.init.proc
+        if self.chroot and rec is not container.init and (init is None or init.namespaces is None):
+            # its init has exited (being reaped): there are no namespaces left to join
+            self._refuse(f"container {container.id!r} is not running")
         spec = LaunchSpec(
             args=process.args or [],
             env={e.env: e.value for e in process.envs},

@@ -2,15 +2,17 @@
 
 KILLCONTAINER, SIGNALPROCESS (hyperhq), WINSIZE (both forms), PSCONTAINER (CC), REMOVECONTAINER,
 GETVERSION (hyperhq), SETUPINTERFACE / SETUPROUTE / DELETEINTERFACE (recorded, not applied) and
-WRITEFILE / READFILE (inside the container root).
+WRITEFILE / READFILE (inside the container root, its symlinks resolved inside it).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import struct
 from pathlib import Path
 
+from hyperd.host.mountsys import RESOLVE_IN_ROOT, openat2
 from hyperd.sim import ps
 from hyperd.sim.base import AgentBase, log
 from protocol.hyperstart import (
@@ -28,6 +30,7 @@ from protocol.hyperstart import (
 __all__ = ["HYPER_API_VERSION", "ControlCommands", "version_payload"]
 
 HYPER_API_VERSION = 4244  # hyperhq/hyperstart v1.0.0+ GETVERSION answer
+FILE_MODE = 0o644  # a file WRITEFILE creates
 
 
 def version_payload() -> bytes:
@@ -134,28 +137,42 @@ class ControlCommands(AgentBase):
         self._decode(RouteList, payload)
         return b""
 
-    def _container_file(self, payload: bytes) -> tuple[Path, bytes]:
+    def _container_file(self, payload: bytes) -> tuple[Path, str, bytes]:
+        """The container's root, the file's path in it and the data after the JSON header."""
         end = payload.find(b"}")  # hyperstart: the JSON ends at the first '}', data follows
         if end < 0:
             self._refuse("file command without a JSON header")
         cmd = self._decode(FileCommand, payload[: end + 1])
         container = self._container(cmd.container)
-        path = (container.root / cmd.file.lstrip("/")).resolve()
-        if not path.is_relative_to(container.root.resolve()):
+        relative = os.path.normpath(cmd.file.lstrip("/"))
+        if relative in (".", "..") or relative.startswith("../"):
             self._refuse(f"file {cmd.file!r} is outside the container")
-        return path, payload[end + 1 :]
+        return container.root, relative, payload[end + 1 :]
+
+    @staticmethod
+    def _open_in_root(root: Path, relative: str, flags: int) -> int:
+        """Open ``relative`` as the container sees it: symlinks resolved inside its root."""
+        root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            mode = FILE_MODE if flags & os.O_CREAT else 0  # openat2: a mode only to create
+            return openat2(root_fd, relative, flags, RESOLVE_IN_ROOT, mode)
+        finally:
+            os.close(root_fd)
 
     async def _writefile(self, payload: bytes) -> bytes:
-        path, data = self._container_file(payload)
+        root, relative, data = self._container_file(payload)
         try:
-            path.write_bytes(data)
+            fd = self._open_in_root(root, relative, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
         except OSError as exc:
-            self._refuse(f"cannot write {path.name}: {exc}")
+            self._refuse(f"cannot write {os.path.basename(relative)}: {exc}")
         return b""
 
     async def _readfile(self, payload: bytes) -> bytes:
-        path, _ = self._container_file(payload)
+        root, relative, _ = self._container_file(payload)
         try:
-            return path.read_bytes()
+            with os.fdopen(self._open_in_root(root, relative, os.O_RDONLY), "rb") as f:
+                return f.read()
         except OSError as exc:
-            self._refuse(f"cannot read {path.name}: {exc}")
+            self._refuse(f"cannot read {os.path.basename(relative)}: {exc}")

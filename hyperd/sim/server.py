@@ -295,6 +295,8 @@ class Simulator:
     ``ready`` is called once both sockets listen. ``stop()`` ends it like SIGTERM would.
     """
 
+    agent_class: type[Agent] = Agent  # what runs the commands (the guest agent subclasses it)
+
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.dialect = config.dialect
@@ -336,7 +338,7 @@ class Simulator:
             async with anyio.create_task_group() as tg:
                 self._root = tg.cancel_scope
                 self._tg = tg
-                self.agent = Agent(
+                self.agent = self.agent_class(
                     dialect=self.dialect,
                     share=cfg.share,
                     channels=self,
@@ -346,11 +348,7 @@ class Simulator:
                 )
                 if handle_signals:
                     await tg.start(self._watch_signals)
-                for path, factory in ((cfg.ctl, self._ctl_link), (cfg.tty, self._tty_link)):
-                    _remove_stale_socket(path)
-                    servers.append(
-                        await loop.create_unix_server(factory, str(path), backlog=LISTEN_BACKLOG)
-                    )
+                await self._open_ports(loop, servers)
                 log.info(
                     "listening: ctl %s, tty %s (%s dialect)", cfg.ctl, cfg.tty, self.dialect.name
                 )
@@ -368,6 +366,20 @@ class Simulator:
                 os.close(netns_fd)
             self._recorder.close()
         return self._status
+
+    async def _open_ports(
+        self, loop: asyncio.AbstractEventLoop, servers: list[asyncio.AbstractServer]
+    ) -> None:
+        """Listen on the ctl and tty sockets (appended to ``servers`` as they open).
+
+        A subclass serves other transports here (the guest agent: virtio-serial ports).
+        """
+        cfg = self.config
+        for path, factory in ((cfg.ctl, self._ctl_link), (cfg.tty, self._tty_link)):
+            _remove_stale_socket(path)
+            servers.append(
+                await loop.create_unix_server(factory, str(path), backlog=LISTEN_BACKLOG)
+            )
 
     async def _shut_down(self, servers: list[asyncio.AbstractServer]) -> None:
         """Stop listening and close every host connection (waiting until they are gone)."""

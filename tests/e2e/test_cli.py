@@ -296,7 +296,7 @@ async def test_serve_socket_and_state_dir_options(hyperd_factory: Hyperd) -> Non
     assert not (hyperd_factory.base / "hyperd.sock").exists()
     async with rpc(str(sock)) as c:
         await c.call("pod.create", {"id": "where"})
-    assert (state / "pods" / "where.json").is_file()
+    assert (state / "state.db").is_file()  # (its rows: tests/ops/test_store.py)
     assert oct((sock).stat().st_mode & 0o777) == oct(0o660)
 
 

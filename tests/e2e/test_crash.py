@@ -7,15 +7,18 @@ mount, no helper process left behind, nothing that cannot be started again or de
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 from pathlib import Path
 
 import anyio
 import pytest
 
-from hyperd.cli.client import ConnectionClosed, RPCError
+from hyperd.cli.client import ConnectionClosed, RPCError, ShimClient
+from hyperd.store import DB_NAME
 from tests.e2e.conftest import Hyperd, create_and_start, process_alive, rpc, start_pod
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.root]
@@ -98,18 +101,101 @@ async def test_crash_during_container_start(hyperd_factory: Hyperd, busybox_root
         assert _helper_pids(hyperd_factory.base) == []
 
 
+async def test_crash_after_newcontainer_adopts_the_running_container(
+    hyperd_factory: Hyperd, busybox_rootfs: Path
+) -> None:
+    """The agent started it, the record says "start" with its mounts: adopted as running."""
+    hyperd_factory.start(env={CRASH: "container.start:sent"}, stop_pods_on_exit=False)
+    with anyio.fail_after(60):
+        async with rpc(hyperd_factory.socket) as c:
+            await start_pod(c, "p")
+            created = await c.call(
+                "container.create",
+                {
+                    "pod": "p",
+                    "id": "c",
+                    "rootfs": {"path": str(busybox_rootfs)},
+                    "process": {"args": ["sh", "-c", "read line; echo got $line"]},
+                },
+            )
+            shim = await ShimClient.connect(created["proxy_url"], created["token"])
+            await shim.wait_connected()
+            with pytest.raises((ConnectionClosed, RPCError, anyio.BrokenResourceError)):
+                await c.call("container.start", {"pod": "p", "id": "c"})
+        await anyio.to_thread.run_sync(_wait_killed, hyperd_factory)
+
+        hyperd_factory.start()
+        async with rpc(hyperd_factory.socket) as c:
+            info = await c.call("container.inspect", {"pod": "p", "id": "c"})
+            assert info["state"] == "running"
+            assert info["mounts"] == [str(hyperd_factory.base / "shared" / "p" / "c" / "rootfs")]
+            assert hyperd_factory.mounts_under_base() == info["mounts"]
+            # the container really runs: the shim that claimed the token talks to it
+            await shim.send_stdin(b"hello\n")
+            out = bytearray()
+            assert await shim.pump(out.extend, out.extend) == 0 and out == b"got hello\n"
+            await shim.aclose()
+            await c.call("container.stop", {"pod": "p", "id": "c"})
+            await c.call("pod.stop", {"id": "p"})
+        assert hyperd_factory.mounts_under_base() == []
+        assert _helper_pids(hyperd_factory.base) == []
+
+
+async def test_crash_after_removecontainer_completes_the_stop(
+    hyperd_factory: Hyperd, busybox_rootfs: Path
+) -> None:
+    hyperd_factory.start(env={CRASH: "container.stop:removed"}, stop_pods_on_exit=False)
+    with anyio.fail_after(60):
+        async with rpc(hyperd_factory.socket) as c:
+            await start_pod(c, "p")
+            ran = await create_and_start(c, "p", "c", busybox_rootfs, ["true"])
+            assert await ran.wait() == 0
+            with pytest.raises((ConnectionClosed, RPCError, anyio.BrokenResourceError)):
+                await c.call("container.stop", {"pod": "p", "id": "c"})
+        await anyio.to_thread.run_sync(_wait_killed, hyperd_factory)
+        assert hyperd_factory.mounts_under_base() != []  # the crash left the rootfs mounted
+
+        hyperd_factory.start()
+        assert hyperd_factory.mounts_under_base() == []
+        async with rpc(hyperd_factory.socket) as c:
+            info = await c.call("container.inspect", {"pod": "p", "id": "c"})
+            assert info["state"] == "stopped" and info["mounts"] == []
+            await c.call("container.delete", {"pod": "p", "id": "c"})
+            await c.call("pod.stop", {"id": "p"})
+        assert _helper_pids(hyperd_factory.base) == []
+
+
 async def test_corrupt_state_is_quarantined(hyperd_factory: Hyperd) -> None:
     hyperd_factory.start()
     async with rpc(hyperd_factory.socket) as c:
         await c.call("pod.create", {"id": "good"})
     assert hyperd_factory.stop() == 0
-    state = hyperd_factory.base / "state" / "pods"
-    (state / "bad.json").write_bytes(b'{"version": 1, "kind": "pods", "key": "bad", "rec')
+    state = hyperd_factory.base / "state"
+    with contextlib.closing(sqlite3.connect(state / DB_NAME)) as db:
+        (row,) = db.execute("SELECT data FROM records WHERE key = 'good'").fetchall()
+        db.execute("INSERT INTO records VALUES ('pods', 'bad', 1, ?)", (b'{"id": "bad", "st',))
+        db.commit()
+    # state files of the earlier file-per-pod format: a good one is imported, a torn one set aside
+    old = json.loads(row[0].replace(b"good", b"old"))
+    (state / "pods").mkdir()
+    envelope = {"version": 1, "kind": "pods", "key": "old", "record": old}
+    (state / "pods" / "old.json").write_text(json.dumps(envelope))
+    (state / "pods" / "torn.json").write_bytes(b'{"version": 1, "kind": "pods", "key": "to')
     hyperd_factory.start()
     async with rpc(hyperd_factory.socket) as c:
-        assert [p["id"] for p in (await c.call("pod.list"))["pods"]] == ["good"]
-    quarantined = list((hyperd_factory.base / "state" / "quarantine").iterdir())
-    assert [q.name.startswith("pods-bad.json") for q in quarantined] == [True]
+        assert [p["id"] for p in (await c.call("pod.list"))["pods"]] == ["good", "old"]
+        health = await c.call("hyperd.health")
+        assert health["status"] == "degraded"
+        problems = health["state"]["load_problems"]
+        assert len(problems) == 2 and "pods/bad" in problems[0] and "torn.json" in problems[1]
+    assert hyperd_factory.stop() == 0
+    quarantined = list((state / "quarantine").iterdir())
+    assert [q.name.startswith("pods-torn.json") for q in quarantined] == [True]
+    assert not (state / "pods").exists()  # imported, then removed
+    with contextlib.closing(sqlite3.connect(state / DB_NAME)) as db:
+        assert db.execute("SELECT kind, key FROM quarantine").fetchall() == [("pods", "bad")]
+        keys = db.execute("SELECT key FROM records WHERE kind = 'pods'").fetchall()
+        assert sorted(keys) == [("good",), ("old",)]
 
 
 async def test_failed_pod_start_changes_nothing(hyperd_factory: Hyperd) -> None:

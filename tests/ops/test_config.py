@@ -54,7 +54,7 @@ def test_partial_file_fills_defaults(tmp_path: Path) -> None:
         ("[timeouts]\nping_timeout = 0", "timeouts.ping_timeout: must be positive"),
         ('[proxy]\nmode = "system"', "proxy.url: system mode needs the unix:// URL"),
         ('[log]\nlevel = "loud"', "log.level: Invalid enum value 'loud'"),
-        ('[vm]\nbackend = "qemu"', "vm.backend: Invalid enum value 'qemu'"),
+        ('[vm]\nbackend = "firecracker"', "vm.backend: Invalid enum value 'firecracker'"),
         ('[rpc]\nmode = "0999"', "rpc.mode: not an octal file mode"),
         ('state_dir = "relative"', "state_dir: must be an absolute path"),
         ("x = [", "not valid TOML"),

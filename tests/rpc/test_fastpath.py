@@ -226,6 +226,30 @@ async def test_handler_that_never_awaits_runs_inside_a_task_as_anyio_sees_it(
     assert seen.tasks[0] is seen.tasks[1] is seen.tasks[2]
 
 
+async def test_without_asyncio_enter_task_every_call_runs_in_a_task(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback where asyncio's ``_enter_task`` is missing: same answers, each call in a task
+    of its own (so none runs with the host task current), order kept."""
+    from hyperd.rpc import connection
+
+    monkeypatch.setattr(connection, "_enter_task", None)
+    monkeypatch.setattr(connection, "_leave_task", None)
+    seen = Seen()
+    path = short_tmp / "rpc.sock"
+    async with fast_server(path, seen), RawClient.connect(path) as a, RawClient.connect(path) as b:
+        for client in (a, b, a):
+            answer = await client.call("sync.anyio")
+            assert answer["result"] == {"now": True, "cancelled": False}
+        await a.send(
+            request("record.async", 1, {"tag": "a1"}) + request("record.sync", 2, {"tag": "s2"})
+        )
+        assert sorted([(await a.recv())["id"] for _ in range(2)]) == [1, 2]
+    assert len(seen.tasks) == 3 and len({id(t) for t in seen.tasks}) == 3
+    assert all(t is not None for t in seen.tasks)
+    assert seen.order == ["a1", "s2"]
+
+
 async def test_calls_start_in_the_order_they_were_read(short_tmp: Path) -> None:
     seen = Seen()
     path = short_tmp / "rpc.sock"

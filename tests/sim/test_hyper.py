@@ -263,6 +263,12 @@ def test_files_and_second_startpod(hsim: Sim, client: HostClient, add_rootfs: Ad
     assert client.ok(Code.READFILE, b'{"container":"c1","file":"/tmp/hello"}') == b"hello\0world"
     outside = client.command(Code.READFILE, b'{"container":"c1","file":"../../../etc/passwd"}')
     assert not outside.ok
+    # a symlink in the rootfs is resolved inside it: no host file is read or written
+    (root / "tmp" / "link").symlink_to(root.parent / "host-file")
+    (root.parent / "host-file").write_text("host\n")
+    assert not client.command(Code.READFILE, b'{"container":"c1","file":"/tmp/link"}').ok
+    client.command(Code.WRITEFILE, b'{"container":"c1","file":"/tmp/link"}mine')
+    assert (root.parent / "host-file").read_text() == "host\n"
     # a second valid STARTPOD is refused and SIGTERMs the running containers
     again = client.command(Code.STARTPOD, Pod(hostname="again", share_dir="share_dir"))
     assert again == Reply(Code.STARTPOD, False, b"")

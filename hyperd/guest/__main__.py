@@ -1,0 +1,5 @@
+import sys
+
+from hyperd.guest.cli import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from hyperd.image.cli import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from hyperd.shim.cli import main
+
+sys.exit(main())

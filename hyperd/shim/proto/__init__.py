@@ -1,0 +1,1 @@
+"""Generated protobuf messages of the containerd shim API (see generate.py)."""
