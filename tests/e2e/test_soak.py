@@ -4,10 +4,7 @@ The soak starts its own hyperd, clients and fault task and checks its invariants
 answered or given a clear error, no misrouted reply, no leaked process, mount or fd); this test
 runs it for half a minute and reads its JSON report. The README has the figures of a longer run.
 
-Faults here: kills of simulated VMs and per-pod proxies. Kills of hyperd itself (``--faults
-sim,proxy,hyperd``, the soak's default) still orphan a helper that hyperd was starting when it
-died (it is recorded only once ready); the intent-first records of the state work fix that, and
-then ``hyperd`` joins FAULTS here.
+Faults: kills of simulated VMs, of per-pod proxies and of hyperd itself, in turn.
 """
 
 from __future__ import annotations
@@ -18,7 +15,7 @@ import sys
 from pathlib import Path
 
 SOAK_MINUTES = "0.5"
-FAULTS = ("sim", "proxy")
+FAULTS = ("sim", "proxy", "hyperd")
 SOAK_TIMEOUT = 300.0  # seconds: the load, the warm-up pod and the final cleanup on a busy machine
 
 
