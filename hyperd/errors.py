@@ -103,3 +103,11 @@ class StateError(HyperdError):
 
     code = -32010
     kind = "state_error"
+
+
+class ShuttingDown(HyperdError):
+    """hyperd is stopping: a call that waits (``container.wait``) ends; call again after the
+    restart (the process keeps running, and its exit is not lost)."""
+
+    code = -32009
+    kind = "shutting_down"

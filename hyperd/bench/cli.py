@@ -80,7 +80,7 @@ QUICK = Settings(
     latency=LatencySettings(calls=60, repetitions=2, warmup=10),
     scale=ScaleSettings(sizes=(1, 20), calls=200, repetitions=1, process_limit=4),
     lifecycle=LifecycleSettings(containers=3, repetitions=1, warmup=1),
-    exits=ExitSettings(containers=10, warmup=1),
+    exits=ExitSettings(containers=10, repetitions=1, warmup=1),
     shim=ShimSettings(runs=3, warmup=1),
     qemu=QemuSettings(vms=1, repetitions=1),
 )
@@ -134,6 +134,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             latency=replace(s.latency, repetitions=n),
             scale=replace(s.scale, repetitions=n),
             lifecycle=replace(s.lifecycle, repetitions=n),
+            exits=replace(s.exits, repetitions=n),
             qemu=replace(s.qemu, repetitions=n),
         )
     if args.scale:

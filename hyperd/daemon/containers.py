@@ -514,7 +514,7 @@ def exec_inspect(d: Daemon, pod_id: object, exec_id: object) -> dict[str, Any]:
         "exit_status": e.exit_status,
         "exited_at": e.exited_at,
         "exit_reason": e.exit_reason,
-        "exit_watch": exit_watch(pod) if exit_watch(pod) != "shim_pid" else "none",
+        "exit_watch": exit_watch(pod),  # an exec has no shim pid: proxy, none or unknown
         "token": e.token,
         "proxy_url": pod.proxy_url,
     }

@@ -21,7 +21,7 @@ with ``kill()`` on a bare pid.
 
 Recording an exit: the status is set once (a status, once known, never changes), ``exited_at``
 when hyperd learned of it, the state goes ``running → exited``, one event ``{kind, state:
-"exited", status}`` is published and the pod saved; waiters are woken.
+"exited", status}`` is published and the pod saved; waiters are woken once it is saved.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from hyperd.daemon.model import (
     exit_watch,
 )
 from hyperd.daemon.vmlink import LinkEvent
-from hyperd.errors import InvalidParams, InvalidState, Timeout
+from hyperd.errors import InvalidParams, InvalidState, ShuttingDown, Timeout
 
 if TYPE_CHECKING:
     from hyperd.daemon.service import Daemon
@@ -60,8 +60,7 @@ SHIM_GONE: Final = (
 )
 STOPPED_UNKNOWN: Final = "stopped before its exit status was known"
 NOT_OBSERVABLE: Final = (
-    "exits of pod {pod!r} are not observable: its proxy sends no exit notifications and"
-    " {what}"
+    "exits of pod {pod!r} are not observable: its proxy sends no exit notifications and {what}"
 )
 
 Key = tuple[str, str]  # ("container" | "exec", id)
@@ -213,8 +212,8 @@ def record_exit(
     """Record that ``obj``'s process ended (``status`` None: unknown, ``reason`` says why).
 
     Returns False when nothing was new (its status was known already, or it was already
-    marked ended without one and no status came now). Publishes one event, saves the pod in
-    the background, wakes the waiters.
+    marked ended without one and no status came now). Publishes one event, then saves the pod
+    in the background and wakes the waiters once it is saved.
     """
     if obj.exit_status is not None:
         return False
@@ -350,9 +349,7 @@ def _check_observable(pod: PodRecord, obj: ContainerRecord | ExecRecord) -> None
         watch = exit_watch(pod, obj)
         what = "the container has no shim_pid"
     else:
-        watch = "proxy" if pod.exit_notifications else (
-            "unknown" if pod.exit_notifications is None else "none"
-        )
+        watch = exit_watch(pod)
         what = "exec processes have no shim_pid"
     if watch == "none":
         raise InvalidState(
@@ -371,8 +368,9 @@ async def wait(
     process has ended (at once if it has).
 
     Raises ``NotFound`` (also when the object is deleted while waiting), ``InvalidParams`` (bad
-    timeout), ``Timeout`` (still running after ``timeout`` seconds; it keeps running), and
-    ``InvalidState`` when the pod's exits are not observable.
+    timeout), ``Timeout`` (still running after ``timeout`` seconds; it keeps running),
+    ``InvalidState`` when the pod's exits are not observable, ``ShuttingDown`` when hyperd
+    stops meanwhile.
     """
     if timeout is not None and not (math.isfinite(timeout) and timeout >= 0):
         raise InvalidParams(f"invalid timeout {timeout!r}: seconds >= 0", field="timeout")
@@ -380,6 +378,12 @@ async def wait(
     try:
         with anyio.fail_after(timeout):
             while not _ended(obj):
+                if d.stopping:
+                    raise ShuttingDown(
+                        f"hyperd is shutting down; wait for {kind} {obj.id!r} again after it"
+                        " restarts (the process keeps running)",
+                        pod=pod.id,
+                    )
                 _check_observable(pod, obj)
                 pod_exits = d.rt(pod).exits
                 event = pod_exits.waiter((kind, obj.id))

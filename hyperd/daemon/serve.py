@@ -137,6 +137,7 @@ async def _serve(
         task_status.started(daemon)
         await shutdown.wait()
         notify.stopping()
+        daemon.end_waits()  # waits would hold the RPC server's drain for its whole grace
         await server.shutdown()
         await daemon.shutdown(stop_pods=stop_pods)
         log.info("stopped (%s)", "pods stopped" if stop_pods else "pods left running")

@@ -110,6 +110,7 @@ class Daemon:
         self.state_problems: list[str] = []  # what loading the state set aside
         self.state_failures = 0  # saves that failed
         self.last_state_failure = ""
+        self.stopping = False  # shutting down: waits end (see end_waits)
 
     # ---- registry and persistence -------------------------------------------------------
 
@@ -646,6 +647,12 @@ class Daemon:
                 f"pod {pod.id!r} was stopped, but its state could not be saved ({exc.message}); "
                 "a restart finds it stopped"
             ) from None
+
+    def end_waits(self) -> None:
+        """Daemon shutdown: every ``container.wait``/``exec.wait`` ends with ``shutting_down``."""
+        self.stopping = True
+        for rt in self.runtime.values():
+            rt.exits.wake_all()
 
     async def shutdown(self, *, stop_pods: bool) -> None:
         """Stop every pod (``stop_pods``) or just close their links, leaving them running."""

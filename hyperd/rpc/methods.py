@@ -112,7 +112,11 @@ class CallContext:
             await self.channel.wait_closed()
             return
         with select.epoll(1) as hangup:
-            hangup.register(fd, 0)  # no event asked: EPOLLHUP and EPOLLERR are always reported
+            try:
+                hangup.register(fd, 0)  # no event asked: EPOLLHUP and EPOLLERR always come
+            except OSError:  # closed meanwhile
+                await self.channel.wait_closed()
+                return
             async with anyio.create_task_group() as tg:
 
                 async def closed() -> None:

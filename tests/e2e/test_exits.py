@@ -192,7 +192,23 @@ async def test_exit_while_hyperd_is_stopped(
             started = await create_and_start(
                 c, "p", "c1", busybox_rootfs, ["sh", "-c", "read x; exit 5"]
             )
-        hyperd_factory.stop()
+            # a wait pending when hyperd stops ends with shutting_down (the process runs on)
+            errors: list[RPCError] = []
+
+            async def waiting() -> None:
+                try:
+                    await c.call("container.wait", {"pod": "p", "id": "c1"})
+                except RPCError as exc:
+                    errors.append(exc)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(waiting)
+                async with rpc(sock) as probe:
+                    while (await probe.call("hyperd.stats"))["exits"]["waiting"] < 1:  # noqa: ASYNC110
+                        await anyio.sleep(0.05)
+                await anyio.to_thread.run_sync(hyperd_factory.stop)
+            (err,) = errors
+            assert err.kind == "shutting_down"
         await started.shim.send_stdin(b"go\n")
         assert await started.wait() == 5  # exited while hyperd was down
         hyperd_factory.start(stop_pods_on_exit=False)
@@ -358,6 +374,7 @@ def test_a_shim_pid_must_be_the_callers(hyperd_factory: Hyperd, busybox_rootfs: 
     assert accepted["result"]["state"] == "created"
 
 
+@pytest.mark.timeout(DEADLINE * 6)
 async def test_100_concurrent_waits_on_100_containers(hyperd: Hyperd, busybox_rootfs: Path) -> None:
     count = 100
     with anyio.fail_after(DEADLINE * 6):  # 100 container starts on a busy 2-core machine
