@@ -70,6 +70,7 @@ the field.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal
 
@@ -253,14 +254,14 @@ def build_methods(d: Daemon) -> MethodTable:
         mounts = _decode_list(MountSpec, p.mounts, "mounts")
         restricted = host_paths.restricts(ctx.peer)
         if restricted:
-            # checked resolved, recorded resolved, mounted without following links
             if rootfs.path is not None:
-                real = host_paths.check(ctx.peer, "rootfs.path", rootfs.path)
-                rootfs = msgspec.structs.replace(rootfs, path=real)
+                host_paths.check(ctx.peer, "rootfs.path", rootfs.path)
             for index, mount in enumerate(mounts):
                 if mount.type == "bind":
-                    real = host_paths.check(ctx.peer, f"mounts[{index}].source", mount.source)
-                    mounts[index] = msgspec.structs.replace(mount, source=real)
+                    host_paths.check(ctx.peer, f"mounts[{index}].source", mount.source)
+            # what was checked is what gets mounted: the resolved paths, which the mount then
+            # opens refusing any symlink (one swapped in before container.start included)
+            rootfs, mounts = resolved_sources(rootfs, mounts)
         return await ops.container_create(
             d,
             p.pod,
@@ -372,3 +373,15 @@ async def _forward_events(
                 {"reason": f"fell {SUBSCRIBER_BUFFER} events behind; subscribe again"},
             )
         tg.cancel_scope.cancel()
+
+
+def resolved_sources(
+    rootfs: RootfsSpec, mounts: list[MountSpec]
+) -> tuple[RootfsSpec, list[MountSpec]]:
+    """The rootfs and bind mounts with their host paths' symlinks resolved (now, once)."""
+    if rootfs.path is not None:
+        rootfs = msgspec.structs.replace(rootfs, path=os.path.realpath(rootfs.path))
+    return rootfs, [
+        msgspec.structs.replace(m, source=os.path.realpath(m.source)) if m.type == "bind" else m
+        for m in mounts
+    ]

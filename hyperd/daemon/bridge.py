@@ -175,11 +175,12 @@ async def discover_network(netns: str) -> HostNetwork:
 
 def shared_dir(pod: PodRecord, *, source_symlinks: bool = True) -> tuple[SharedDir, str]:
     """The :class:`SharedDir` holding the pod's share, and the pod's name in it."""
-    shared = SharedDir(os.path.dirname(pod.share_dir), source_symlinks=source_symlinks)
-    return shared, os.path.basename(pod.share_dir)
+    root = os.path.dirname(pod.share_dir)
+    return SharedDir(root, source_symlinks=source_symlinks), os.path.basename(pod.share_dir)
 
 
 def _mount_container(pod: PodRecord, c: ContainerRecord) -> list[MountRecord]:
+    # sources checked against the allowlist were resolved then: a symlink now was swapped in
     shared, name = shared_dir(pod, source_symlinks=not c.sources_resolved)
     rootfs = c.rootfs.resolve()
     from hyperd.spec import DirRootfs

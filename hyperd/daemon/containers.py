@@ -117,8 +117,8 @@ async def container_create(
 ) -> dict[str, Any]:
     """Record a container and hand out its I/O token; the agent is not told yet.
 
-    ``sources_resolved``: the rootfs and bind sources were resolved and checked against
-    ``rpc.allowed_host_paths``; they are mounted without following any symlink.
+    ``sources_resolved``: the rootfs and mount sources are resolved paths checked against the
+    allowlist; they are mounted only if no symlink has appeared in them since.
 
     A ``shim_pid`` must be a process of the caller (``caller_uid``, root excepted); it is
     pinned with a pidfd here (see :mod:`hyperd.daemon.exits`).
@@ -135,7 +135,8 @@ async def container_create(
     try:
         return await _create(
             d, pod, cid, pin, rootfs=rootfs, process=process, mounts=mounts, devices=devices,
-            resources=resources, bind_mount_dev=bind_mount_dev, sources_resolved=sources_resolved,
+            resources=resources, bind_mount_dev=bind_mount_dev,
+            sources_resolved=sources_resolved,
         )  # fmt: skip
     except BaseException:
         if pin is not None:
@@ -158,7 +159,6 @@ async def _create(
     sources_resolved: bool = False,
 ) -> dict[str, Any]:
     c = ContainerRecord(
-        sources_resolved=sources_resolved,
         id=cid,
         rootfs=rootfs,
         process=process,
@@ -169,6 +169,7 @@ async def _create(
         bind_mount_dev=bind_mount_dev,
         shim_pid=pin.pid if pin is not None else None,
         shim_start_time=pin.start_time if pin is not None else None,
+        sources_resolved=sources_resolved,
     )
     # what the agent's dialect cannot carry is refused now, not at start
     bridge.container_message(pod, c, [])

@@ -188,6 +188,7 @@ class ContainerRecord(msgspec.Struct, kw_only=True):
     bind_mount_dev: bool = False
     shim_pid: int | None = None
     shim_start_time: int | None = None  # of shim_pid, so a recycled pid is never taken for it
+    sources_resolved: bool = False  # allowlisted paths, resolved at create: mounted without links
     state: ContainerState = ContainerState.CREATED
     exit_status: int | None = None
     exited_at: float | None = None  # when hyperd learned of the init's exit (time.time())
@@ -199,7 +200,6 @@ class ContainerRecord(msgspec.Struct, kw_only=True):
     before the first mount; mounts may exist under the container's share, NEWCONTAINER may have
     been sent once ``mounts_made`` is recorded) or "stop" (recorded before REMOVECONTAINER).
     A restart settles it (:mod:`hyperd.daemon.adoption`)."""
-    sources_resolved: bool = False  # checked against rpc.allowed_host_paths: mount no links
 
 
 CONTAINER_INTENTS = ("start", "stop")

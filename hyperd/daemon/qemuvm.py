@@ -76,6 +76,21 @@ async def start_vm(
     tap = mac = None
     if pod.netns:
         tap, mac = await qemunet.setup(pod.netns)
+    try:
+        return await _launch(pod, config, binary, kernel, initrd, accel, tap, mac, deadline,
+                             marker)
+    except BaseException:
+        if pod.netns:  # the tap and redirects of a VM that did not start
+            with anyio.CancelScope(shield=True):
+                await qemunet.teardown(pod.netns)
+        raise
+
+
+async def _launch(
+    pod: PodRecord, config: Config, binary: str, kernel: str, initrd: str, accel: str,
+    tap: str | None, mac: str | None, deadline: float, marker: str | None,
+) -> ProcessRef:
+    q, v = config.vm.qemu, pod.vm
     p = paths(pod.run_dir)
     launch = QemuLaunch(
         binary=binary, kernel=kernel, initrd=initrd,

@@ -19,12 +19,11 @@ import signal
 import socket
 
 import anyio
-from anyio.abc import TaskStatus
 
 from hyperd.guest.net import NetworkError, apply_network
 from hyperd.guest.ports import VirtioPort
 from hyperd.sim.agent import Agent
-from hyperd.sim.server import Simulator
+from hyperd.sim.server import SimConfig, Simulator
 from protocol.hyperstart import Pod
 
 __all__ = ["GuestAgent", "GuestSimulator"]
@@ -64,8 +63,8 @@ class GuestSimulator(Simulator):
 
     agent_class = GuestAgent
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, config: SimConfig) -> None:
+        super().__init__(config)
         self._ports: list[VirtioPort] = []
         self._destroyed = anyio.Event()
 
@@ -88,9 +87,7 @@ class GuestSimulator(Simulator):
         for port in self._ports:
             port.check()
 
-    async def _power_off_after_destroy(
-        self, ctl: VirtioPort, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
+    async def _power_off_after_destroy(self, ctl: VirtioPort) -> None:
         await self._destroyed.wait()
         await ctl.wait_flushed()  # DESTROYPOD's ACK is out before the VM goes away
         log.info("pod destroyed: ending the agent (the guest powers off)")

@@ -26,7 +26,7 @@ import logging
 import os
 import select
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 __all__ = ["HIGH_WATER", "VirtioPort"]
 
@@ -87,7 +87,7 @@ class _PortTransport(asyncio.Transport):
         return self._protocol
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        raise NotImplementedError("a port's protocol is fixed for its connection")
+        self._protocol = cast(asyncio.Protocol, protocol)
 
 
 class VirtioPort:

@@ -97,14 +97,18 @@ def image_paths(cache: Path) -> tuple[Path, Path]:
 # -- what goes in: the agent's Python distributions -----------------------------------------------
 
 
+# hyperd dependencies the guest agent never imports (the containerd shim's protobuf)
+HOST_ONLY = frozenset({"protobuf"})
+
+
 def _agent_distributions() -> list[importlib.metadata.Distribution]:
-    """hyperd's runtime dependencies (no extras), transitively, as installed here."""
+    """hyperd's runtime dependencies (no extras, not :data:`HOST_ONLY`), transitively."""
     seen: dict[str, importlib.metadata.Distribution] = {}
     todo = ["hyperd"]
     while todo:
         name = todo.pop()
         key = name.lower().replace("_", "-")
-        if key in seen:
+        if key in seen or key in HOST_ONLY:
             continue
         try:
             dist = importlib.metadata.distribution(name)

@@ -24,11 +24,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import platform
 import select
 import signal
+import socket
 import struct
+import termios
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
@@ -41,6 +44,7 @@ __all__ = [
     "CapabilityError",
     "Namespaces",
     "capability_mask",
+    "container_terminal",
     "drop_privileges",
     "enter_container",
     "fork_init",
@@ -75,6 +79,8 @@ ST_FLAGS_KEPT = {  # statvfs f_flag bit -> mount flag: kept by the nodev remount
     os.ST_NODIRATIME: 0x800,
     os.ST_RELATIME: 0x200000,
 }
+TIOCSPTLCK = 0x40045431  # <asm/ioctls.h>: (un)lock a pty's slave
+TIOCGPTPEER = 0x5441  # open the slave of a pty master (Linux 4.13+)
 PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 PR_SET_NAME = 15
 PRE_EXEC_NAME = b"hyperd-preexec"  # a container process's name until its exec succeeds
@@ -362,6 +368,25 @@ def _pivot_root(new_root: bytes, put_old: bytes) -> None:
     if _libc.syscall(ctypes.c_long(number), new_root, put_old) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"pivot_root: {os.strerror(err)}")
+
+
+def container_terminal(console_fd: int, *, keep_stderr: bool) -> None:
+    """Make a pty on the container's own devpts, put its slave on stdin, stdout (and stderr
+    unless ``keep_stderr``) as the controlling terminal, and send the master over the unix
+    socket ``console_fd`` (as runc's console socket does). Raises OSError."""
+    master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))  # unlockpt
+        slave = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
+        for target in (0, 1) if keep_stderr else (0, 1, 2):
+            os.dup2(slave, target)
+        if slave > 2:
+            os.close(slave)
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        with socket.socket(fileno=console_fd) as console:
+            socket.send_fds(console, [b"t"], [master])
+    finally:
+        os.close(master)
 
 
 def join_container(ns: Namespaces) -> None:

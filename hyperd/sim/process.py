@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import struct
 import subprocess
 import termios
@@ -78,7 +79,9 @@ def _libc_check(result: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def _child_setup(spec: LaunchSpec, status_fd: int, sim_pidfd: int) -> Callable[[], None]:
+def _child_setup(
+    spec: LaunchSpec, status_fd: int, sim_pidfd: int, console_fd: int
+) -> Callable[[], None]:
     """The pre-exec hook: runs in the forked child after stdio is in place, before exec."""
     root = os.fsencode(spec.root)
     workdir = spec.workdir or "/"
@@ -87,11 +90,11 @@ def _child_setup(spec: LaunchSpec, status_fd: int, sim_pidfd: int) -> Callable[[
     def setup() -> None:
         if spec.netns_fd is not None:
             _libc_check(_libc.setns(spec.netns_fd, CLONE_NEWNET), "setns")
+        if spec.chroot:
+            _isolated_setup(spec, root, status_fd, sim_pidfd, console_fd)
+            return
         if spec.terminal:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-        if spec.chroot:
-            _isolated_setup(spec, root, status_fd, sim_pidfd)
-            return
         os.chdir(os.path.join(root, os.fsencode(workdir.lstrip("/"))))
         if spec.identity is not None:
             os.setgroups(list(spec.identity.groups))
@@ -105,7 +108,9 @@ def _child_setup(spec: LaunchSpec, status_fd: int, sim_pidfd: int) -> Callable[[
     return setup
 
 
-def _isolated_setup(spec: LaunchSpec, root: bytes, status_fd: int, sim_pidfd: int) -> None:
+def _isolated_setup(
+    spec: LaunchSpec, root: bytes, status_fd: int, sim_pidfd: int, console_fd: int
+) -> None:
     """A container's init (new namespaces, then the forwarding init forks off) or an exec'd
     process (joins them); then the working directory, capabilities and identity."""
     # the forwarding init and an exec'd process die with the simulator (no credential change
@@ -115,9 +120,13 @@ def _isolated_setup(spec: LaunchSpec, root: bytes, status_fd: int, sim_pidfd: in
         os._exit(PARENT_GONE_STATUS)
     if spec.namespaces is not None:
         isolation.join_container(spec.namespaces)
+        if spec.terminal:
+            isolation.container_terminal(console_fd, keep_stderr=spec.separate_stderr)
     else:
         binds = [(str(b.source), b.path, b.read_only) for b in spec.binds]
         isolation.enter_container(root, binds, spec.hostname)
+        if spec.terminal:  # made by the init: it is the session leader the terminal belongs to
+            isolation.container_terminal(console_fd, keep_stderr=spec.separate_stderr)
         isolation.fork_init(status_fd)  # from here on: the container's process, pid 2
     os.chdir(spec.workdir or "/")
     identity = spec.identity or Identity(0, 0, ())
@@ -384,9 +393,23 @@ def spawn(spec: LaunchSpec) -> SimProcess:
     parent_fds: list[int] = []
     child_fds: list[int] = []
     status_fd: int | None = None
+    console: socket.socket | None = None
     try:
         stderr_r: int | None = None
-        if spec.terminal:
+        if spec.terminal and spec.chroot:
+            # the pty is made inside the container (its own devpts), its master sent back here
+            console, child_console = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            child_fds.append(child_console.detach())
+            master = -1
+            slave = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)  # replaced in the child
+            child_fds.append(slave)
+            stdin_child = stdout_child = stderr_child = slave
+            stdin_fd = stdout_fd = master
+            if spec.separate_stderr:
+                stderr_r, stderr_child = os.pipe()
+                parent_fds.append(stderr_r)
+                child_fds.append(stderr_child)
+        elif spec.terminal:
             master, slave = os.openpty()
             parent_fds.append(master)
             child_fds.append(slave)
@@ -425,11 +448,22 @@ def spawn(spec: LaunchSpec) -> SimProcess:
                 env=spec.env,
                 start_new_session=True,
                 # namespaces, mounts, setuid... need a hook in the child
-                preexec_fn=_child_setup(spec, status_w, sim_pidfd),
+                preexec_fn=_child_setup(
+                    spec, status_w, sim_pidfd, child_fds[0] if console is not None else -1
+                ),
             )
+        if console is not None:
+            with console:
+                _, fds, _, _ = socket.recv_fds(console, 1, 1)
+            if not fds:
+                raise OSError(errno.EIO, "the container sent no terminal")
+            stdin_fd = stdout_fd = fds[0]
+            parent_fds.append(fds[0])
     except BaseException:
         for fd in parent_fds:
             os.close(fd)
+        if console is not None:
+            console.close()
         raise
     finally:
         for fd in set(child_fds):

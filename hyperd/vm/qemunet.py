@@ -54,10 +54,13 @@ async def setup(netns: str) -> tuple[str, str]:
 
 
 async def teardown(netns: str) -> None:
-    """Remove the tap and the veth's ingress qdisc (no error when they are not there)."""
+    """Remove the tap and the pod veth's ingress qdisc (no error when they are not there).
+
+    The veth's ingress qdisc is hyperd's while the VM runs (it holds the redirect to the tap).
+    """
     await _run(netns, "ip", "link", "del", TAP_NAME, check=False)
-    links = json.loads(await _run(netns, "ip", "-j", "link", "show", check=False) or "[]")
-    for link in links:
-        if link.get("ifname") != "lo":
-            await _run(netns, "tc", "qdisc", "del", "dev", link["ifname"], "ingress",
-                       check=False)
+    try:
+        veth, _ = await pod_interface(netns)
+    except VMUnavailable:
+        return  # the netns is gone or has no pod interface: nothing of ours is left
+    await _run(netns, "tc", "qdisc", "del", "dev", veth, "ingress", check=False)

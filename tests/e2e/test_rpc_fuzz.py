@@ -127,7 +127,9 @@ frames = st.one_of(
             ("raw", b"[]"),
             ("raw", b'{"jsonrpc":"2.0"}'),
             ("raw", b"[1,2]"),
-            ("bad_version", b""),
+            # an invalid request whose id is readable is answered with that id (JSON-RPC 2.0
+            # §5: null only when the id cannot be detected): numbered like the calls
+            ("raw", b'{"jsonrpc":"1.0","method":"pod.list","id":ID}'),
             ("oversized", b""),
             ("too_many", b""),
         ]
@@ -162,10 +164,11 @@ def encode(frames: list[tuple[str, Any]], numbering: Numbering) -> tuple[bytes, 
             out += msgspec.json.encode(number(body))
         elif kind == "batch":
             out += msgspec.json.encode([number(c) for c in body])
+        elif kind == "raw" and b":ID}" in body:
+            numbered = msgspec.json.encode(number({"id": None})["id"])
+            out += body.replace(b":ID}", b":" + numbered + b"}")
         elif kind == "raw":
             out += body
-        elif kind == "bad_version":  # invalid, but its id is readable: answered with it
-            out += msgspec.json.encode(number({"jsonrpc": "1.0", "method": "pod.list", "id": None}))
         elif kind == "oversized":
             out += b"[" + b"0," * (MAX_MESSAGE // 2) + b"0]"
         else:  # a batch over max_batch: refused whole, its ids are never answered

@@ -135,3 +135,24 @@ def test_compiled_modules_are_sourceless_and_identical(tmp_path: Path) -> None:
     assert outputs[0] == outputs[1]
     code = marshal.loads(outputs[0][16:])  # after the 16-byte pyc header
     assert code.co_filename == "/usr/lib/python3.11/pkg/mod.py"
+
+
+def test_missing_qemu_and_packages_are_named(monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path) -> None:
+    import shutil
+
+    from hyperd.image import build, debs
+
+    real_which = shutil.which
+
+    def which(name: str) -> str | None:
+        return None if name == "qemu-system-x86_64" else real_which(name)
+
+    monkeypatch.setattr(build.shutil, "which", which)
+    with pytest.raises(ImageError, match=r"qemu-system-x86_64 not found.*apt-get install"):
+        build.build_image(tmp_path)
+    with pytest.raises(ImageError, match="no-such-package-hyperd") as err:
+        debs.resolve(["busybox-static", "no-such-package-hyperd"])
+    assert "busybox-static" not in str(err.value)
+    with pytest.raises(ImageError, match="missing program"):
+        debs.need_tools("no-such-program-hyperd")

@@ -121,16 +121,22 @@ async def test_qemu_pod_runs_containers_and_powers_off(
         assert "Power down" in console  # the guest powered itself off after DESTROYPOD
         links = await anyio.run_process(["ip", "-n", _netns_name(netns), "link", "show"])
         assert b"tap" not in links.stdout
+        qdiscs = await anyio.run_process(
+            ["ip", "netns", "exec", _netns_name(netns), "tc", "qdisc", "show", "dev", "eth0"]
+        )
+        assert b"ingress" not in qdiscs.stdout  # the redirect to the tap is gone too
         assert mounts_under(str(qemu_hyperd.base)) == []
 
 
-async def test_qemu_pod_readopted_after_restart_and_lost_on_kill(
+async def test_qemu_hyperhq_pod_readopted_after_restart_and_lost_on_kill(
     qemu_hyperd: Hyperd, busybox_rootfs: Path
 ) -> None:
     qemu_hyperd.start(stop_pods_on_exit=False)
     async with rpc(qemu_hyperd.socket) as c:
         with anyio.fail_after(BOOT_DEADLINE):
-            pod = await start_pod(c, "vm2", vm={"backend": "qemu"})
+            # the guest agent speaks the hyperhq dialect here (the other test: CC)
+            pod = await start_pod(c, "vm2", vm={"backend": "qemu", "dialect": "hyper"})
+    assert pod["dialect"] == "hyper"
     qemu_pid = pod["vm_pid"]
     assert qemu_hyperd.stop() == 0
     assert process_alive(qemu_pid)  # hyperd left the VM running
@@ -141,7 +147,10 @@ async def test_qemu_pod_readopted_after_restart_and_lost_on_kill(
         assert info["state"] == "running", info
         assert info["vm_pid"] == qemu_pid
         with anyio.fail_after(STEP_DEADLINE):
-            run = await create_and_start(c, "vm2", "c1", busybox_rootfs, ["echo", "adopted"])
+            # (the process outlives NEWCONTAINER's reply: see test_hyperhq_dialect_pod)
+            run = await create_and_start(
+                c, "vm2", "c1", busybox_rootfs, ["sh", "-c", "sleep 1; echo adopted"]
+            )
             assert await run.wait() == 0
             assert run.stdout == b"adopted\n"
 

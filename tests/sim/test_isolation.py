@@ -193,3 +193,17 @@ def test_a_dangling_symlink_mount_point_is_refused(
     refused = client.command(Code.NEWCONTAINER, spec)
     assert not refused.ok and b"mount point" in refused.payload
     assert not outside.exists()
+
+
+def test_a_terminal_is_the_containers_own(client: HostClient, rootfs: Path) -> None:
+    """A terminal process gets a pty of the container's own devpts (made inside and its master
+    sent back): ``tty`` names it, and the host's ptys are not there."""
+    (rootfs / "bin" / "tty").symlink_to("busybox")
+    start_pod(client)
+    script = "tty; ls /dev/pts; exec sh -c 'tty'"
+    client.ok(Code.NEWCONTAINER, container("c1", process(["sh", "-c", script], 3, terminal=True)))
+    out = client.wait_exit(3)
+    lines = bytes(out.data).decode().split()
+    assert lines[0] == "/dev/pts/0", lines
+    assert set(lines[1:-1]) == {"0", "ptmx"}, lines  # only its own pty
+    assert out.status == 0
