@@ -1,13 +1,15 @@
 """The fault soak: ``python -m hyperd.bench soak --minutes N``.
 
-    python -m hyperd.bench soak [--minutes N] [--clients C] [--seed S] [--json FILE]
+    python -m hyperd.bench soak [--minutes N] [--clients C] [--faults sim,proxy,hyperd]
+                                [--seed S] [--json FILE]
 
 A real hyperd (the embedded default: a simulated VM and a hyperd-proxy per pod) serves
 ``--clients`` concurrent clients, each driving its own pod as a runtime would: create and start
 the pod, then over and over create a container, claim its token as the shim, start it, read
 its output and exit status, delete it, with inspections and batches in between. Meanwhile a
 fault task kills, in turn, a random pod's simulated VM, a random pod's proxy, and hyperd
-itself (SIGKILL; hyperd is then restarted on the same state and re-adopts what runs). Clients
+itself (SIGKILL; hyperd is then restarted on the same state and re-adopts what runs;
+``--faults`` picks the kinds). Clients
 recover as a runtime would (a pod that lost its VM is stopped and started again).
 
 Invariants, checked all along and at the end; each breach is a *violation*:
@@ -219,8 +221,16 @@ class Rpc:
 class Soak:
     """One run: the daemon, the clients, the fault task and the final checks."""
 
-    def __init__(self, ws: Workspace, minutes: float, clients: int, rng: random.Random) -> None:
+    def __init__(
+        self,
+        ws: Workspace,
+        minutes: float,
+        clients: int,
+        rng: random.Random,
+        faults: Sequence[str] = FAULTS,
+    ) -> None:
         self.ws = ws
+        self.faults = tuple(faults)
         self.minutes = minutes
         self.clients = clients
         self.rng = rng
@@ -409,7 +419,9 @@ class Soak:
     # -- faults --------------------------------------------------------------------------------
 
     async def _faults(self) -> None:
-        for what in itertools.cycle(FAULTS):
+        if not self.faults:
+            return
+        for what in itertools.cycle(self.faults):
             await anyio.sleep(self.rng.uniform(*FAULT_INTERVAL))
             try:
                 if what == "hyperd":
@@ -582,6 +594,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--minutes", type=float, default=5.0, help="duration of the load (default 5)")
     p.add_argument("--clients", type=int, default=DEFAULT_CLIENTS, help="concurrent clients")
+    p.add_argument(
+        "--faults",
+        default=",".join(FAULTS),
+        help="kinds of faults, injected in turn (default sim,proxy,hyperd; empty: none)",
+    )
     p.add_argument("--seed", type=int, help="random seed (default: from the clock; printed)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.add_argument("--log-level", default="warning", help="runner log level")
@@ -593,6 +610,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.minutes <= 0 or args.clients < 1:
         print("hyperd bench soak: --minutes and --clients must be positive", file=sys.stderr)
         return EXIT_USAGE
+    faults = [f.strip() for f in args.faults.split(",") if f.strip()]
+    if set(faults) - set(FAULTS):
+        print(f"hyperd bench soak: --faults: choose from {','.join(FAULTS)}", file=sys.stderr)
+        return EXIT_USAGE
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,
@@ -603,7 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ws = Workspace()
     started = time.monotonic()
     try:
-        soak = Soak(ws, args.minutes, args.clients, random.Random(seed))
+        soak = Soak(ws, args.minutes, args.clients, random.Random(seed), faults)
         tally = anyio.run(soak.run, backend="asyncio", backend_options={"use_uvloop": True})
     finally:
         ws.close()
@@ -611,18 +632,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = {
         "minutes": args.minutes,
         "clients": args.clients,
+        "fault_kinds": faults,
         "seed": seed,
         "wall_seconds": round(time.monotonic() - started, 1),
         **tally.report(),
     }
-    print(f"hyperd soak: {args.minutes:g} min, {args.clients} clients, seed {seed}")
+    print(
+        f"hyperd soak: {args.minutes:g} min, {args.clients} clients, "
+        f"faults {','.join(faults) or 'none'}, seed {seed}"
+    )
     print(
         f"  calls made:            {tally.calls} ({tally.answered} answered, "
         f"{tally.errors['hyperd killed']} cut by hyperd kills, {tally.cut} by the end of the run)"
     )
     print(f"  containers run:        {tally.containers_run}")
-    faults = ", ".join(f"{k} {v}" for k, v in sorted(tally.faults.items())) or "none"
-    print(f"  faults injected:       {sum(tally.faults.values())} ({faults})")
+    injected = ", ".join(f"{k} {v}" for k, v in sorted(tally.faults.items())) or "none"
+    print(f"  faults injected:       {sum(tally.faults.values())} ({injected})")
     errors = ", ".join(f"{k} {v}" for k, v in sorted(tally.errors.items())) or "none"
     print(f"  clear errors:          {sum(tally.errors.values())} ({errors})")
     print(f"  hyperd fds:            {tally.fds[0]} idle at start, {tally.fds[1]} after cleanup")

@@ -41,9 +41,11 @@ for``/``async with``, see :func:`~hyperd.rpc.methods.never_suspends`) is answere
 read callback, with no task of its own; every other request, notification or batch runs in a
 task of its own, so a slow call does not hold up the others. Calls start in the order they were
 read and responses come out in completion order; a batch is answered as one array
-(notifications in it get no element; a batch of notifications gets nothing); at most
-``max_in_flight`` calls run (or wait for their response to be written) at once, then reading
-pauses (backpressure); writes never interleave, and responses and notifications go out in the
+(notifications in it get no element; a batch of notifications gets nothing), and a batch of
+more than ``max_batch`` calls is refused whole; at most ``max_in_flight`` calls (each element of
+a batch counts) run (or wait for their response to be written) at once, then reading pauses
+(backpressure), as it does while more than ``max_output`` bytes wait for a client that does not
+read; writes never interleave, and responses and notifications go out in the
 order they were produced (also while a slow reader makes them queue). At EOF the calls running
 are still answered before the connection closes. Hot path: one read, one write and one
 ``epoll_wait`` per call.

@@ -112,8 +112,8 @@ class HostPathPolicy:
 
     Root and the server's own uid may use any path. Others may use only a path that, once its
     symlinks are resolved, is one of ``allowed`` or below one; ``allowed=None`` allows any path
-    (the API group is then root-equivalent). The check resolves the path when the call is made:
-    the mount itself must resolve it again without following links (see hyperd.host.mounts).
+    (the API group is then root-equivalent). The check resolves the path when the call is made;
+    the mount then takes the resolved path and follows no link (see :meth:`check`).
     """
 
     def __init__(self, allowed: Iterable[str] | None, server_uid: int | None = None) -> None:
@@ -124,14 +124,17 @@ class HostPathPolicy:
         """Whether ``peer``'s paths are checked at all."""
         return self.allowed is not None and peer.uid not in (ROOT_UID, self._server_uid)
 
-    def check(self, peer: PeerCredentials, field: str, path: str) -> None:
-        """Raise :class:`InvalidParams` naming ``field`` and ``path`` if ``peer`` may not use it."""
-        if self.allowed is None or not self.restricts(peer):
-            return
+    def check(self, peer: PeerCredentials, field: str, path: str) -> str:
+        """``path`` with its symlinks resolved, if ``peer`` may use it; else raise
+        :class:`InvalidParams` naming ``field`` and ``path``. Mount what this returns without
+        following links (``SharedDir(source_symlinks=False)``): then nothing swapped in after
+        the check can lead elsewhere."""
         real = os.path.realpath(path)
+        if self.allowed is None or not self.restricts(peer):
+            return real
         for top in self.allowed:
             if real == top or real.startswith(top.rstrip("/") + "/"):
-                return
+                return real
         where = ", ".join(self.allowed) if self.allowed else "none"
         resolved = "" if real == path else f" (resolves to {real})"
         raise InvalidParams(

@@ -143,7 +143,7 @@ def member_flow(sock: str, pod: str, allowed_rootfs: str, allowed_vol: str, outs
                         "mounts": [
                             {"source": allowed_vol, "destination": "/vol", "options": ["ro"]}
                         ],
-                        "process": {"args": ["sh", "-c", "cat /vol/note; echo from-$(id -u)"]},
+                        "process": {"args": ["sh", "-c", "cat /vol/note; echo member-ran"]},
                     },
                 )
                 shim = await ShimClient.connect(created["proxy_url"], created["token"])
@@ -162,7 +162,21 @@ def member_flow(sock: str, pod: str, allowed_rootfs: str, allowed_vol: str, outs
     return anyio.run(main)
 
 
-def outsider_flow(sock: str, base: str, shared_root: str, known: dict[str, str]) -> dict[str, Any]:
+def member_call(sock: str, method: str, params: dict[str, Any]) -> Any:
+    """One call as a group member: its result, or ``{"error": {kind, message, data}}``."""
+
+    async def main() -> Any:
+        with anyio.fail_after(CHILD_DEADLINE):
+            async with await RPCClient.connect(sock) as client:
+                try:
+                    return await client.call(method, params)
+                except RPCError as exc:
+                    return {"error": _rpc_error(exc)}
+
+    return anyio.run(main)
+
+
+def outsider_flow(sock: str, base: str, known: dict[str, str]) -> dict[str, Any]:
     """As a user outside the group: try the known sockets, then every socket, file and
     directory under the base dir."""
     reachable: list[str] = []
@@ -175,10 +189,7 @@ def outsider_flow(sock: str, base: str, shared_root: str, known: dict[str, str])
         else:
             raise exc
 
-    for root, dirs, files in os.walk(base, onerror=on_error):
-        if root == shared_root or root.startswith(shared_root + "/"):
-            dirs[:] = []  # the shares hold the containers' files: the isolation work's part
-            continue
+    for root, _dirs, files in os.walk(base, onerror=on_error):
         for name in files:
             path = os.path.join(root, name)
             mode = os.lstat(path).st_mode
@@ -235,7 +246,7 @@ def test_group_member_runs_a_container_and_outsiders_reach_nothing(
         lambda: member_flow(sock, "mine", str(rootfs), str(volume), str(secret)),
     )
     assert got["status"] == 0, got
-    assert got["stdout"] == "volume-ok\nfrom-0\n", got  # the container runs as its spec says
+    assert got["stdout"] == "volume-ok\nmember-ran\n", got
     for field, path in (("rootfs", str(secret)), ("mount", str(secret))):
         refused = got[f"refused_{field}"]
         assert refused is not None, f"a {field} outside the allowlist was accepted"
@@ -252,18 +263,53 @@ def test_group_member_runs_a_container_and_outsiders_reach_nothing(
     seen = run_as(
         outsider,
         [],
-        lambda: outsider_flow(
-            sock, str(hyperd_factory.base), str(hyperd_factory.base / "shared"), sockets
-        ),
+        lambda: outsider_flow(sock, str(hyperd_factory.base), sockets),
     )
     assert seen["rpc"] == errno.EACCES
     assert seen["known"] == {name: errno.EACCES for name in sockets}, seen
     assert seen["reachable"] == [], seen
     assert seen["refused"] >= 1, seen  # the RPC socket, found by the walk
-    # the state (tokens) and the pod's run dir (its sockets) cannot even be listed
+    # the state (tokens), the pod's run dir (its sockets) and its share (the containers'
+    # files and volumes) cannot even be listed
     assert seen["closed_dirs"] == sorted(
-        [str(hyperd_factory.base / "state"), os.path.dirname(sockets["proxy"])]
+        [
+            str(hyperd_factory.base / "state"),
+            os.path.dirname(sockets["proxy"]),
+            str(hyperd_factory.base / "shared" / "mine"),
+        ]
     ), seen
+
+    # a source checked at create and swapped for a symlink before start is not followed
+    swap = allowed / "swap"
+    swap.mkdir()
+    created = run_as(
+        member,
+        [group],
+        lambda: member_call(
+            sock,
+            "container.create",
+            {
+                "pod": "mine",
+                "id": "swapped",
+                "rootfs": {"path": str(rootfs)},
+                "mounts": [{"source": str(swap), "destination": "/data"}],
+                "process": {"args": ["true"]},
+            },
+        ),
+    )
+    assert "error" not in created, created
+    swap.rename(allowed / "swap-old")
+    swap.symlink_to(secret)
+    started = run_as(
+        member,
+        [group],
+        lambda: member_call(sock, "container.start", {"pod": "mine", "id": "swapped"}),
+    )
+    assert started.get("error", {}).get("kind") == "invalid_params", started
+    assert "symlink" in started["error"]["message"], started
+    # the refused start left nothing of that container mounted
+    swapped_mounts = [p for p in hyperd_factory.mounts_under_base() if "/swapped" in p]
+    assert swapped_mounts == [], swapped_mounts
 
     # root is not restricted by the allowlist
     async def as_root() -> Any:

@@ -31,7 +31,8 @@ def tree(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("path", ["allowed", "allowed/rootfs", "allowed/missing/x", "link-in"])
 def test_paths_under_the_list_are_allowed(tree: Path, path: str) -> None:
     policy = HostPathPolicy([str(tree / "allowed")], server_uid=SERVER_UID)
-    policy.check(USER, "rootfs.path", str(tree / path))
+    real = policy.check(USER, "rootfs.path", str(tree / path))
+    assert real == os.path.realpath(tree / path)  # what is recorded, and mounted with no links
 
 
 @pytest.mark.parametrize(
