@@ -24,6 +24,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import stat
 from collections import deque
 from collections.abc import Callable
@@ -377,8 +378,18 @@ class Simulator:
         cfg = self.config
         for path, factory in ((cfg.ctl, self._ctl_link), (cfg.tty, self._tty_link)):
             _remove_stale_socket(path)
+            # for the owner only (0600, set between bind and listen, so nobody connects
+            # before): the pod's run dir is open to hyperd's RPC group, the agent's channels
+            # are for the proxy alone
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(str(path))
+                os.chmod(path, 0o600)
+            except OSError:
+                sock.close()
+                raise
             servers.append(
-                await loop.create_unix_server(factory, str(path), backlog=LISTEN_BACKLOG)
+                await loop.create_unix_server(factory, sock=sock, backlog=LISTEN_BACKLOG)
             )
 
     async def _shut_down(self, servers: list[asyncio.AbstractServer]) -> None:

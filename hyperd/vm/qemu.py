@@ -146,13 +146,16 @@ def qemu_argv(v: QemuLaunch, fds: dict[str, int]) -> list[str]:
 
 
 def listen(path: str) -> socket.socket:
-    """A unix socket listening at ``path`` (a stale socket file there is replaced)."""
+    """A unix socket listening at ``path`` (a stale socket file there is replaced), for its
+    owner only (0600, set between bind and listen: nobody can connect before): the pod's run
+    dir is open to the RPC group, the VM's channels and monitor are hyperd's alone."""
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(os.lstat(path).st_mode):
             os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
+        os.chmod(path, 0o600)
         sock.listen(1)
     except OSError:
         sock.close()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import stat
+from pathlib import Path
+
 import pytest
 
 from hyperd.config import ConfigError, default_config, parse_config, render_toml
@@ -36,3 +40,16 @@ def test_rendered_config_with_the_qemu_table_loads_back() -> None:
 def test_qemu_table_errors_name_the_key(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
         parse_config(text)
+
+
+def test_vm_sockets_are_for_their_owner_only(short_tmp: Path) -> None:
+    """ctl, tty and QMP sockets are 0600 whatever the umask (the run dir is open to the group)."""
+    from hyperd.vm.qemu import listen
+
+    old = os.umask(0)
+    try:
+        sock = listen(str(short_tmp / "ctl.sock"))
+    finally:
+        os.umask(old)
+    with sock:
+        assert stat.S_IMODE(os.lstat(short_tmp / "ctl.sock").st_mode) == 0o600

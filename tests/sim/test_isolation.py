@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -207,3 +208,10 @@ def test_a_terminal_is_the_containers_own(client: HostClient, rootfs: Path) -> N
     assert lines[0] == "/dev/pts/0", lines
     assert set(lines[1:-1]) == {"0", "ptmx"}, lines  # only its own pty
     assert out.status == 0
+
+
+def test_channels_are_for_their_owner_only(sim: Sim) -> None:
+    """The ctl and tty sockets are 0600 whatever the umask: the pod's run dir is open to
+    hyperd's RPC group, the agent's channels are for the proxy alone."""
+    for path in (sim.ctl, sim.tty):
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600, path
