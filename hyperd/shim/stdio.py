@@ -26,9 +26,16 @@ class StdioError(Exception):
     """A stdio path the shim cannot use."""
 
 
-def _check(path: str) -> None:
+def _open(path: str, flags: int) -> int | None:
+    """Open the FIFO ``path`` without blocking (``None`` for ``""``: no such stream)."""
+    if not path:
+        return None
     if "://" in path:
         raise StdioError(f"unsupported stdio URI {path!r}: only FIFO paths are supported")
+    try:
+        return os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StdioError(f"cannot open {path}: {exc.strerror}") from None
 
 
 class Output:
@@ -36,13 +43,7 @@ class Output:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.fd: int | None = None
-        if path:
-            _check(path)
-            try:
-                self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError as exc:
-                raise StdioError(f"cannot open {path}: {exc.strerror}") from None
+        self.fd: int | None = _open(path, os.O_RDWR)
 
     async def write(self, data: bytes) -> None:
         """Write all of ``data``, waiting for room in the pipe (no-op without a FIFO)."""
@@ -74,13 +75,7 @@ class Input:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.fd: int | None = None
-        if path:
-            _check(path)
-            try:
-                self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError as exc:
-                raise StdioError(f"cannot open {path}: {exc.strerror}") from None
+        self.fd: int | None = _open(path, os.O_RDONLY)
 
     async def read(self) -> bytes:
         """The next chunk; ``b""`` at end of file, without a FIFO, or once closed."""
