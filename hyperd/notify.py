@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from collections.abc import Callable
@@ -20,6 +21,10 @@ from collections.abc import Callable
 import anyio
 
 SD_LISTEN_FDS_START = 3  # systemd passes activated sockets from this fd on
+STATUS_INTERVAL = 0.2
+"""Seconds a state change waits before its STATUS= line goes out: the changes of that time
+share one line (a container lifecycle makes four events; systemctl status needs none of them
+at once)."""
 
 
 def _address(value: str) -> str:
@@ -56,6 +61,40 @@ def stopping() -> bool:
 def status(text: str) -> bool:
     """STATUS=<text>: a one-line summary ``systemctl status`` shows."""
     return notify(status=text)
+
+
+class StatusUpdates:
+    """STATUS= lines that follow the state: :meth:`changed` after a change; the line
+    (``line()``) is sent :data:`STATUS_INTERVAL` later, once for every change made meanwhile,
+    and only when its text differs from the last one sent. Nothing is done (not even building
+    the line) when no service manager listens. Call from the event loop's thread."""
+
+    def __init__(self, line: Callable[[], str], interval: float = STATUS_INTERVAL) -> None:
+        self._line = line
+        self._interval = interval
+        self._enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+        self._pending: asyncio.TimerHandle | None = None
+        self.last = ""
+        self.sent = 0
+
+    def changed(self) -> None:
+        if not self._enabled or self._pending is not None:
+            return
+        self._pending = asyncio.get_running_loop().call_later(self._interval, self._send)
+
+    def _send(self) -> None:
+        self._pending = None
+        text = self._line()
+        if text != self.last:
+            self.last = text
+            self.sent += 1
+            status(text)
+
+    def close(self) -> None:
+        """Drop a pending line (shutdown says STOPPING=1 instead)."""
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
 
 
 def watchdog() -> bool:

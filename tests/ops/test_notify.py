@@ -135,3 +135,39 @@ def test_listen_fds_ignores_other_pid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LISTEN_FDS", "1")
     assert notify.listen_fds() == []
     assert "LISTEN_FDS" not in os.environ
+
+
+@pytest.mark.anyio
+async def test_status_updates_share_one_line(manager: socket.socket) -> None:
+    """Changes made close together give one STATUS= line, the last state's; a change that
+    leaves the text as it was sends nothing."""
+    import anyio
+
+    state = {"pods": 0}
+    sent = anyio.Event()
+    updates = notify.StatusUpdates(lambda: f"{state['pods']} pods", interval=0.05)
+    updates.last = "0 pods"
+    for n in range(1, 4):
+        state["pods"] = n
+        updates.changed()
+    manager.setblocking(False)
+    # wait for the datagram on the socket itself (readable), not for a fixed time
+    await anyio.wait_readable(manager)
+    assert manager.recv(4096) == b"STATUS=3 pods"
+    assert updates.sent == 1
+    state["pods"] = 3  # unchanged text
+    updates.changed()
+    updates.changed()
+    with anyio.move_on_after(0.3):
+        await anyio.wait_readable(manager)
+        sent.set()
+    assert not sent.is_set()  # nothing new to say
+    assert updates.sent == 1
+    updates.close()
+
+
+def test_status_updates_without_manager(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    updates = notify.StatusUpdates(lambda: pytest.fail("no line is built without a manager"))
+    updates.changed()  # no loop needed either: it returns at once
+    assert updates.sent == 0
