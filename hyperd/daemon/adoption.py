@@ -14,7 +14,9 @@
     knows the container (it accepts a SIGCONT for it) it is adopted as ``running``, else its
     mounts are undone and it stays ``created``;
   - ``stop``: if the agent still has the container, REMOVECONTAINER is sent again (refused: it
-    still runs, and stays ``running``); then it is unmounted and ``stopped``.
+    still runs, and stays ``running``); then it is unmounted and ``stopped``;
+  - no intent, ``created``: what ``container.create`` had begun mounting ahead of the start (not
+    recorded yet) is undone.
 
   The exits that happened meanwhile come from the proxy right after the AttachVM (or, without
   exit notifications, shims that are gone mark their containers exited). A pod whose helpers
@@ -128,6 +130,10 @@ async def _settle(pod: PodRecord, c: ContainerRecord, link: AgentLink) -> None:
         else:
             await bridge.unmount_container(pod, c)  # also what no record lists yet
             c.mounts_made = []
+    elif c.state == ContainerState.CREATED:
+        # container.create mounts ahead of the start, and saves those mounts only with the
+        # start's intent: a crash in between leaves mounts no record lists
+        await bridge.unmount_container(pod, c)
     elif intent == "stop":
         if await _agent_has(pod, c, link):
             try:

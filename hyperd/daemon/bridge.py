@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -176,7 +177,13 @@ async def discover_network(netns: str) -> HostNetwork:
 def shared_dir(pod: PodRecord, *, source_symlinks: bool = True) -> tuple[SharedDir, str]:
     """The :class:`SharedDir` holding the pod's share, and the pod's name in it."""
     root = os.path.dirname(pod.share_dir)
-    return SharedDir(root, source_symlinks=source_symlinks), os.path.basename(pod.share_dir)
+    return _shared_root(root, source_symlinks), os.path.basename(pod.share_dir)
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_root(root: str, source_symlinks: bool) -> SharedDir:
+    # made once per root: SharedDir resolves the root's path (a realpath) when made
+    return SharedDir(root, source_symlinks=source_symlinks)
 
 
 def _mount_container(pod: PodRecord, c: ContainerRecord) -> list[MountRecord]:
@@ -230,13 +237,20 @@ async def unmount_container(pod: PodRecord, c: ContainerRecord) -> None:
     await anyio.to_thread.run_sync(shared.unmount_container, name, c.id)
 
 
-async def unmount_recorded(pod: PodRecord, c: ContainerRecord) -> None:
+async def unmount_recorded(pod: PodRecord, c: ContainerRecord, *, remove_dir: bool = True) -> None:
     """Undo the mounts ``c.mounts_made`` records, without a scan of the mount table (the
     hot path of container.start's undo and container.stop). Anything else found mounted in the
-    container's directory makes it fall back to :func:`unmount_container`'s scan."""
+    container's directory makes it fall back to :func:`unmount_container`'s scan.
+    ``remove_dir=False``: the container's directory is left for :func:`unmount_container`
+    (container.delete) or :func:`cleanup_pod`, unchecked."""
     shared, name = shared_dir(pod)
     targets = [m.target for m in c.mounts_made]
-    await anyio.to_thread.run_sync(shared.unmount_recorded, name, c.id, targets)
+    if not remove_dir:
+        shared.unmount_recorded(name, c.id, targets, remove_dir=remove_dir)
+        return
+    await anyio.to_thread.run_sync(
+        functools.partial(shared.unmount_recorded, name, c.id, targets, remove_dir=remove_dir)
+    )
 
 
 async def cleanup_pod(pod: PodRecord) -> None:

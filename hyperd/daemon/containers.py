@@ -1,21 +1,31 @@
 """Container and exec operations of the RPC API (``container.*``, ``exec.*``).
 
 Two phases, as in containerd: ``create`` hands out an I/O token and the proxy URL (the shim
-claims the token with ConnectShim) and sends nothing to the agent; ``start`` makes the mounts and
-sends ``newcontainer`` / ``execcmd`` carrying that token. The proxy holds that command until the
+claims the token with ConnectShim) and sends nothing to the agent; ``start`` sends
+``newcontainer`` / ``execcmd`` carrying that token. The proxy holds that command until the
 shim has connected, so a caller must claim the token before (or while) it calls ``start``.
+
+Work is moved off the calls a caller waits on where it can be:
+
+- the token comes from the pod's spare tokens (:mod:`hyperd.daemon.vmadapter`): ``create``
+  sends nothing to the proxy either;
+- ``create`` starts mounting the rootfs and volumes in the background, while the caller sets up
+  its shim; ``start`` waits for that (and mounts itself if it failed: the error is ``start``'s,
+  as before);
+- ``stop`` unmounts, and leaves the container's empty directory in the share to ``delete``;
+- the save after the agent acted is made once the answer is written (below).
 
 Every function takes the :class:`~hyperd.daemon.service.Daemon` and validated parameters, and
 raises :class:`hyperd.errors.HyperdError` subclasses whose message names the object.
 
-Persistence, intent first: ``start`` records ``intent="start"`` before its first mount, the mounts
-once made (before NEWCONTAINER), and the running container; ``stop`` records ``intent="stop"``
+Persistence, intent first: ``start`` records ``intent="start"`` (with the mounts made ahead)
+before NEWCONTAINER, and the running container after; ``stop`` records ``intent="stop"``
 before REMOVECONTAINER and the stopped container after the unmount. Each save writes the one
-container's row (and the pod's, if it changed). A restart settles an intent left by a crash
-(:mod:`hyperd.daemon.adoption`). A save that fails before the agent acted undoes the call and
-fails it; after the agent acted (the container runs, or was removed) the call fails with a
-``StateError`` saying so, hyperd's memory keeps the truth, and the intent record already makes a
-restart reach the same state.
+container's row (and the pod's, if it changed). A save that fails before the agent acted
+undoes the call and fails it. The save after the agent acted comes right after the answer
+(:meth:`~hyperd.daemon.service.Daemon.save_soon`): until it is made, the intent saved before
+says the same to a restart, which settles it (:mod:`hyperd.daemon.adoption`) to the state the
+call answered; if it fails, hyperd's memory keeps the truth and ``hyperd.health`` says so.
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ from hyperd.daemon.model import (
     container_view,
     exit_watch,
 )
-from hyperd.daemon.service import Daemon
+from hyperd.daemon.service import Daemon, PodRuntime, PreMount
 from hyperd.daemon.testhooks import crash_point
 from hyperd.errors import (
     AgentError,
@@ -174,23 +184,77 @@ async def _create(
     # what the agent's dialect cannot carry is refused now, not at start
     bridge.container_message(pod, c, [])
     link = d.link_of(pod)
-    c.token = token = (await bridge.tokens(pod, link, 1))[0]
-    if cid in pod.containers:  # created concurrently while we waited for the token
+    rt = d.rt(pod)
+    if cid in rt.premounts:  # a create of the same id is under way (or being undone)
         raise AlreadyExists(
-            f"container {cid!r} already exists in pod {pod.id!r}", pod=pod.id, container=cid
+            f"container {cid!r} is being created in pod {pod.id!r}", pod=pod.id, container=cid
         )
-    pod.containers[cid] = c
+    # the mounts are made from now on, in the background, while this call goes on and the
+    # caller sets up its shim; container.start waits for them (and mounts itself if they
+    # failed: the error is start's, as it always was)
+    pre = rt.premounts[cid] = PreMount()
+    d.tg.start_soon(_premount, pod, c, pre)
     try:
-        d.save_now(pod, c)
-    except StateError:
-        del pod.containers[cid]  # the token is simply never used
-        if pin is not None:
-            pin.close()
+        c.token = token = (await bridge.tokens(pod, link, 1))[0]
+        if cid in pod.containers:  # created concurrently while we waited for the token
+            raise AlreadyExists(
+                f"container {cid!r} already exists in pod {pod.id!r}", pod=pod.id, container=cid
+            )
+        pod.containers[cid] = c
+        try:
+            d.save_now(pod, c)
+        except StateError:
+            del pod.containers[cid]  # the token is simply never used
+            raise
+    except BaseException:
+        d.tg.start_soon(_undo_premount, pod, c, rt)
         raise
     if pin is not None:
-        d.rt(pod).exits.pins[cid] = pin
+        rt.exits.pins[cid] = pin
     d.publish("container", pod, str(c.state), container=cid)
     return {"id": cid, "token": token, "proxy_url": pod.proxy_url, "state": str(c.state)}
+
+
+async def _undo_premount(pod: PodRecord, c: ContainerRecord, rt: PodRuntime) -> None:
+    """Undo the mounts of a create that failed; its id stays taken until then."""
+    pre = rt.premounts.get(c.id)
+    if pre is None:
+        return
+    with anyio.CancelScope(shield=True):
+        await pre.done.wait()
+        try:
+            if pre.records is not None:
+                await bridge.unmount_container(pod, c)
+        except (HyperdError, OSError) as exc:
+            log.error(
+                "undoing the mounts of a failed create: %s", exc,
+                extra={"pod": pod.id, "container": c.id},
+            )  # fmt: skip
+        finally:
+            if rt.premounts.get(c.id) is pre:
+                del rt.premounts[c.id]
+
+
+async def _premount(pod: PodRecord, c: ContainerRecord, pre: PreMount) -> None:
+    """Mount the container's rootfs and volumes ahead of its start (``container.create``).
+
+    Not saved yet (``container.start`` saves them with its intent): a crash before that leaves
+    mounts no record lists, under the container's own directory, which a restart finds from
+    the mount table (:mod:`hyperd.daemon.adoption`) and undoes.
+    """
+    try:
+        made, _layout = await bridge.mount_container(pod, c)
+    except (HyperdError, OSError) as exc:
+        pre.error = exc
+        log.info(
+            "mounting ahead of the start failed: %s", exc,
+            extra={"pod": pod.id, "container": c.id},
+        )  # fmt: skip
+    else:
+        pre.records = made
+        c.mounts_made = made
+    finally:
+        pre.done.set()
 
 
 async def container_start(d: Daemon, pod_id: object, cid: object) -> dict[str, Any]:
@@ -200,23 +264,30 @@ async def container_start(d: Daemon, pod_id: object, cid: object) -> dict[str, A
     """
     pod = d.get_pod(pod_id)
     c = get_container(pod, cid)
-    async with d.rt(pod).container_lock(c.id):
+    rt = d.rt(pod)
+    async with rt.container_lock(c.id):
         check_pod_transition(pod, "use")
         check_container_transition(pod, c, "start")
         link = d.link_of(pod)
         # not cancelled half-way by a caller that goes away: the mounts and the agent's view
         # must agree (every step below has its own deadline)
         with anyio.CancelScope(shield=True):
+            pre = await rt.premount_of(c.id)  # the mounts container.create began
             c.intent = "start"
             try:
-                d.save_now(pod, c)  # intent first: a crash from here on may leave mounts
+                # intent first (with the mounts made ahead, if any): a crash from here on may
+                # leave mounts; with mounts recorded, NEWCONTAINER may have been sent
+                d.save_now(pod, c)
             except StateError:
                 c.intent = ""
                 raise
             try:
-                made, layout = await bridge.mount_container(pod, c)
-                c.mounts_made = made
-                d.save_now(pod, c)  # what to unmount, before the agent may use it
+                if pre is not None and pre.records is not None:
+                    layout = pre.records
+                else:
+                    made, layout = await bridge.mount_container(pod, c)
+                    c.mounts_made = made
+                    d.save_now(pod, c)  # what to unmount, before the agent may use it
                 crash_point("container.start:mounted")
                 message = bridge.container_message(pod, c, layout)
                 await bridge.call(pod, link, "newcontainer", message, tokens=[c.token])
@@ -232,15 +303,9 @@ async def container_start(d: Daemon, pod_id: object, cid: object) -> dict[str, A
             d.publish("container", pod, "running", container=c.id)
             exits.apply_early_exit(d, pod, c)  # an exit that came with newcontainer's reply
             exits.watch_shim(d, pod, c)  # when the proxy sends no exits
-            try:
-                d.save_now(pod, c)
-            except StateError as exc:
-                raise StateError(
-                    f"container {c.id!r} of pod {pod.id!r} was started, but its state could "
-                    f"not be saved ({exc.message}); a restart finds it running",
-                    pod=pod.id,
-                    container=c.id,
-                ) from None
+            # saved once the answer is out: until then the saved intent says the same (a
+            # restart asks the agent, which has the container)
+            d.save_soon(pod, c)
     return container_view(pod, c)
 
 
@@ -252,9 +317,11 @@ async def container_stop(d: Daemon, pod_id: object, cid: object) -> dict[str, An
     """
     pod = d.get_pod(pod_id)
     c = get_container(pod, cid)
-    async with d.rt(pod).container_lock(c.id):
+    rt = d.rt(pod)
+    async with rt.container_lock(c.id):
         check_pod_transition(pod, "use")
         check_container_transition(pod, c, "stop")
+        await rt.premount_of(c.id)  # (a created container's mounts made ahead: undone below)
         if c.state in (ContainerState.RUNNING, ContainerState.EXITED):
             c.intent = "stop"
             try:
@@ -289,25 +356,20 @@ async def container_stop(d: Daemon, pod_id: object, cid: object) -> dict[str, An
                 d.rt(pod).exits.wake(("exec", e.id))
             d.rt(pod).exits.unpin(c.id)
             d.rt(pod).exits.wake(("container", c.id))
-            unmount_error: HyperdError | OSError | None = None
             try:
-                await bridge.unmount_recorded(pod, c)
+                # the mounts go now; the container's directory waits for container.delete
+                await bridge.unmount_recorded(pod, c, remove_dir=False)
                 c.mounts_made = []
-            except (HyperdError, OSError) as exc:
-                unmount_error = exc
-            try:
-                d.save_now(pod, c, *execs)
-            except StateError as exc:
-                raise StateError(
-                    f"container {c.id!r} of pod {pod.id!r} was stopped, but its state could "
-                    f"not be saved ({exc.message}); a restart finds it stopped",
-                    pod=pod.id,
-                    container=c.id,
-                ) from None
-            finally:
-                d.publish("container", pod, str(c.state), container=c.id)
-            if unmount_error is not None:
-                raise unmount_error
+            except (HyperdError, OSError):
+                try:
+                    d.save_now(pod, c, *execs)  # stopped, and what is still mounted
+                finally:
+                    d.publish("container", pod, str(c.state), container=c.id)
+                raise
+            # saved once the answer is out: until then the saved intent (stop) says the same
+            # (a restart finds the agent without the container, and unmounts)
+            d.save_soon(pod, c, *execs)
+            d.publish("container", pod, str(c.state), container=c.id)
     return container_view(pod, c)
 
 
@@ -317,8 +379,10 @@ async def container_delete(d: Daemon, pod_id: object, cid: object) -> dict[str, 
     c = get_container(pod, cid)
     async with d.rt(pod).container_lock(c.id):
         check_container_transition(pod, c, "delete")
-        # found from mountinfo: also what a failed unmount or a crash left behind
+        await d.rt(pod).premount_of(c.id)
+        # found from mountinfo: also what a failed unmount, a crash or mounting ahead left
         await bridge.unmount_container(pod, c)
+        c.mounts_made = []
         execs = [e for e in pod.execs.values() if e.container == c.id]
         del pod.containers[c.id]
         for e in execs:

@@ -21,6 +21,7 @@ operation undoes what it started, or, past the point where the agent acted, says
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -41,6 +42,7 @@ from hyperd.daemon.model import (
     ExecRecord,
     ExecState,
     LaunchIntent,
+    MountRecord,
     PodRecord,
     PodState,
     ProcessRef,
@@ -73,6 +75,17 @@ MAX_HOSTNAME = 64  # hyperstart truncates longer hostnames; the seed cuts them f
 
 
 @dataclass
+class PreMount:
+    """A container's rootfs and volumes being mounted ahead of its start, in the background of
+    ``container.create`` (see :mod:`hyperd.daemon.containers`): ``records`` once made, or the
+    ``error`` that ``container.start`` will meet again when it tries itself."""
+
+    done: anyio.Event = field(default_factory=anyio.Event)
+    records: list[MountRecord] | None = None
+    error: Exception | None = None
+
+
+@dataclass
 class PodRuntime:
     """What hyperd holds for a pod beyond its record: locks, the VM link and its task."""
 
@@ -84,9 +97,27 @@ class PodRuntime:
     link_done: anyio.Event | None = None
     stopping: bool = False
     exits: exits.PodExits = field(default_factory=exits.PodExits)
+    premounts: dict[str, PreMount] = field(default_factory=dict)
+
+    async def premount_of(self, cid: str) -> PreMount | None:
+        """The container's mounting ahead, once it has ended (None: there was none); it is
+        taken: a second call returns None."""
+        pre = self.premounts.pop(cid, None)
+        if pre is not None:
+            with anyio.CancelScope(shield=True):
+                await pre.done.wait()
+        return pre
+
+    async def settle_premounts(self) -> None:
+        """Wait until no mount is being made ahead (before the pod's share is cleaned)."""
+        for cid in list(self.premounts):
+            await self.premount_of(cid)
 
     def container_lock(self, cid: str) -> anyio.Lock:
-        return self.container_locks.setdefault(cid, anyio.Lock())
+        lock = self.container_locks.get(cid)
+        if lock is None:
+            lock = self.container_locks[cid] = anyio.Lock()
+        return lock
 
 
 class Daemon:
@@ -123,7 +154,12 @@ class Daemon:
         return pod
 
     def rt(self, pod: PodRecord) -> PodRuntime:
-        return self.runtime.setdefault(pod.id, PodRuntime())
+        """The pod's runtime part (made on first use: not on every call, it holds locks and
+        events)."""
+        rt = self.runtime.get(pod.id)
+        if rt is None:
+            rt = self.runtime[pod.id] = PodRuntime()
+        return rt
 
     async def save(self, pod: PodRecord, *records: ContainerRecord | ExecRecord) -> None:
         """:meth:`save_now` (for callers that await it)."""
@@ -141,6 +177,13 @@ class Daemon:
             self.state_failures += 1
             self.last_state_failure = exc.message
             raise
+
+    def save_soon(self, pod: PodRecord, *records: ContainerRecord | ExecRecord) -> None:
+        """:meth:`save_logged` once the current task step is over: after the answer of the call
+        under way has been written. Only for a change whose intent was saved before it was made
+        (a crash before this save leaves that intent, which a restart settles to the same
+        state; see :mod:`hyperd.daemon.adoption`)."""
+        asyncio.get_running_loop().call_soon(functools.partial(self.save_logged, pod, *records))
 
     def save_logged(self, pod: PodRecord, *records: ContainerRecord | ExecRecord) -> None:
         """:meth:`save_now` for changes nobody waits on (events from the VM): a failure is
@@ -589,6 +632,7 @@ class Daemon:
                     failed.append(f"pid {ref.pid} does not exit")
                 else:
                     setattr(pod, attr, None)
+        await rt.settle_premounts()  # (a mount made ahead must not land after the cleanup)
         for c in pod.containers.values():
             if c.mounts_made:
                 try:

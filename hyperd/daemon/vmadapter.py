@@ -3,6 +3,13 @@
 The session runs in a task group owned by the ``async with`` block of :func:`open_session`
 (which must stay in one task: the pod's link task). Leaving the block sends UnregisterVM when
 :class:`~hyperd.daemon.vmlink.LinkControl` asks for it, then closes the session.
+
+I/O tokens are allocated ahead: once a token has been asked for, the link keeps
+:data:`SPARE_TOKENS` more, refilled in the background (one AttachVM for all of them) after
+each one it hands out, so ``container.create`` and ``exec.create`` need no round trip to the
+proxy. A spare token is just an allocated, unclaimed token: the proxy keeps it for the VM's
+life, and the ones still spare when the link closes (or hyperd stops) are never used (the
+proxy frees them with the VM). A reconnect to the proxy drops the spares.
 """
 
 from __future__ import annotations
@@ -23,12 +30,26 @@ from hyperd.vm import ProcessExit, VMConfig, VMEvent, VMSession
 
 log = logging.getLogger(__name__)
 
+SPARE_TOKENS = 2
+"""I/O tokens kept allocated ahead per pod (see the module's docstring)."""
+
 
 class SessionLink:
-    """The daemon's :class:`~hyperd.daemon.vmlink.AgentLink` over a ``VMSession``."""
+    """The daemon's :class:`~hyperd.daemon.vmlink.AgentLink` over a ``VMSession``.
 
-    def __init__(self, session: VMSession) -> None:
+    ``spares``: the task group that refills the spare tokens (none: no spares are kept).
+    """
+
+    def __init__(
+        self, session: VMSession, spares: anyio.abc.TaskGroup | None = None, spare_count: int = 0
+    ) -> None:
         self.session = session
+        self._spares: list[str] = []
+        self._spare_group = spares
+        self._spare_count = spare_count if spares is not None else 0
+        self._refilling = False
+        self._generation = 0  # bumped when the spares are dropped: a refill under way is stale
+        self.spares_used = 0
 
     @property
     def proxy_url(self) -> str:
@@ -40,10 +61,49 @@ class SessionLink:
         return await self.session.hyper(name, data, tokens=list(tokens) or None)
 
     async def new_tokens(self, count: int) -> list[str]:
-        return await self.session.new_tokens(count)
+        spares = self._spares
+        if count <= len(spares):
+            tokens = spares[:count]
+            del spares[:count]
+            self.spares_used += count
+        else:
+            tokens = await self.session.new_tokens(count)
+        self._refill()
+        return tokens
+
+    def drop_spares(self) -> None:
+        """Forget the spare tokens (the proxy connection was lost: they may be gone with it)."""
+        self._spares.clear()
+        self._generation += 1
+
+    @property
+    def spare_tokens(self) -> int:
+        return len(self._spares)
+
+    def _refill(self) -> None:
+        if self._refilling or len(self._spares) >= self._spare_count:
+            return
+        assert self._spare_group is not None
+        self._refilling = True
+        self._spare_group.start_soon(self._fill, self._generation)
+
+    async def _fill(self, generation: int) -> None:
+        try:
+            missing = self._spare_count - len(self._spares)
+            if missing > 0:
+                tokens = await self.session.new_tokens(missing)
+                if generation == self._generation:
+                    self._spares.extend(tokens)
+        except HyperdError as exc:
+            # the next create allocates its token itself, and tries to refill again
+            log.debug("refilling the spare I/O tokens failed: %s", exc)
+        finally:
+            self._refilling = False
 
     def statistics(self) -> dict[str, Any]:
         stats: dict[str, Any] = msgspec.to_builtins(self.session.statistics())
+        stats["spare_tokens"] = len(self._spares)
+        stats["spare_tokens_used"] = self.spares_used
         return stats
 
     def mark_unreachable(self, reason: str) -> None:
@@ -75,7 +135,11 @@ async def open_session(
 ) -> AsyncIterator[tuple[SessionLink, LinkControl]]:
     """Register (or attach to) the pod's VM through its proxy for the block's duration."""
 
+    link: SessionLink | None = None
+
     def translate(event: VMEvent) -> None:
+        if link is not None and event.kind in ("unreachable", "reconnected"):
+            link.drop_spares()
         on_event(LinkEvent(kind=event.kind, reason=event.reason))
 
     def exited(exit: ProcessExit) -> None:
@@ -104,8 +168,9 @@ async def open_session(
     control = LinkControl()
     async with anyio.create_task_group() as tg:
         await tg.start(session.run)
+        link = SessionLink(session, tg, SPARE_TOKENS)
         try:
-            yield SessionLink(session), control
+            yield link, control
         finally:
             with anyio.CancelScope(shield=True):
                 if control.unregister:

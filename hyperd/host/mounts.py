@@ -214,12 +214,11 @@ class SharedDir:
         something stays mounted.
         """
         container_dir = self.container_dir(pod, cid)
-        volume_name = re.compile(re.escape(cid) + r"-[0-9a-f]{16}-[^/]+")
         # one read finds both: every mount point of the container starts with <pod>/<cid>
         pod_prefix = str(self.pod_dir(pod)) + "/"
         found = read_mountinfo_prefix(str(container_dir))
         names = [m.mount_point[len(pod_prefix) :] for m in found]
-        volumes = {n for n in names if volume_name.fullmatch(n)}
+        volumes = {n for n in names if _is_volume_name(n, cid)}
         tops = [cid, *volumes]
         mine = [m for m, n in zip(found, names, strict=True) if _top_name(n) in tops]
         self._unmount_trees([pod_prefix + name for name in tops], mine)
@@ -320,7 +319,9 @@ class SharedDir:
             finally:
                 os.close(leaf)
 
-    def unmount_recorded(self, pod: str, cid: str, targets: Sequence[str]) -> None:
+    def unmount_recorded(
+        self, pod: str, cid: str, targets: Sequence[str], *, remove_dir: bool = True
+    ) -> None:
         """Unmount the mount points ``targets`` (what :meth:`mount_container` reported for the
         container, as recorded) and remove what was created for them, without reading the
         mount table: one ``umount2`` per mount plus one that says nothing is left there.
@@ -329,14 +330,17 @@ class SharedDir:
         anything unexpected is found mounted below the container's directory, it falls back to
         :meth:`unmount_container` (the mountinfo scan). Idempotent. Raises
         :class:`MountError` if something stays mounted.
+
+        ``remove_dir=False``: the container's directory (and the empty rootfs mount point in
+        it) stays, unchecked, for :meth:`unmount_container` or :meth:`cleanup_pod` to remove
+        (``container.stop`` leaves it to ``container.delete``).
         """
         container_dir = self.container_dir(pod, cid)
         pod_prefix = str(self.pod_dir(pod)) + "/"
-        volume_name = re.compile(re.escape(cid) + r"-[0-9a-f]{16}-[^/]+")
         rootfs = str(container_dir / ROOTFS_DIR)
         for target in targets:
             name = target[len(pod_prefix) :] if target.startswith(pod_prefix) else ""
-            if target != rootfs and not volume_name.fullmatch(name):
+            if target != rootfs and not _is_volume_name(name, cid):
                 raise InvalidParams(
                     f"{target!r} is not a mount point of container {cid!r} in pod {pod!r}",
                     field="path",
@@ -345,6 +349,8 @@ class SharedDir:
             _detach_all(target)
             if target != rootfs:
                 _remove_path(Path(target))
+        if not remove_dir:
+            return
         if not _remove_tree_unless_mounted(container_dir):
             log.warning("%s: more than was recorded is mounted; scanning", container_dir)
             self.unmount_container(pod, cid)
@@ -489,6 +495,16 @@ def _detach(point: str) -> None:
             umount(point, UMOUNT_NOFOLLOW | MNT_DETACH)
         elif exc.errno != errno.EINVAL:  # EINVAL: not a mount point (any more)
             raise
+
+
+_VOLUME_SUFFIX = re.compile(r"[0-9a-f]{16}-[^/]+")
+
+
+def _is_volume_name(name: str, cid: str) -> bool:
+    """``name`` is ``<cid>-<16 hex>-<base>``: one of the container's volume mount points (no
+    pattern compiled per container)."""
+    prefix = cid + "-"
+    return name.startswith(prefix) and _VOLUME_SUFFIX.fullmatch(name, len(prefix)) is not None
 
 
 def _volume_base(destination: str) -> str:
