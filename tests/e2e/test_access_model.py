@@ -176,6 +176,29 @@ def member_call(sock: str, method: str, params: dict[str, Any]) -> Any:
     return anyio.run(main)
 
 
+def member_start(sock: str, pod: str, cid: str, created: dict[str, Any]) -> dict[str, Any]:
+    """As a group member: claim the created container's token, start it and collect its
+    output; ``{"error": ...}`` if the start is refused."""
+
+    async def main() -> dict[str, Any]:
+        with anyio.fail_after(CHILD_DEADLINE):
+            async with await RPCClient.connect(sock) as client:
+                shim = await ShimClient.connect(created["proxy_url"], created["token"])
+                stdout = bytearray()
+                try:
+                    await shim.wait_connected()
+                    try:
+                        await client.call("container.start", {"pod": pod, "id": cid})
+                    except RPCError as exc:
+                        return {"error": _rpc_error(exc)}
+                    status = await shim.pump(stdout.extend, stdout.extend)
+                finally:
+                    await shim.aclose()
+                return {"status": status, "stdout": stdout.decode(errors="replace")}
+
+    return anyio.run(main)
+
+
 def outsider_flow(sock: str, base: str, known: dict[str, str]) -> dict[str, Any]:
     """As a user outside the group: try the known sockets, then every socket, file and
     directory under the base dir."""
@@ -279,9 +302,13 @@ def test_group_member_runs_a_container_and_outsiders_reach_nothing(
         ]
     ), seen
 
-    # a source checked at create and swapped for a symlink before start is not followed
+    # a source checked at create and swapped for a symlink before it is mounted is not
+    # followed. container.create begins mounting at once (in the background): whether the swap
+    # comes before that mount (start is refused) or after it (the container sees the
+    # directory that was checked), the secret never reaches the container
     swap = allowed / "swap"
     swap.mkdir()
+    (swap / "note").write_text("swap-ok\n")
     created = run_as(
         member,
         [group],
@@ -293,21 +320,32 @@ def test_group_member_runs_a_container_and_outsiders_reach_nothing(
                 "id": "swapped",
                 "rootfs": {"path": str(rootfs)},
                 "mounts": [{"source": str(swap), "destination": "/data"}],
-                "process": {"args": ["true"]},
+                "process": {"args": ["sh", "-c", "cat /data/file /data/note; echo swapped-ran"]},
             },
         ),
     )
     assert "error" not in created, created
     swap.rename(allowed / "swap-old")
     swap.symlink_to(secret)
-    started = run_as(
+    ran = run_as(member, [group], lambda: member_start(sock, "mine", "swapped", created))
+    assert "root only" not in ran.get("stdout", ""), ran
+    if "error" in ran:
+        assert ran["error"]["kind"] == "invalid_params", ran
+        assert "symlink" in ran["error"]["message"], ran
+    else:
+        # (stdout and stderr arrive on their own streams: their order is not kept)
+        assert "swap-ok\n" in ran["stdout"] and "swapped-ran\n" in ran["stdout"], ran
+    run_as(
         member,
         [group],
-        lambda: member_call(sock, "container.start", {"pod": "mine", "id": "swapped"}),
+        lambda: member_call(sock, "container.stop", {"pod": "mine", "id": "swapped"}),
     )
-    assert started.get("error", {}).get("kind") == "invalid_params", started
-    assert "symlink" in started["error"]["message"], started
-    # the refused start left nothing of that container mounted
+    run_as(
+        member,
+        [group],
+        lambda: member_call(sock, "container.delete", {"pod": "mine", "id": "swapped"}),
+    )
+    # nothing of that container is left mounted
     swapped_mounts = [p for p in hyperd_factory.mounts_under_base() if "/swapped" in p]
     assert swapped_mounts == [], swapped_mounts
 
