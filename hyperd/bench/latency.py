@@ -7,11 +7,16 @@ of each kind, in a rotating order, so that a change of the machine's load hits a
 - ``rpc kill``: ``container.kill`` (SIGCONT) — client → hyperd → proxy → agent → back;
 - ``direct kill``: the same ``killcontainer`` Hyper command on a connection of our own straight to
   the pod's proxy (attached once, one at a time);
-- ``rpc version``: ``hyperd.version`` — the RPC layer alone, no agent on the path.
+- ``rpc version``: ``hyperd.version`` — the RPC layer alone, no agent on the path;
+- ``relay kill``: the same JSON-RPC request to :mod:`hyperd.bench.relay`, a process that does
+  nothing but relay it as the same Hyper command on its own attached connection: the floor of
+  one more process on the path (two more wakeups per call) on this machine.
 
 hyperd's overhead = p50(rpc kill) - p50(direct kill), per repetition; the table shows the median
 of the repetitions and their spread (lowest, highest), and the median of the paired differences
 (each round's rpc kill minus the same round's direct kill), which a load drift cancels out of.
+The relay splits it: p50(relay) - p50(direct) is the hop itself, p50(rpc) - p50(relay) hyperd's
+own work (parsing, validation, state, the queue).
 """
 
 from __future__ import annotations
@@ -21,10 +26,14 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import Final
 
+import msgspec
+
 from hyperd.bench import wire
 from hyperd.bench.daemon import KILL_SIGNAL_NAME, busybox_rootfs, start_container, start_daemon
+from hyperd.bench.procs import python_argv
 from hyperd.bench.stats import Section, median, percentile
 from hyperd.bench.topology import Workspace
+from protocol.ccproxy import Hyper, encode_payload
 from protocol.hyperstart import KillCommand, encode_message
 
 POD: Final = "lat"
@@ -63,6 +72,7 @@ async def latency(ws: Workspace, s: LatencySettings) -> Section:
     rootfs = busybox_rootfs(ws)
     rpc = await wire.RpcWire.open(daemon.socket)
     direct: wire.ProxyWire | None = None
+    relay: wire.RpcWire | None = None
     container = None
     try:
         await rpc.call("pod.create", {"id": POD})
@@ -71,6 +81,22 @@ async def latency(ws: Workspace, s: LatencySettings) -> Section:
         direct = await wire.ProxyWire.open(wire.unix_path(pod["proxy_url"]))
         await direct.attach(POD)
         kill_data = encode_message(KillCommand(container=CONTAINER, signal=SIGCONT))
+        relay_sock = ws.path("relay.sock")
+        ws.procs.spawn(
+            [
+                *python_argv("hyperd.bench.relay"),
+                "--listen",
+                relay_sock,
+                "--proxy",
+                wire.unix_path(pod["proxy_url"]),
+                "--vm",
+                POD,
+                "--payload",
+                encode_payload(Hyper(hyperName="killcontainer", data=msgspec.Raw(kill_data))).hex(),
+            ],
+            what="relay",
+        )
+        relay = await wire.RpcWire.open(relay_sock)
         params = {"pod": POD, "id": CONTAINER, "signal": KILL_SIGNAL_NAME}
         proxy = direct
 
@@ -83,10 +109,14 @@ async def latency(ws: Workspace, s: LatencySettings) -> Section:
         async def rpc_version() -> object:
             return await rpc.call("hyperd.version")
 
+        async def relay_kill() -> object:
+            return await relay.call("container.kill", params)
+
         kinds = (
             ("rpc", "container.kill via hyperd", rpc_kill),
             ("direct", "killcontainer direct to the proxy", direct_kill),
             ("version", "hyperd.version (RPC only, no agent)", rpc_version),
+            ("relay", "the same through a relay doing nothing (hop floor)", relay_kill),
         )
         calls = [call for _, _, call in kinds]
         await _interleaved(s.warmup, calls)
@@ -107,6 +137,14 @@ async def latency(ws: Workspace, s: LatencySettings) -> Section:
             )
             paired = [r - d for r, d in zip(by_kind[0], by_kind[1], strict=True)]
             sec.add("paired", "  the same, median of paired differences", "us", median(paired))
+            sec.add(
+                "hop", "  of which the hop itself (p50 relay - p50 direct)", "us",
+                p50["relay"] - p50["direct"],
+            )  # fmt: skip
+            sec.add(
+                "own", "  of which hyperd's own work (p50 rpc - p50 relay)", "us",
+                p50["rpc"] - p50["relay"],
+            )  # fmt: skip
         sec.add("overhead_min", "  overhead: lowest repetition", "us", min(overheads))
         sec.add("overhead_max", "  overhead: highest repetition", "us", max(overheads))
         sec.ratio("p50 via hyperd / p50 direct", "rpc50", "direct50")
@@ -120,4 +158,6 @@ async def latency(ws: Workspace, s: LatencySettings) -> Section:
         if container is not None:
             container.shim.close()
         rpc.close()
+        if relay is not None:
+            relay.close()
     return sec

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -55,6 +56,10 @@ class _Upstream(asyncio.Protocol):
         self.transport.write(self.conn.send_command(command, payload))
 
 
+def _answer(transport: asyncio.Transport, answer: bytes, _event: object) -> None:
+    transport.write(answer)
+
+
 class _Downstream(asyncio.Protocol):
     """One client: every request line is relayed as the same command."""
 
@@ -78,9 +83,8 @@ class _Downstream(asyncio.Protocol):
             request_id = int(request["id"])
             transport = self.transport
             assert transport is not None
-            self.up.send(
-                Command.HYPER, self.payload, lambda _event: transport.write(RESULT % request_id)
-            )
+            answer = RESULT % request_id
+            self.up.send(Command.HYPER, self.payload, functools.partial(_answer, transport, answer))
 
 
 async def _serve(args: argparse.Namespace) -> None:

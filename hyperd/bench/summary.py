@@ -90,6 +90,10 @@ def summary(sections: Sequence[Section]) -> list[str]:
             f"{fmt(lat.value('version50'), 'us')}); target <= {OVERHEAD_TARGET_US:.0f} us: "
             f"{_verdict(overhead <= OVERHEAD_TARGET_US)}"
         )
+        lines.append(
+            f"  of which the hop itself (a relay process that does nothing) "
+            f"{fmt(lat.value('hop'), 'us')}, hyperd's own work {fmt(lat.value('own'), 'us')}"
+        )
     lc = _find(sections, "4.")
     if lc is not None:
         ratio = lc.value("seed_p50") / lc.value("hyperd_p50")

@@ -50,7 +50,7 @@ from hyperd.daemon.model import (
     container_view,
     exit_watch,
 )
-from hyperd.daemon.service import Daemon, PodRuntime, PreMount
+from hyperd.daemon.service import Daemon, PreMount
 from hyperd.daemon.testhooks import crash_point
 from hyperd.errors import (
     AgentError,
@@ -189,11 +189,7 @@ async def _create(
         raise AlreadyExists(
             f"container {cid!r} is being created in pod {pod.id!r}", pod=pod.id, container=cid
         )
-    # the mounts are made from now on, in the background, while this call goes on and the
-    # caller sets up its shim; container.start waits for them (and mounts itself if they
-    # failed: the error is start's, as it always was)
-    pre = rt.premounts[cid] = PreMount()
-    d.tg.start_soon(_premount, pod, c, pre)
+    pre = rt.premounts[cid] = PreMount()  # (the id is taken from here on)
     try:
         c.token = token = (await bridge.tokens(pod, link, 1))[0]
         if cid in pod.containers:  # created concurrently while we waited for the token
@@ -207,32 +203,16 @@ async def _create(
             del pod.containers[cid]  # the token is simply never used
             raise
     except BaseException:
-        d.tg.start_soon(_undo_premount, pod, c, rt)
+        del rt.premounts[cid]
         raise
+    # the mounts are made from now on, in the background, while the caller sets up its shim
+    # (after the save: a mount exists only for a container that has a record); container.start
+    # waits for them, and mounts itself if they failed (the error is start's, as it was)
+    d.tg.start_soon(_premount, pod, c, pre)
     if pin is not None:
         rt.exits.pins[cid] = pin
     d.publish("container", pod, str(c.state), container=cid)
     return {"id": cid, "token": token, "proxy_url": pod.proxy_url, "state": str(c.state)}
-
-
-async def _undo_premount(pod: PodRecord, c: ContainerRecord, rt: PodRuntime) -> None:
-    """Undo the mounts of a create that failed; its id stays taken until then."""
-    pre = rt.premounts.get(c.id)
-    if pre is None:
-        return
-    with anyio.CancelScope(shield=True):
-        await pre.done.wait()
-        try:
-            if pre.records is not None:
-                await bridge.unmount_container(pod, c)
-        except (HyperdError, OSError) as exc:
-            log.error(
-                "undoing the mounts of a failed create: %s", exc,
-                extra={"pod": pod.id, "container": c.id},
-            )  # fmt: skip
-        finally:
-            if rt.premounts.get(c.id) is pre:
-                del rt.premounts[c.id]
 
 
 async def _premount(pod: PodRecord, c: ContainerRecord, pre: PreMount) -> None:
