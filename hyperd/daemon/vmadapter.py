@@ -4,12 +4,12 @@ The session runs in a task group owned by the ``async with`` block of :func:`ope
 (which must stay in one task: the pod's link task). Leaving the block sends UnregisterVM when
 :class:`~hyperd.daemon.vmlink.LinkControl` asks for it, then closes the session.
 
-I/O tokens are allocated ahead: once a token has been asked for, the link keeps
-:data:`SPARE_TOKENS` more, refilled in the background (one AttachVM for all of them) after
-each one it hands out, so ``container.create`` and ``exec.create`` need no round trip to the
-proxy. A spare token is just an allocated, unclaimed token: the proxy keeps it for the VM's
-life, and the ones still spare when the link closes (or hyperd stops) are never used (the
-proxy frees them with the VM). A reconnect to the proxy drops the spares.
+I/O tokens are allocated ahead: once a token has been asked for, the link keeps up to
+:data:`SPARE_TOKENS` more, refilled in the background (one AttachVM for all of them) when
+fewer than :data:`SPARE_LOW` are left, so ``container.create`` and ``exec.create`` need no
+round trip to the proxy. A spare token is just an allocated, unclaimed token: the proxy keeps
+it for the VM's life, and the ones still spare when the link closes (or hyperd stops) are never
+used (the proxy frees them with the VM). A reconnect to the proxy drops the spares.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ from hyperd.vm import ProcessExit, VMConfig, VMEvent, VMSession
 
 log = logging.getLogger(__name__)
 
-SPARE_TOKENS = 2
+SPARE_TOKENS = 4
 """I/O tokens kept allocated ahead per pod (see the module's docstring)."""
+SPARE_LOW = 2
+"""The spares are refilled (to :data:`SPARE_TOKENS`, one AttachVM) when fewer are left."""
 
 
 class SessionLink:
@@ -81,7 +83,7 @@ class SessionLink:
         return len(self._spares)
 
     def _refill(self) -> None:
-        if self._refilling or len(self._spares) >= self._spare_count:
+        if self._refilling or len(self._spares) >= min(SPARE_LOW, self._spare_count):
             return
         assert self._spare_group is not None
         self._refilling = True
