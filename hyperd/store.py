@@ -189,6 +189,15 @@ class StateStore:
         with self._lock:
             db = self._db
             try:
+                if len(puts) == 1 and not deletes and not trees:
+                    # one statement is a transaction of its own (autocommit): the common save,
+                    # one row, without the two statements around it
+                    k, key, data = puts[0]
+                    db.execute(
+                        "INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?)",
+                        (k, key, STATE_VERSION, data),
+                    )
+                    return
                 db.execute("BEGIN IMMEDIATE")
                 if puts:
                     db.executemany(

@@ -230,6 +230,11 @@ async def _premount(pod: PodRecord, c: ContainerRecord, pre: PreMount) -> None:
             "mounting ahead of the start failed: %s", exc,
             extra={"pod": pod.id, "container": c.id},
         )  # fmt: skip
+    except Exception as exc:  # a bug: container.start tries again and reports it
+        pre.error = exc
+        log.exception(
+            "mounting ahead of the start failed", extra={"pod": pod.id, "container": c.id}
+        )
     else:
         pre.records = made
         c.mounts_made = made

@@ -409,7 +409,11 @@ class RPCConnection(asyncio.Protocol):
             self._in_flight += 1
             self._calls_started += 1
             ctx = CallContext(self, parsed.method, parsed.id if type(parsed) is Request else UNSET)
-            if self._host is not None and not self._unstarted:
+            if (
+                self._host is not None
+                and not self._unstarted
+                and not self._methods.runs_in_task(parsed.method)
+            ):
                 # (calls start in the order they were read: none may overtake a task's start)
                 response = self._dispatch_now(parsed, ctx)
                 if response is not NEEDS_TASK:

@@ -256,6 +256,16 @@ class MethodTable:
     def __contains__(self, name: object) -> bool:
         return name in self._methods
 
+    def runs_in_task(self, name: str) -> bool:
+        """Whether a call of ``name`` needs a task of its own (:meth:`dispatch_now` would
+        answer ``NEEDS_TASK``): a known method whose handler may suspend, or any call when a
+        subclass overrides :meth:`dispatch`. Lets the caller skip setting up
+        :meth:`dispatch_now`'s context for those."""
+        if type(self).dispatch is not MethodTable.dispatch:
+            return True
+        method = self._methods.get(name)
+        return method is not None and not method.synchronous
+
     def names(self) -> list[str]:
         """Registered method names, sorted."""
         return sorted(self._methods)

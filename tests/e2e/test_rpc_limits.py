@@ -55,10 +55,14 @@ def batch(calls: int) -> bytes:
     return b"[" + b",".join(CALL % i for i in range(calls)) + b"]\n"
 
 
+CUT_LINE_DEADLINE = 10.0  # seconds to send the rest of a cut line, while hyperd still reads
+
+
 def flood(sock: socket.socket, lines: bytes) -> int:
-    """Send as much of ``lines`` as the kernel takes without blocking, ending on a whole line
-    (the rest of a cut line is sent blocking: hyperd reads until it has whole requests, then
-    pauses); returns the bytes sent."""
+    """Send as much of ``lines`` as the kernel takes without blocking, then the rest of the line
+    that was cut (blocking, until hyperd stops reading: it may pause reading because this client
+    does not read its answers, a partial line waiting); returns the bytes of the whole lines
+    sent."""
     sock.setblocking(False)
     sent = 0
     while sent < len(lines):
@@ -67,8 +71,13 @@ def flood(sock: socket.socket, lines: bytes) -> int:
         except BlockingIOError:
             break
     end = lines.find(b"\n", sent - 1 if sent else 0)
-    sock.setblocking(True)
-    sock.sendall(lines[sent : end + 1])
+    sock.settimeout(CUT_LINE_DEADLINE)
+    try:
+        sock.sendall(lines[sent : end + 1])
+    except TimeoutError:  # hyperd paused reading first: the cut line is no request
+        return lines.rfind(b"\n", 0, sent) + 1
+    finally:
+        sock.setblocking(True)
     return end + 1
 
 
