@@ -246,6 +246,10 @@ async def unmount_recorded(pod: PodRecord, c: ContainerRecord, *, remove_dir: bo
     shared, name = shared_dir(pod)
     targets = [m.target for m in c.mounts_made]
     if not remove_dir:
+        # on the event loop: a few umount2 calls (about 50 µs each here), where the hand-off to
+        # a worker thread and back cost about 200 µs. umount2 of a bind mount does no I/O, except
+        # when hyperd's mount is the last one of the source's filesystem (the source was
+        # unmounted first): the kernel then shuts that filesystem down in this call
         shared.unmount_recorded(name, c.id, targets, remove_dir=remove_dir)
         return
     await anyio.to_thread.run_sync(
