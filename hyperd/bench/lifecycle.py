@@ -208,6 +208,28 @@ def _record(sec: Section, key: str, label: str, runs: list[Phases]) -> None:
     )
 
 
+INSIDE: Final = (
+    ("rpc.container.create", "container.create"),
+    ("rpc.container.start", "container.start"),
+    ("rpc.container.kill", "container.kill"),
+    ("rpc.container.stop", "container.stop"),
+    ("state.save", "one save"),
+    ("mount.ahead", "mounting ahead (from create, in the background)"),
+    ("mount.waited_by_start", "start waiting for those mounts"),
+    ("mount.undone_by_stop", "stop's unmount"),
+    ("agent.newcontainer", "NEWCONTAINER round trip"),
+    ("agent.killcontainer", "KILLCONTAINER round trip"),
+    ("agent.removecontainer", "REMOVECONTAINER round trip"),
+)
+"""Steps timed inside the daemon (``hyperd.stats`` → ``timings``), shown with scenario 4."""
+
+
+def _inside(sec: Section, timings: dict[str, dict[str, float]]) -> None:
+    for key, label in INSIDE:
+        if key in timings:
+            sec.add(f"in_{key}", f"inside hyperd: {label} p50", "us", timings[key]["p50_us"])
+
+
 async def lifecycle(ws: Workspace, s: LifecycleSettings) -> Section:
     sec = Section("4. container lifecycle (create, start, kill+exit, stop), one running pod")
     rootfs = busybox_rootfs(ws)
@@ -239,6 +261,7 @@ async def lifecycle(ws: Workspace, s: LifecycleSettings) -> Section:
         await both(s.warmup, record=False)
         for _ in range(s.repetitions):
             await both(s.containers, record=True)
+            _inside(sec, (await rpc.call("hyperd.stats")).get("timings", {}))
             saves = await anyio.to_thread.run_sync(durable_save_ms, ws.path("store"), SAVE_SAMPLES)
             sec.add(
                 "save",

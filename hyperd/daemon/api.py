@@ -12,7 +12,8 @@ Methods (``params`` → ``result``):
 - ``hyperd.health {}`` → ``{status: "ok"|"degraded", pods: {state: count}, unreachable: [pod],
   subscribers}``
 - ``hyperd.stats {}`` → ``{vms: {pod: {queued, in_flight, sent, failed, timed_out, reconnects,
-  last_rtt, reachable}}}``
+  last_rtt, reachable, spare_tokens, spare_tokens_used}}, rpc, events, exits, timings: {key:
+  {count, p50_us, p99_us, mean_us}}}`` (:mod:`hyperd.timings`)
 - ``pod.create {id, hostname?, vm?: {backend: "sim", dialect?: "cc"|"hyper"} |
   {backend: "external", ctl, tty, console?}, proxy?: {mode: "pod"} | {mode: "system", url},
   netns?, share_dir?, share_tag?, agent_dialect?: "cc"|"hyper"}`` → the pod (as ``pod.inspect``),
@@ -193,6 +194,7 @@ Handler = Callable[[Any, CallContext], Awaitable[Any]]
 def build_methods(d: Daemon) -> MethodTable:
     """The method table of API v1 bound to ``d``."""
     table = MethodTable()
+    table.timings = d.timings
 
     def add(name: str, params: type[msgspec.Struct]) -> Callable[[Handler], Handler]:
         def decorate(fn: Handler) -> Handler:

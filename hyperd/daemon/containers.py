@@ -34,6 +34,7 @@ import logging
 import os
 import secrets
 import signal as signal_module
+from time import perf_counter
 from typing import Any
 
 import anyio
@@ -62,6 +63,7 @@ from hyperd.errors import (
     StateError,
 )
 from hyperd.spec import DeviceSpec, MountSpec, ProcessSpec, ResourcesSpec, RootfsSpec, validate_id
+from hyperd.timings import Timings
 
 log = logging.getLogger(__name__)
 
@@ -208,20 +210,23 @@ async def _create(
     # the mounts are made from now on, in the background, while the caller sets up its shim
     # (after the save: a mount exists only for a container that has a record); container.start
     # waits for them, and mounts itself if they failed (the error is start's, as it was)
-    d.tg.start_soon(_premount, pod, c, pre)
+    d.tg.start_soon(_premount, pod, c, pre, d.timings)
     if pin is not None:
         rt.exits.pins[cid] = pin
     d.publish("container", pod, str(c.state), container=cid)
     return {"id": cid, "token": token, "proxy_url": pod.proxy_url, "state": str(c.state)}
 
 
-async def _premount(pod: PodRecord, c: ContainerRecord, pre: PreMount) -> None:
+async def _premount(
+    pod: PodRecord, c: ContainerRecord, pre: PreMount, timings: Timings
+) -> None:
     """Mount the container's rootfs and volumes ahead of its start (``container.create``).
 
     Not saved yet (``container.start`` saves them with its intent): a crash before that leaves
     mounts no record lists, under the container's own directory, which a restart finds from
     the mount table (:mod:`hyperd.daemon.adoption`) and undoes.
     """
+    start = perf_counter()
     try:
         made, _layout = await bridge.mount_container(pod, c)
     except (HyperdError, OSError) as exc:
@@ -240,6 +245,7 @@ async def _premount(pod: PodRecord, c: ContainerRecord, pre: PreMount) -> None:
         c.mounts_made = made
     finally:
         pre.done.set()
+        timings.since("mount.ahead", start)
 
 
 async def container_start(d: Daemon, pod_id: object, cid: object) -> dict[str, Any]:
@@ -257,7 +263,9 @@ async def container_start(d: Daemon, pod_id: object, cid: object) -> dict[str, A
         # not cancelled half-way by a caller that goes away: the mounts and the agent's view
         # must agree (every step below has its own deadline)
         with anyio.CancelScope(shield=True):
+            waited = perf_counter()
             pre = await rt.premount_of(c.id)  # the mounts container.create began
+            d.timings.since("mount.waited_by_start", waited)
             c.intent = "start"
             try:
                 # intent first (with the mounts made ahead, if any): a crash from here on may
@@ -343,7 +351,9 @@ async def container_stop(d: Daemon, pod_id: object, cid: object) -> dict[str, An
             d.rt(pod).exits.wake(("container", c.id))
             try:
                 # the mounts go now; the container's directory waits for container.delete
+                unmounting = perf_counter()
                 await bridge.unmount_recorded(pod, c, remove_dir=False)
+                d.timings.since("mount.undone_by_stop", unmounting)
                 c.mounts_made = []
             except (HyperdError, OSError):
                 try:

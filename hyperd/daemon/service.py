@@ -27,6 +27,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from time import perf_counter
 from typing import Any
 
 import anyio
@@ -66,6 +67,7 @@ from hyperd.errors import (
 from hyperd.rpc.access import SocketAccess, group_id
 from hyperd.spec import validate_id
 from hyperd.store import StateStore, StoreError
+from hyperd.timings import Timings
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +136,7 @@ class Daemon:
         self.store = store
         self.tg = task_group
         self.bus = bus or EventBus()
+        self.timings = Timings()  # where the time of each step goes (hyperd.stats)
         self.persist = PodPersistence(store)
         self.pods: dict[str, PodRecord] = {}
         self.runtime: dict[str, PodRuntime] = {}
@@ -171,12 +174,15 @@ class Daemon:
         rows unchanged). A pod that was forgotten is not saved."""
         if self.pods.get(pod.id) is not pod:
             return
+        start = perf_counter()
         try:
             self.persist.save(pod, records or None)
         except StoreError as exc:
             self.state_failures += 1
             self.last_state_failure = exc.message
             raise
+        finally:
+            self.timings.since("state.save", start)
 
     def save_soon(self, pod: PodRecord, *records: ContainerRecord | ExecRecord) -> None:
         """:meth:`save_logged` once the current task step is over: after the answer of the call
@@ -255,6 +261,7 @@ class Daemon:
             "vms": vms,
             "events": {"published": self.bus.published, "subscribers": self.bus.subscribers},
             "exits": {"waiting": exits.waiting(self)},
+            "timings": self.timings.summary(),
         }
         if self.rpc_statistics is not None:
             result["rpc"] = self.rpc_statistics()
@@ -520,7 +527,9 @@ class Daemon:
         done = rt.link_done
         try:
             on_event = functools.partial(self._on_link_event, pod)
-            async with open_link(pod, self.config, attach=attach, on_event=on_event) as (
+            async with open_link(
+                pod, self.config, attach=attach, on_event=on_event, timings=self.timings
+            ) as (
                 link,
                 control,
             ):

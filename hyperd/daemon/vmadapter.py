@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from time import perf_counter
 from typing import Any
 
 import anyio
@@ -26,7 +27,9 @@ from hyperd.config import Config
 from hyperd.daemon.model import PodRecord
 from hyperd.daemon.vmlink import LinkControl, LinkEvent
 from hyperd.errors import HyperdError
+from hyperd.timings import Timings
 from hyperd.vm import ProcessExit, VMConfig, VMEvent, VMSession
+from protocol.hyperstart import CC, HYPER
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,8 @@ SPARE_TOKENS = 4
 """I/O tokens kept allocated ahead per pod (see the module's docstring)."""
 SPARE_LOW = 2
 """The spares are refilled (to :data:`SPARE_TOKENS`, one AttachVM) when fewer are left."""
+_AGENT_KEYS = {name: "agent." + name for name in {*CC.names, *HYPER.names}}
+"""Timing keys of the agent commands (a fixed set: any other name counts as ``agent.other``)."""
 
 
 class SessionLink:
@@ -43,9 +48,14 @@ class SessionLink:
     """
 
     def __init__(
-        self, session: VMSession, spares: anyio.abc.TaskGroup | None = None, spare_count: int = 0
+        self,
+        session: VMSession,
+        spares: anyio.abc.TaskGroup | None = None,
+        spare_count: int = 0,
+        timings: Timings | None = None,
     ) -> None:
         self.session = session
+        self._timings = timings
         self._spares: list[str] = []
         self._spare_group = spares
         self._spare_count = spare_count if spares is not None else 0
@@ -60,7 +70,14 @@ class SessionLink:
     async def hyper(
         self, name: str, data: bytes | None = None, *, tokens: Sequence[str] = ()
     ) -> bytes:
-        return await self.session.hyper(name, data, tokens=list(tokens) or None)
+        timings = self._timings
+        if timings is None:
+            return await self.session.hyper(name, data, tokens=list(tokens) or None)
+        start = perf_counter()
+        try:
+            return await self.session.hyper(name, data, tokens=list(tokens) or None)
+        finally:
+            timings.since(_AGENT_KEYS.get(name) or "agent.other", start)
 
     async def new_tokens(self, count: int) -> list[str]:
         spares = self._spares
@@ -134,6 +151,7 @@ async def open_session(
     *,
     attach: bool,
     on_event: Callable[[LinkEvent], None],
+    timings: Timings | None = None,
 ) -> AsyncIterator[tuple[SessionLink, LinkControl]]:
     """Register (or attach to) the pod's VM through its proxy for the block's duration."""
 
@@ -170,7 +188,7 @@ async def open_session(
     control = LinkControl()
     async with anyio.create_task_group() as tg:
         await tg.start(session.run)
-        link = SessionLink(session, tg, SPARE_TOKENS)
+        link = SessionLink(session, tg, SPARE_TOKENS, timings)
         try:
             yield link, control
         finally:

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from hyperd.config import Config
 from hyperd.daemon.model import PodRecord
 from hyperd.errors import AgentError
+from hyperd.timings import Timings
 
 HYPER_API_VERSION_MIN = 4243  # hyperhq agents answer GETVERSION with >= this; cc-agent errors
 
@@ -112,9 +113,13 @@ async def open_link(
     *,
     attach: bool,
     on_event: Callable[[LinkEvent], None],
+    timings: Timings | None = None,
 ) -> AsyncIterator[tuple[AgentLink, LinkControl]]:
-    """Connect to the pod's proxy and register (or attach to) its VM for the block's duration."""
+    """Connect to the pod's proxy and register (or attach to) its VM for the block's duration.
+    ``timings``: where each agent command's round trip is recorded (``agent.<name>``)."""
     from hyperd.daemon import vmadapter
 
-    async with vmadapter.open_session(pod, config, attach=attach, on_event=on_event) as pair:
+    async with vmadapter.open_session(
+        pod, config, attach=attach, on_event=on_event, timings=timings
+    ) as pair:
         yield pair

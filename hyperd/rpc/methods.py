@@ -8,6 +8,7 @@ import logging
 import select
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any, Final, Protocol, TypeVar, cast, overload
 
 import anyio
@@ -16,6 +17,7 @@ from msgspec import UNSET, UnsetType
 
 from hyperd.errors import HyperdError
 from hyperd.rpc.access import PeerCredentials
+from hyperd.timings import Timings
 from protocol.jsonrpc import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -141,6 +143,8 @@ class Method:
     fields: frozenset[str]  # wire names of params_type's fields
     synchronous: bool = False
     """The handler is an ``async def`` whose body never awaits: a call completes in one step."""
+    timing_key: str = ""
+    """Where its durations are recorded: ``rpc.<name>``."""
 
 
 _SUSPENDING_OPS: Final = frozenset(
@@ -213,6 +217,8 @@ class MethodTable:
 
     def __init__(self) -> None:
         self._methods: dict[str, Method] = {}
+        self.timings: Timings | None = None
+        """Where each handler's duration is recorded (``rpc.<method>``), if set."""
 
     @overload
     def register(
@@ -240,7 +246,9 @@ class MethodTable:
         fields: frozenset[str] = frozenset()
         if params_type is not None:
             fields = frozenset(f.encode_name for f in msgspec.structs.fields(params_type))
-        self._methods[name] = Method(name, handler, params_type, fields, never_suspends(handler))
+        self._methods[name] = Method(
+            name, handler, params_type, fields, never_suspends(handler), "rpc." + name
+        )
 
     def method(
         self, name: str, params_type: type[msgspec.Struct] | None = None
@@ -302,10 +310,13 @@ class MethodTable:
         if isinstance(prepared, Response):
             return self._answer(msg, prepared)
         method, params = prepared
+        start = perf_counter()
         try:
             response = Response(id=id, result=_encodable(await method.handler(params, ctx)))
         except Exception as raised:
             response = self._failure(raised, method, ctx, id)
+        if self.timings is not None:
+            self.timings.since(method.timing_key, start)
         return self._answer(msg, response)
 
     def dispatch_now(
@@ -329,6 +340,7 @@ class MethodTable:
         if isinstance(prepared, Response):
             return self._answer(msg, prepared)
         method, params = prepared
+        start = perf_counter()
         coro = cast(Coroutine[Any, Any, Any], method.handler(params, ctx))
         try:
             coro.send(None)
@@ -343,6 +355,8 @@ class MethodTable:
             coro.close()
             failure = RuntimeError(f"handler of {method.name} suspended; it was never expected to")
             response = self._failure(failure, method, ctx, id)
+        if self.timings is not None:
+            self.timings.since(method.timing_key, start)
         return self._answer(msg, response)
 
     @staticmethod

@@ -79,3 +79,14 @@ async def test_creates_take_spare_tokens_that_work(hyperd: Hyperd, busybox_rootf
             refilled = await _spares_refilled(c)
             assert refilled["spare_tokens_used"] == mid["spare_tokens_used"] + 1
             assert refilled["sent"] == mid["sent"] + 1  # one AttachVM for all of them
+            # where the time went, per step (hyperd.stats → timings)
+            timings = (await c.call("hyperd.stats"))["timings"]
+            for key, count in (
+                ("rpc.container.create", len(ids) + 2),
+                ("rpc.container.start", len(ids) + 1),
+                ("agent.newcontainer", len(ids) + 1),
+                ("mount.ahead", len(ids) + 2),
+            ):
+                assert timings[key]["count"] == count, (key, timings[key])
+                assert 0 < timings[key]["p50_us"] <= timings[key]["p99_us"], (key, timings[key])
+            assert timings["state.save"]["count"] >= 2 * len(ids)
