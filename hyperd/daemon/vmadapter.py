@@ -116,6 +116,8 @@ class SessionLink:
         except HyperdError as exc:
             # the next create allocates its token itself, and tries to refill again
             log.debug("refilling the spare I/O tokens failed: %s", exc)
+        except Exception:  # a bug: it must not end the pod's link
+            log.exception("refilling the spare I/O tokens failed")
         finally:
             self._refilling = False
 
