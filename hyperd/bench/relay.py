@@ -108,7 +108,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--vm", required=True, help="the VM (pod) id to attach to")
     p.add_argument("--payload", required=True, help="the Hyper payload to send, hex")
     p.add_argument("--ready-fd", type=int, required=True)
-    p.add_argument("--log-level", default="error", help="(accepted for symmetry; it logs nothing)")
     uvloop.run(_serve(p.parse_args(argv)))
 
 

@@ -70,14 +70,12 @@ class SessionLink:
     async def hyper(
         self, name: str, data: bytes | None = None, *, tokens: Sequence[str] = ()
     ) -> bytes:
-        timings = self._timings
-        if timings is None:
-            return await self.session.hyper(name, data, tokens=list(tokens) or None)
         start = perf_counter()
         try:
             return await self.session.hyper(name, data, tokens=list(tokens) or None)
         finally:
-            timings.since(_AGENT_KEYS.get(name) or "agent.other", start)
+            if self._timings is not None:
+                self._timings.since(_AGENT_KEYS.get(name) or "agent.other", start)
 
     async def new_tokens(self, count: int) -> list[str]:
         spares = self._spares

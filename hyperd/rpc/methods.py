@@ -330,10 +330,7 @@ class MethodTable:
         ``asyncio.current_task()`` is concerned (anyio looks the task up even in code that does
         not await). A subclass that overrides :meth:`dispatch` always gets ``NEEDS_TASK``.
         """
-        if type(self).dispatch is not MethodTable.dispatch:
-            return NEEDS_TASK
-        method = self._methods.get(msg.method)
-        if method is not None and not method.synchronous:
+        if self.runs_in_task(msg.method):
             return NEEDS_TASK
         id: Id = msg.id if isinstance(msg, Request) else None
         prepared = self._prepare(msg, id)
