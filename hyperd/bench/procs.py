@@ -50,8 +50,10 @@ def python_argv(module: str) -> list[str]:
     return [sys.executable, "-m", module]
 
 
-def _children_map() -> dict[int, list[int]]:
+def _process_table() -> tuple[dict[int, list[int]], dict[int, str]]:
+    """From ``/proc/*/stat``: each pid's children, and each pid's state letter (``Z``: zombie)."""
     children: dict[int, list[int]] = {}
+    states: dict[int, str] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -60,25 +62,29 @@ def _children_map() -> dict[int, list[int]]:
                 data = f.read()
         except OSError:
             continue
-        end = data.rfind(b")")
-        fields = data[end + 2 :].split()
+        fields = data[data.rfind(b")") + 2 :].split()
         if len(fields) > 1:
+            states[int(name)] = fields[0].decode()
             children.setdefault(int(fields[1]), []).append(int(name))
-    return children
+    return children, states
+
+
+def descendant_pids(root: int, *, live: bool = False) -> list[int]:
+    """Every pid below ``root`` (children first, then theirs); ``live``: zombies left out."""
+    children, states = _process_table()
+    out: list[int] = []
+    todo = list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        if not live or states.get(pid) != "Z":
+            out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
 
 
 def descendants(pid: int) -> list[ProcessIdentity]:
     """Every process below ``pid`` (children first, then theirs), with its start time."""
-    children = _children_map()
-    out: list[ProcessIdentity] = []
-    todo = list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        ident = identify(child)
-        if ident is not None:
-            out.append(ident)
-        todo.extend(children.get(child, []))
-    return out
+    return [ident for child in descendant_pids(pid) if (ident := identify(child)) is not None]
 
 
 def _signal(ident: ProcessIdentity, signum: int) -> None:

@@ -52,6 +52,7 @@ import anyio.abc
 import msgspec
 
 from hyperd.bench.daemon import Daemon, busybox_rootfs, start_daemon
+from hyperd.bench.procs import descendant_pids
 from hyperd.bench.topology import Workspace
 from hyperd.cli.client import ShimClient, ShimError
 from hyperd.host.mountsys import read_mountinfo
@@ -497,7 +498,7 @@ class Soak:
         """Processes below the runner other than hyperd, and mounts under the run's dir."""
         assert self.daemon is not None
         leaks = []
-        for pid in _live_descendants(os.getpid()):
+        for pid in descendant_pids(os.getpid(), live=True):
             if pid != self.daemon.proc.pid:
                 leaks.append(f"process {pid} left: {_cmdline(pid)!r:.120}")
         prefix = str(self.ws.root) + "/"
@@ -534,30 +535,6 @@ def _runs(pid: int, module: str, base: str) -> bool:
     return f"-m {module}" in line and base in line
 
 
-def _live_descendants(root: int) -> list[int]:
-    """Every process below ``root`` that is not a zombie."""
-    children: dict[int, list[int]] = {}
-    states: dict[int, str] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        fields = data[data.rfind(b")") + 2 :].split()
-        states[int(name)] = fields[0].decode()
-        children.setdefault(int(fields[1]), []).append(int(name))
-    out, todo = [], list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        if states.get(pid) != "Z":
-            out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
 def _become_subreaper() -> None:
     """Orphans below us (helpers of a killed hyperd) become our children: none escapes the
     leak check."""
@@ -569,7 +546,7 @@ def _become_subreaper() -> None:
 def _stop_orphans() -> None:
     """Kill whatever is still below the runner (only this run's processes can be: it is their
     subreaper), then reap them, so that not even a failed run leaves a process behind."""
-    for pid in _live_descendants(os.getpid()):
+    for pid in descendant_pids(os.getpid(), live=True):
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + ORPHAN_GRACE
