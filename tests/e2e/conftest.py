@@ -129,6 +129,29 @@ def process_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def helper_pids(base: Path, *, top_only: bool = False) -> set[int]:
+    """The live helper processes (VMs, proxies) started for ``base``: hyperd's programs whose
+    command line names it. ``top_only``: not the simulator's own children (a container's init
+    in its PID namespace is a forked copy of the simulator)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(base).encode() in cmdline and b"hyperd." in cmdline:
+                pids.add(int(entry.name))
+    return {p for p in pids if process_alive(p) and not (top_only and _ppid(p) in pids)}
+
+
 def spawn(argv: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv)
 

@@ -19,7 +19,14 @@ import pytest
 
 from hyperd.cli.client import ConnectionClosed, RPCError, ShimClient
 from hyperd.store import DB_NAME
-from tests.e2e.conftest import Hyperd, create_and_start, process_alive, rpc, start_pod
+from tests.e2e.conftest import (
+    Hyperd,
+    create_and_start,
+    helper_pids,
+    process_alive,
+    rpc,
+    start_pod,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.root]
 
@@ -29,19 +36,6 @@ CRASH = "HYPERD_TEST_CRASH_AT"
 def _wait_killed(hyperd: Hyperd) -> None:
     assert hyperd.proc is not None
     assert hyperd.proc.wait(30) == -signal.SIGKILL
-
-
-def _helper_pids(base: Path) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(base).encode() in cmdline and b"hyperd." in cmdline:
-                pids.append(int(entry.name))
-    return [p for p in pids if process_alive(p)]
 
 
 @pytest.mark.parametrize("point", ["pod.start:vm-launched", "pod.start:registered"])
@@ -55,10 +49,10 @@ async def test_crash_during_pod_start(
             with pytest.raises((ConnectionClosed, RPCError)):
                 await c.call("pod.start", {"id": "half"})
         await anyio.to_thread.run_sync(_wait_killed, hyperd_factory)
-        assert _helper_pids(hyperd_factory.base)  # the crash left helpers behind
+        assert helper_pids(hyperd_factory.base)  # the crash left helpers behind
 
         hyperd_factory.start()
-        assert _helper_pids(hyperd_factory.base) == []
+        assert helper_pids(hyperd_factory.base) == set()
         assert hyperd_factory.mounts_under_base() == []
         async with rpc(hyperd_factory.socket) as c:
             info = await c.call("pod.inspect", {"id": "half"})
@@ -98,7 +92,7 @@ async def test_crash_during_container_start(hyperd_factory: Hyperd, busybox_root
             await c.call("pod.stop", {"id": "p"})
             await c.call("pod.delete", {"id": "p"})
         assert hyperd_factory.mounts_under_base() == []
-        assert _helper_pids(hyperd_factory.base) == []
+        assert helper_pids(hyperd_factory.base) == set()
 
 
 async def test_crash_after_newcontainer_adopts_the_running_container(
@@ -138,7 +132,7 @@ async def test_crash_after_newcontainer_adopts_the_running_container(
             await c.call("container.stop", {"pod": "p", "id": "c"})
             await c.call("pod.stop", {"id": "p"})
         assert hyperd_factory.mounts_under_base() == []
-        assert _helper_pids(hyperd_factory.base) == []
+        assert helper_pids(hyperd_factory.base) == set()
 
 
 async def test_crash_after_removecontainer_completes_the_stop(
@@ -162,7 +156,7 @@ async def test_crash_after_removecontainer_completes_the_stop(
             assert info["state"] == "stopped" and info["mounts"] == []
             await c.call("container.delete", {"pod": "p", "id": "c"})
             await c.call("pod.stop", {"id": "p"})
-        assert _helper_pids(hyperd_factory.base) == []
+        assert helper_pids(hyperd_factory.base) == set()
 
 
 async def test_corrupt_state_is_quarantined(hyperd_factory: Hyperd) -> None:
@@ -216,7 +210,7 @@ async def test_failed_pod_start_changes_nothing(hyperd_factory: Hyperd) -> None:
                 assert info["state"] == "created"
                 assert info["vm_pid"] is None and info["proxy_pid"] is None
                 await c.call("pod.delete", {"id": pod})
-    assert _helper_pids(hyperd_factory.base) == []
+    assert helper_pids(hyperd_factory.base) == set()
     assert hyperd_factory.mounts_under_base() == []
 
 

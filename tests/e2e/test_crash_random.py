@@ -31,7 +31,7 @@ import anyio
 import pytest
 
 from hyperd.cli.client import ConnectionClosed, RPCClient, RPCError, ShimClient
-from tests.e2e.conftest import Hyperd, process_alive, rpc
+from tests.e2e.conftest import Hyperd, helper_pids, process_alive, rpc
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.root]
 
@@ -141,28 +141,6 @@ def _environ_marks() -> dict[int, str]:
     return found
 
 
-def _ppid(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _helper_pids(base: Path) -> set[int]:
-    """The helper processes (VMs, proxies) under ``base``; not the simulator's own children (a
-    container's init in its PID namespace is a forked copy of the simulator)."""
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(base).encode() in cmdline and b"hyperd." in cmdline:
-                pids.add(int(entry.name))
-    return {p for p in pids if process_alive(p) and _ppid(p) not in pids}
-
-
 async def _wait_gone(pid: int) -> bool:
     try:
         fd = os.pidfd_open(pid)
@@ -204,7 +182,7 @@ async def _check_nothing_unknown(
     leftover = set(hyperd.mounts_under_base()) - reported_mounts
     assert not leftover, f"mounts hyperd does not report: {sorted(leftover)}"
     helpers = {info[k] for info in pods.values() for k in ("vm_pid", "proxy_pid")} - {None}
-    assert _helper_pids(hyperd.base) == helpers
+    assert helper_pids(hyperd.base, top_only=True) == helpers
     running = {f"{p}/{cid}" for (p, cid), ct in listed.items() if ct["state"] == "running"}
     for pid, owner in _environ_marks().items():
         if owner not in running:
@@ -272,7 +250,7 @@ async def test_random_kill9_during_concurrent_lifecycles(
             await c.call("pod.stop", {"id": pod})
             await c.call("pod.delete", {"id": pod})
     assert hyperd_factory.mounts_under_base() == []
-    assert _helper_pids(hyperd_factory.base) == set()
+    assert helper_pids(hyperd_factory.base, top_only=True) == set()
 
 
 POD_STARTS = 50
@@ -344,4 +322,4 @@ async def test_kill9_during_concurrent_pod_starts_leaves_nothing_unknown(
                     tg.start_soon(stop, pod)
     assert hyperd_factory.stop() == 0
     assert hyperd_factory.mounts_under_base() == []
-    assert _helper_pids(hyperd_factory.base) == set()
+    assert helper_pids(hyperd_factory.base, top_only=True) == set()
