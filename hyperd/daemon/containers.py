@@ -230,13 +230,11 @@ async def _premount(
     try:
         made, _layout = await bridge.mount_container(pod, c)
     except (HyperdError, OSError) as exc:
-        pre.error = exc
         log.info(
             "mounting ahead of the start failed: %s", exc,
             extra={"pod": pod.id, "container": c.id},
         )  # fmt: skip
-    except Exception as exc:  # a bug: container.start tries again and reports it
-        pre.error = exc
+    except Exception:  # a bug: container.start tries again and reports it
         log.exception(
             "mounting ahead of the start failed", extra={"pod": pod.id, "container": c.id}
         )

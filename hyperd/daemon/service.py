@@ -79,12 +79,12 @@ MAX_HOSTNAME = 64  # hyperstart truncates longer hostnames; the seed cuts them f
 @dataclass
 class PreMount:
     """A container's rootfs and volumes being mounted ahead of its start, in the background of
-    ``container.create`` (see :mod:`hyperd.daemon.containers`): ``records`` once made, or the
-    ``error`` that ``container.start`` will meet again when it tries itself."""
+    ``container.create`` (see :mod:`hyperd.daemon.containers`): ``records`` once made; still
+    ``None`` once ``done`` if it failed (``container.start`` then mounts itself and reports the
+    error)."""
 
     done: anyio.Event = field(default_factory=anyio.Event)
     records: list[MountRecord] | None = None
-    error: Exception | None = None
 
 
 @dataclass

@@ -93,10 +93,6 @@ class SessionLink:
         self._spares.clear()
         self._generation += 1
 
-    @property
-    def spare_tokens(self) -> int:
-        return len(self._spares)
-
     def _refill(self) -> None:
         if self._refilling or len(self._spares) >= min(SPARE_LOW, self._spare_count):
             return
