@@ -237,24 +237,26 @@ async def unmount_container(pod: PodRecord, c: ContainerRecord) -> None:
     await anyio.to_thread.run_sync(shared.unmount_container, name, c.id)
 
 
-async def unmount_recorded(pod: PodRecord, c: ContainerRecord, *, remove_dir: bool = True) -> None:
-    """Undo the mounts ``c.mounts_made`` records, without a scan of the mount table (the
-    hot path of container.start's undo and container.stop). Anything else found mounted in the
-    container's directory makes it fall back to :func:`unmount_container`'s scan.
-    ``remove_dir=False``: the container's directory is left for :func:`unmount_container`
-    (container.delete) or :func:`cleanup_pod`, unchecked."""
+async def unmount_recorded(pod: PodRecord, c: ContainerRecord) -> None:
+    """Undo the mounts ``c.mounts_made`` records and remove the container's directory, without
+    a scan of the mount table (container.start's undo), in a worker thread. Anything else
+    found mounted in the container's directory makes it fall back to
+    :func:`unmount_container`'s scan."""
     shared, name = shared_dir(pod)
     targets = [m.target for m in c.mounts_made]
-    if not remove_dir:
-        # on the event loop: a few umount2 calls (about 50 µs each here), where the hand-off to
-        # a worker thread and back cost about 200 µs. umount2 of a bind mount does no I/O, except
-        # when hyperd's mount is the last one of the source's filesystem (the source was
-        # unmounted first): the kernel then shuts that filesystem down in this call
-        shared.unmount_recorded(name, c.id, targets, remove_dir=remove_dir)
-        return
-    await anyio.to_thread.run_sync(
-        functools.partial(shared.unmount_recorded, name, c.id, targets, remove_dir=remove_dir)
-    )
+    await anyio.to_thread.run_sync(shared.unmount_recorded, name, c.id, targets)
+
+
+def unmount_for_stop(pod: PodRecord, c: ContainerRecord) -> None:
+    """Undo the mounts ``c.mounts_made`` records (container.stop), on the event loop: a few
+    ``umount2`` calls, about 50 µs each here, where the hand-off to a worker thread and back
+    cost about 200 µs. ``umount2`` of a bind mount does no I/O, except when hyperd's mount is
+    the last one of the source's filesystem (the source was unmounted first): the kernel then
+    shuts that filesystem down in this call. The container's directory is left, unchecked,
+    for :func:`unmount_container` (container.delete) or :func:`cleanup_pod`."""
+    shared, name = shared_dir(pod)
+    targets = [m.target for m in c.mounts_made]
+    shared.unmount_recorded(name, c.id, targets, remove_dir=False)
 
 
 async def cleanup_pod(pod: PodRecord) -> None:

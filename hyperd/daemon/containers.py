@@ -336,33 +336,33 @@ async def container_stop(d: Daemon, pod_id: object, cid: object) -> dict[str, An
                 c.intent = ""  # refused: nothing changed (other errors leave the outcome
                 d.save_logged(pod, c)  # unknown: the intent stays for a restart to settle)
                 raise
-        with anyio.CancelScope(shield=True):
-            # stopped as soon as the agent let it go; a failed unmount below is retried by
-            # container.delete and pod.stop (both undo whatever mounts_made still lists)
-            c.state = ContainerState.STOPPED
-            c.intent = ""
-            execs = [e for e in pod.execs.values() if e.container == c.id]
-            for e in execs:
-                e.state = ExecState.EXITED
-                d.rt(pod).exits.wake(("exec", e.id))
-            d.rt(pod).exits.unpin(c.id)
-            d.rt(pod).exits.wake(("container", c.id))
+        # stopped as soon as the agent let it go (no await from here on: nothing cancels this
+        # half-way); a failed unmount below is retried by container.delete and pod.stop (both
+        # undo whatever mounts_made still lists)
+        c.state = ContainerState.STOPPED
+        c.intent = ""
+        execs = [e for e in pod.execs.values() if e.container == c.id]
+        for e in execs:
+            e.state = ExecState.EXITED
+            d.rt(pod).exits.wake(("exec", e.id))
+        d.rt(pod).exits.unpin(c.id)
+        d.rt(pod).exits.wake(("container", c.id))
+        try:
+            # the mounts go now; the container's directory waits for container.delete
+            unmounting = perf_counter()
+            bridge.unmount_for_stop(pod, c)
+            d.timings.since("mount.undone_by_stop", unmounting)
+            c.mounts_made = []
+        except (HyperdError, OSError):
             try:
-                # the mounts go now; the container's directory waits for container.delete
-                unmounting = perf_counter()
-                await bridge.unmount_recorded(pod, c, remove_dir=False)
-                d.timings.since("mount.undone_by_stop", unmounting)
-                c.mounts_made = []
-            except (HyperdError, OSError):
-                try:
-                    d.save_now(pod, c, *execs)  # stopped, and what is still mounted
-                finally:
-                    d.publish("container", pod, str(c.state), container=c.id)
-                raise
-            # saved once the answer is out: until then the saved intent (stop) says the same
-            # (a restart finds the agent without the container, and unmounts)
-            d.save_soon(pod, c, *execs)
-            d.publish("container", pod, str(c.state), container=c.id)
+                d.save_now(pod, c, *execs)  # stopped, and what is still mounted
+            finally:
+                d.publish("container", pod, str(c.state), container=c.id)
+            raise
+        # saved once the answer is out: until then the saved intent (stop) says the same
+        # (a restart finds the agent without the container, and unmounts)
+        d.save_soon(pod, c, *execs)
+        d.publish("container", pod, str(c.state), container=c.id)
     return container_view(pod, c)
 
 
