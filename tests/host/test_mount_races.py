@@ -151,6 +151,29 @@ def test_unmount_recorded_reads_no_mount_table(
     assert (data.exists(), conf.read_text()) == (True, "x")  # the sources are untouched
 
 
+def test_unmount_recorded_can_leave_the_directory_for_later(
+    shared: SharedDir, busybox_rootfs: Path, tmp_path: Path
+) -> None:
+    """container.stop's way: the mounts go (volume mount points too), the container's
+    directory stays until unmount_container (container.delete) removes it."""
+    data = tmp_path / "data"
+    data.mkdir()
+    made = shared.mount_container(
+        "p1",
+        "c1",
+        DirRootfs(path=str(busybox_rootfs)),
+        [MountSpec(source=str(data), destination="/d")],
+    )
+    assert made.rootfs is not None
+    targets = [made.rootfs, *(v.host_path for v in made.volumes)]
+    shared.unmount_recorded("p1", "c1", targets, remove_dir=False)
+    assert mounts_under(shared.root) == []
+    assert Path(made.rootfs).is_dir()  # the empty mount point, left for later
+    assert not any(Path(t).exists() for t in targets[1:])
+    shared.unmount_container("p1", "c1")
+    assert not (shared.root / "p1" / "c1").exists()
+
+
 def test_unmount_recorded_falls_back_to_a_scan_for_unrecorded_mounts(
     shared: SharedDir, busybox_rootfs: Path, tmp_path: Path
 ) -> None:
