@@ -84,13 +84,18 @@ async def _agent(
     tty_listener: PipeListener,
     script: tuple[list[bytes], list[Segment]],
     seen: list[Any],
+    hold: anyio.Event | None = None,
 ) -> None:
-    """Play the recorded agent: wait for each host frame, answer as hyperstart did."""
+    """Play the recorded agent: wait for each host frame, answer as hyperstart did. At the end
+    of the script the channels close (the VM is gone), once ``hold`` is set if given: a script
+    cut short must not close them while the proxy still delivers its last answers."""
     prelude, segments = script
     ctl = await ctl_listener.accept()
     tty = await tty_listener.accept()
     try:
         await _play(ctl, tty, prelude, segments, seen)
+        if hold is not None:
+            await hold.wait()
     finally:
         with anyio.CancelScope(shield=True):
             await ctl.aclose()
@@ -245,9 +250,10 @@ async def test_exec_signal_winsize(anyio_backend: object, short_tmp: Path) -> No
     data = [rec.get("payload_json") for rec, _ in segments]
     ctl_listener = await PipeListener.create(str(short_tmp / "vm.ctl"))
     tty_listener = await PipeListener.create(str(short_tmp / "vm.tty"))
+    done = anyio.Event()  # the recording is cut after EXECCMD ex4: the VM stays until then
     try:
         async with proxied(short_tmp) as proxy, anyio.create_task_group() as tg:
-            tg.start_soon(_agent, ctl_listener, tty_listener, script, seen)
+            tg.start_soon(_agent, ctl_listener, tty_listener, script, seen, done)
             runtime = await proxy.connect()
             payload = {
                 "containerId": "hs",
@@ -291,6 +297,7 @@ async def test_exec_signal_winsize(anyio_backend: object, short_tmp: Path) -> No
                 out += frame.payload
             assert frame.payload == bytes([5])
             assert out == b"go\r\n33 111\r\nto-stderr\r\n"
+            done.set()
     finally:
         await ctl_listener.aclose()
         await tty_listener.aclose()
