@@ -134,9 +134,8 @@ class SharedDir:
     def create_pod(self, pod: str) -> Path:
         """Create the pod's directory (and the root) if missing; return it."""
         path = self.pod_dir(pod)
-        self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        with self._open_dir([pod], create=True) as fd:
-            _restrict_pod_dir(fd)
+        with self._open_dir([pod], create=True, restrict_pod=True):
+            pass
         return path
 
     # mounting ----------------------------------------------------------------------------
@@ -280,17 +279,28 @@ class SharedDir:
             os.close(fd)
 
     @contextlib.contextmanager
-    def _open_dir(self, parts: Sequence[str], create: bool) -> Iterator[int]:
+    def _open_dir(
+        self, parts: Sequence[str], create: bool, *, restrict_pod: bool = False
+    ) -> Iterator[int]:
         """An ``O_PATH`` fd of ``<root>/<parts...>``, walking with ``O_NOFOLLOW`` from the root
-        and creating missing directories if asked."""
-        fd = os.open(self.root, _O_PATH_DIR)
+        and creating missing directories (the root included) if asked. ``restrict_pod``: the
+        first part is a pod's directory, made mode 0700 on the way."""
         try:
-            for part in parts:
+            fd = os.open(self.root, _O_PATH_DIR)
+        except FileNotFoundError:
+            if not create:
+                raise
+            self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            fd = os.open(self.root, _O_PATH_DIR)
+        try:
+            for index, part in enumerate(parts):
                 parent, fd = fd, -1
                 try:
                     fd = _step(parent, part, create)
                 finally:
                     os.close(parent)
+                if restrict_pod and index == 0:
+                    _restrict_pod_dir(fd)
             yield fd
         finally:
             if fd >= 0:
@@ -305,11 +315,8 @@ class SharedDir:
         ``exclusive``: raise ``AlreadyExists`` if something is mounted there already.
         """
         is_dir = stat.S_ISDIR(os.fstat(source).st_mode)
-        self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        if parts[:1]:
-            with self._open_dir(parts[:1], create=True) as pod_fd:
-                _restrict_pod_dir(pod_fd)
-        with self._open_dir(parts[:-1], create=True) as parent:
+        # one walk from the root: it creates what is missing and restricts the pod's directory
+        with self._open_dir(parts[:-1], create=True, restrict_pod=True) as parent:
             leaf = _make_leaf(parent, parts[-1], is_dir)
             try:
                 if exclusive and is_mount_root(leaf):
