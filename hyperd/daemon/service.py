@@ -28,7 +28,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Any
+from typing import Any, Final
 
 import anyio
 import anyio.abc
@@ -70,6 +70,10 @@ from hyperd.store import StateStore, StoreError
 from hyperd.timings import Timings
 
 log = logging.getLogger(__name__)
+
+# the built-in helpers log at the daemon's level (``[log] level``), in their own level names
+_SIM_LOG_LEVELS: Final = {"debug": "DEBUG", "info": "INFO", "warning": "WARNING", "error": "ERROR"}
+_PROXY_LOG_LEVELS: Final = {"debug": "debug", "info": "info", "warning": "warn", "error": "error"}
 
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes including the NUL
 DEFAULT_SHARE_TAG = "hyperShared"  # the VM's 9p mount tag, as in the seed
@@ -463,6 +467,7 @@ class Daemon:
                 pod.proxy_process = launcher.spawn(argv, what=what, marker=intent.marker)
             else:
                 argv = [*launcher.python_module_argv("hyperd.proxy"), "--uri", pod.proxy_url]
+                argv += ["--log-level", _PROXY_LOG_LEVELS[self.config.log.level]]
                 argv += sockets.proxy_args()
                 if pod.agent_dialect:
                     argv += ["--agent-dialect", pod.agent_dialect]
@@ -498,7 +503,12 @@ class Daemon:
         return intent
 
     def _sim_command(self) -> list[str]:
-        return list(self.config.vm.sim_command) or launcher.python_module_argv("hyperd.sim")
+        """The configured simulator command as it is, or the built-in hyperd-sim logging at the
+        daemon's level (its default, INFO, adds two lines per container to every start)."""
+        if self.config.vm.sim_command:
+            return list(self.config.vm.sim_command)
+        level = _SIM_LOG_LEVELS[self.config.log.level]
+        return [*launcher.python_module_argv("hyperd.sim"), "--log-level", level]
 
     # ---- the link task ----------------------------------------------------------------------
 
