@@ -218,16 +218,23 @@ def _mount_container(pod: PodRecord, c: ContainerRecord) -> list[MountRecord]:
     return records
 
 
-async def mount_container(
-    pod: PodRecord, c: ContainerRecord
-) -> tuple[list[MountRecord], list[MountRecord]]:
-    """Bind-mount the container's rootfs and volumes; returns (records, layout for fsmap)."""
+def mount_container_now(pod: PodRecord, c: ContainerRecord) -> list[MountRecord]:
+    """Bind-mount the container's rootfs and volumes in this thread; their records. Raises
+    :class:`HyperdError` (``InvalidParams`` for a bad source, ``AlreadyExists``…)."""
     try:
-        records = await anyio.to_thread.run_sync(_mount_container, pod, c)
+        return _mount_container(pod, c)
     except OSError as exc:
         raise HyperdError(
             f"pod {pod.id!r}: container {c.id!r}: mounting its rootfs and volumes failed: {exc}"
         ) from None
+
+
+async def mount_container(
+    pod: PodRecord, c: ContainerRecord
+) -> tuple[list[MountRecord], list[MountRecord]]:
+    """Bind-mount the container's rootfs and volumes in a worker thread; returns (records,
+    layout for fsmap)."""
+    records = await anyio.to_thread.run_sync(mount_container_now, pod, c)
     return records, records
 
 

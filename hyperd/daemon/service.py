@@ -109,7 +109,7 @@ class PodRuntime:
         """The container's mounting ahead, once it has ended (None: there was none); it is
         taken: a second call returns None."""
         pre = self.premounts.pop(cid, None)
-        if pre is not None:
+        if pre is not None and not pre.done.is_set():  # (no yield to the loop when it is over)
             with anyio.CancelScope(shield=True):
                 await pre.done.wait()
         return pre
@@ -122,7 +122,8 @@ class PodRuntime:
     def container_lock(self, cid: str) -> anyio.Lock:
         lock = self.container_locks.get(cid)
         if lock is None:
-            lock = self.container_locks[cid] = anyio.Lock()
+            # fast_acquire: an uncontended acquire does not yield to the event loop first
+            lock = self.container_locks[cid] = anyio.Lock(fast_acquire=True)
         return lock
 
 
