@@ -33,9 +33,9 @@ from protocol.hyperstart import CC, HYPER
 
 log = logging.getLogger(__name__)
 
-SPARE_TOKENS = 4
+SPARE_TOKENS = 16
 """I/O tokens kept allocated ahead per pod (see the module's docstring)."""
-SPARE_LOW = 2
+SPARE_LOW = 8
 """The spares are refilled (to :data:`SPARE_TOKENS`, one AttachVM) when fewer are left."""
 _AGENT_KEYS = {name: "agent." + name for name in {*CC.names, *HYPER.names}}
 """Timing keys of the agent commands (a fixed set: any other name counts as ``agent.other``)."""
