@@ -8,15 +8,13 @@
   (AttachVM, not RegisterVM) and settles the containers caught in the middle of an operation
   (:attr:`~hyperd.daemon.model.ContainerRecord.intent`):
 
-  - ``start`` before its mounts were recorded: NEWCONTAINER was never sent; whatever is mounted
-    under the container is undone and it stays ``created``;
-  - ``start`` with its mounts recorded: NEWCONTAINER may have reached the agent. If the agent
-    knows the container (it accepts a SIGCONT for it) it is adopted as ``running``, else its
-    mounts are undone and it stays ``created``;
+  - ``created``: ``container.start`` saves nothing before NEWCONTAINER, so it may have reached
+    the agent. If the agent knows the container (it accepts a SIGCONT for it) it is adopted as
+    ``running``, with the mounts found under its directory in the mount table (mounted ahead by
+    ``container.create``, never saved); else whatever is mounted there is undone and it stays
+    ``created``. (Records of earlier versions may say intent ``start``: settled the same way.)
   - ``stop``: if the agent still has the container, REMOVECONTAINER is sent again (refused: it
-    still runs, and stays ``running``); then it is unmounted and ``stopped``;
-  - no intent, ``created``: what ``container.create`` had begun mounting ahead of the start (not
-    recorded yet) is undone.
+    still runs, and stays ``running``); then it is unmounted and ``stopped``.
 
   The exits that happened meanwhile come from the proxy right after the AttachVM (or, without
   exit notifications, shims that are gone mark their containers exited). A pod whose helpers
@@ -35,7 +33,7 @@ import signal
 
 import anyio
 
-from hyperd.daemon import bridge, launcher
+from hyperd.daemon import bridge, exits, launcher
 from hyperd.daemon.model import ContainerRecord, ContainerState, PodRecord, PodState
 from hyperd.daemon.service import Daemon, PodRuntime
 from hyperd.daemon.vmlink import AgentLink
@@ -103,7 +101,7 @@ async def _adopt(d: Daemon, pod: PodRecord) -> None:
         return
     try:
         for c in pod.containers.values():
-            await _settle(pod, c, link)
+            await _settle(d, pod, c, link)
     except HyperdError as exc:
         await _reconcile_lost(d, pod, rt, f"the VM does not answer after a restart: {exc}")
         return
@@ -116,24 +114,25 @@ async def _adopt(d: Daemon, pod: PodRecord) -> None:
     log.info("pod re-adopted", extra={"pod": pod.id})
 
 
-async def _settle(pod: PodRecord, c: ContainerRecord, link: AgentLink) -> None:
+async def _settle(d: Daemon, pod: PodRecord, c: ContainerRecord, link: AgentLink) -> None:
     """Settle the operation a crash interrupted on ``c`` (see the module's docstring)."""
     intent = c.intent
-    if not intent and c.state == ContainerState.CREATED and c.mounts_made:
-        intent = "start"  # a record of an earlier version, which had no intents
-    if intent == "start":
-        if c.mounts_made and await _agent_has(pod, c, link):
-            # (its exit may have been reported already, right after the AttachVM)
+    if c.state == ContainerState.CREATED:
+        # container.start saves nothing before NEWCONTAINER (records of earlier versions may
+        # say intent "start"): the agent says whether it was sent
+        if await _agent_has(pod, c, link):
+            if not c.mounts_made:  # mounted ahead by container.create, never saved
+                c.mounts_made = await bridge.found_mounts(pod, c)
+            # (an exit recorded before: a record of an earlier version)
             exited = c.exited_at is not None
             c.state = ContainerState.EXITED if exited else ContainerState.RUNNING
             log.info("container start completed", extra={"pod": pod.id, "container": c.id})
+            # its exit may have come right after the AttachVM, kept aside while it was created
+            exits.apply_early_exit(d, pod, c)
         else:
-            await bridge.unmount_container(pod, c)  # also what no record lists yet
+            # what container.create mounted ahead (no record lists it), or a start's mounts
+            await bridge.unmount_container(pod, c)
             c.mounts_made = []
-    elif c.state == ContainerState.CREATED:
-        # container.create mounts ahead of the start, and saves those mounts only with the
-        # start's intent: a crash in between leaves mounts no record lists
-        await bridge.unmount_container(pod, c)
     elif intent == "stop":
         if await _agent_has(pod, c, link):
             try:

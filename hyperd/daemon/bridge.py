@@ -23,7 +23,7 @@ from hyperd.daemon.model import ContainerRecord, ExecRecord, MountRecord, PodRec
 from hyperd.daemon.vmlink import AgentLink
 from hyperd.errors import HyperdError, InvalidParams, InvalidState, ProxyError, VMUnavailable
 from hyperd.host.model import HostNetwork, SharedMount
-from hyperd.host.mounts import SharedDir
+from hyperd.host.mounts import ROOTFS_DIR, SharedDir
 from protocol import LocalProtocolError, jsonerrors
 from protocol.hyperstart import (
     DIALECTS,
@@ -236,6 +236,31 @@ async def mount_container(
     layout for fsmap)."""
     records = await anyio.to_thread.run_sync(mount_container_now, pod, c)
     return records, records
+
+
+async def found_mounts(pod: PodRecord, c: ContainerRecord) -> list[MountRecord]:
+    """Records of the container's rootfs and volume mounts found mounted now (from mountinfo):
+    for a container whose mounts were made but not saved, e.g. mounted ahead by
+    ``container.create`` and started just before a crash. Only the targets are known for
+    sure (what unmounting needs); a volume's destination is not."""
+    shared, name = shared_dir(pod)
+    points = await anyio.to_thread.run_sync(shared.container_mount_points, name, c.id)
+    records = []
+    for point in points:
+        if os.path.basename(point) == ROOTFS_DIR:  # (a volume's is "<cid>-<hex>-<name>")
+            records.append(
+                MountRecord(
+                    target=point,
+                    source=c.rootfs.path or "",
+                    purpose="rootfs",
+                    read_only=c.rootfs.readonly,
+                )
+            )
+        else:
+            records.append(
+                MountRecord(target=point, source=os.path.basename(point), purpose="volume")
+            )
+    return records
 
 
 async def unmount_container(pod: PodRecord, c: ContainerRecord) -> None:

@@ -18,14 +18,15 @@ Work is moved off the calls a caller waits on where it can be:
 Every function takes the :class:`~hyperd.daemon.service.Daemon` and validated parameters, and
 raises :class:`hyperd.errors.HyperdError` subclasses whose message names the object.
 
-Persistence, intent first: ``start`` records ``intent="start"`` (with the mounts made ahead)
-before NEWCONTAINER, and the running container after; ``stop`` records ``intent="stop"``
-before REMOVECONTAINER and the stopped container after the unmount. Each save writes the one
-container's row (and the pod's, if it changed). A save that fails before the agent acted
-undoes the call and fails it. The save after the agent acted comes right after the answer
-(:meth:`~hyperd.daemon.service.Daemon.save_soon`): until it is made, the intent saved before
-says the same to a restart, which settles it (:mod:`hyperd.daemon.adoption`) to the state the
-call answered; if it fails, hyperd's memory keeps the truth and ``hyperd.health`` says so.
+Persistence: ``create`` saves the container before it answers. ``start`` saves nothing before
+NEWCONTAINER: a restart asks the agent about every ``created`` container and adopts the ones it
+knows as running, with the mounts found in the mount table (:mod:`hyperd.daemon.adoption`).
+``stop`` records ``intent="stop"`` before REMOVECONTAINER. Each save writes the one container's
+row (and the pod's, if it changed). A save that fails before the agent acted undoes the call
+and fails it. The save after the agent acted (running, stopped) comes right after the answer
+(:meth:`~hyperd.daemon.service.Daemon.save_soon`): until it is made, what was saved before
+leads a restart to the state the call answered; if it fails, hyperd's memory keeps the truth
+and ``hyperd.health`` says so.
 """
 
 from __future__ import annotations
@@ -222,14 +223,15 @@ def _premount(pod: PodRecord, c: ContainerRecord, pre: PreMount, timings: Timing
     """Mount the container's rootfs and volumes ahead of its start (``container.create``).
 
     A callback on the event loop, run once the create's answer is written: a few ``mkdir``,
-    ``open`` and mount syscalls (70 µs on tmpfs, 300 µs on ext4 here), where a worker thread's
+    ``open`` and mount syscalls (60 µs on tmpfs, 110 µs on ext4 here), where a worker thread's
     hand-off and the fight for the GIL cost more than the work. Like ``create``'s check of the
     rootfs, it touches caller-given paths on the loop: a source on a hung network filesystem
     blocks the daemon (as the seed's inline mount blocked its caller).
 
-    Not saved yet (``container.start`` saves them with its intent): a crash before that leaves
-    mounts no record lists, under the container's own directory, which a restart finds from
-    the mount table (:mod:`hyperd.daemon.adoption`) and undoes.
+    Not saved (``container.start`` saves them with the running container): a crash before
+    that leaves mounts no record lists, under the container's own directory, which a restart
+    finds in the mount table (:mod:`hyperd.daemon.adoption`): it undoes them, or records them
+    if the agent has the container.
     """
     start = perf_counter()
     try:
@@ -269,38 +271,30 @@ async def container_start(d: Daemon, pod_id: object, cid: object) -> dict[str, A
             waited = perf_counter()
             pre = await rt.premount_of(c.id)  # the mounts container.create began
             d.timings.since("mount.waited_by_start", waited)
-            c.intent = "start"
-            try:
-                # intent first (with the mounts made ahead, if any): a crash from here on may
-                # leave mounts; with mounts recorded, NEWCONTAINER may have been sent
-                d.save_now(pod, c)
-            except StateError:
-                c.intent = ""
-                raise
+            # nothing is saved before NEWCONTAINER: the saved record says "created", and a
+            # restart asks the agent about every created container (adoption): one it knows
+            # was started, and gets the mounts found under its directory; one it does not
+            # know never was, and whatever is mounted there is undone
             try:
                 if pre is not None and pre.records is not None:
                     layout = pre.records
                 else:
                     made, layout = await bridge.mount_container(pod, c)
                     c.mounts_made = made
-                    d.save_now(pod, c)  # what to unmount, before the agent may use it
                 crash_point("container.start:mounted")
                 message = bridge.container_message(pod, c, layout)
                 await bridge.call(pod, link, "newcontainer", message, tokens=[c.token])
                 crash_point("container.start:sent")
             except BaseException:
                 await bridge.unmount_recorded(pod, c)
-                c.mounts_made = []
-                c.intent = ""
-                d.save_logged(pod, c)  # (if this fails too, a restart finds the intent)
+                c.mounts_made = []  # (as saved: the record never listed them)
                 raise
             c.state = ContainerState.RUNNING
-            c.intent = ""
             d.publish("container", pod, "running", container=c.id)
             exits.apply_early_exit(d, pod, c)  # an exit that came with newcontainer's reply
             exits.watch_shim(d, pod, c)  # when the proxy sends no exits
-            # saved once the answer is out: until then the saved intent says the same (a
-            # restart asks the agent, which has the container)
+            # saved once the answer is out: until then a restart finds it "created", asks the
+            # agent, which has it, and adopts it as running
             d.save_soon(pod, c)
     return container_view(pod, c)
 

@@ -10,8 +10,9 @@ right after.
 Intent first: what hyperd is about to create outside itself is recorded before it exists, so a
 restart after a crash at any point finds it. A helper process is announced in
 :attr:`PodRecord.launching` (its kind and the marker put in its environment) before it is
-started; a container's start or stop is announced in :attr:`ContainerRecord.intent` before its
-first mount or agent command.
+started; a container's stop is announced in :attr:`ContainerRecord.intent` before its agent
+command. A container's start is not: a ``created`` record is the agent's to confirm after a
+crash (:mod:`hyperd.daemon.adoption`), and its mounts are found in the mount table.
 
 State transitions are written as tables (:data:`POD_TRANSITIONS`, :data:`CONTAINER_TRANSITIONS`):
 :func:`check_pod_transition` / :func:`check_container_transition` raise
@@ -196,10 +197,10 @@ class ContainerRecord(msgspec.Struct, kw_only=True):
     mounts_made: list[MountRecord] = []
     created_at: float = msgspec.field(default_factory=time.time)
     intent: str = ""
-    """The operation under way whose outcome a crash would leave unknown: "start" (recorded
-    before the first mount; mounts may exist under the container's share, NEWCONTAINER may have
-    been sent once ``mounts_made`` is recorded) or "stop" (recorded before REMOVECONTAINER).
-    A restart settles it (:mod:`hyperd.daemon.adoption`)."""
+    """The operation under way whose outcome a crash would leave unknown: "stop" (recorded
+    before REMOVECONTAINER). "start" is found in records of earlier versions only (today a
+    start records nothing before NEWCONTAINER). A restart settles it
+    (:mod:`hyperd.daemon.adoption`)."""
 
 
 CONTAINER_INTENTS = ("start", "stop")

@@ -237,6 +237,21 @@ class SharedDir:
         else:
             _remove_path(pod_dir)
 
+    def container_mount_points(self, pod: str, cid: str) -> list[str]:
+        """The mount points :meth:`mount_container` makes that are mounted now for ``cid``
+        (its rootfs and volumes, each once, in the kernel's order), found from mountinfo: what
+        to record for a container whose mounts were made but not saved before a crash."""
+        pod_prefix = str(self.pod_dir(pod)) + "/"
+        rootfs = str(self.rootfs_path(pod, cid))
+        points: list[str] = []
+        for m in read_mountinfo_prefix(str(self.container_dir(pod, cid))):
+            point = m.mount_point
+            if point in points:
+                continue  # stacked on the same point
+            if point == rootfs or _is_volume_name(point[len(pod_prefix) :], cid):
+                points.append(point)
+        return points
+
     def mounted(self, pod: str) -> list[str]:
         """Mount points under the pod's directory, per /proc/self/mountinfo (for checks)."""
         return [m.mount_point for m in read_mountinfo(self.pod_dir(pod))]

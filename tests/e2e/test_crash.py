@@ -135,6 +135,54 @@ async def test_crash_after_newcontainer_adopts_the_running_container(
         assert helper_pids(hyperd_factory.base) == set()
 
 
+async def test_crash_after_newcontainer_finds_the_mounts_and_the_exit(
+    hyperd_factory: Hyperd, busybox_rootfs: Path, tmp_path: Path
+) -> None:
+    """container.start saves nothing before NEWCONTAINER: after a crash right after it, the
+    restart learns from the agent that the container was started, records the rootfs and the
+    volume mounted ahead by container.create (found in the mount table), and applies the exit
+    that happened while hyperd was down (kept by the proxy, sent after the AttachVM)."""
+    volume = tmp_path / "vol"
+    volume.mkdir()
+    hyperd_factory.start(env={CRASH: "container.start:sent"}, stop_pods_on_exit=False)
+    with anyio.fail_after(60):
+        async with rpc(hyperd_factory.socket) as c:
+            await start_pod(c, "p")
+            created = await c.call(
+                "container.create",
+                {
+                    "pod": "p",
+                    "id": "c",
+                    "rootfs": {"path": str(busybox_rootfs)},
+                    "process": {"args": ["sh", "-c", "read line; exit 7"]},
+                    "mounts": [{"source": str(volume), "destination": "/data", "type": "bind"}],
+                },
+            )
+            shim = await ShimClient.connect(created["proxy_url"], created["token"])
+            await shim.wait_connected()
+            with pytest.raises((ConnectionClosed, RPCError, anyio.BrokenResourceError)):
+                await c.call("container.start", {"pod": "p", "id": "c"})
+        await anyio.to_thread.run_sync(_wait_killed, hyperd_factory)
+        mounted = hyperd_factory.mounts_under_base()
+        rootfs = str(hyperd_factory.base / "shared" / "p" / "c" / "rootfs")
+        assert rootfs in mounted and len(mounted) == 2  # the rootfs and the volume
+        # the container ends while hyperd is down
+        await shim.send_stdin(b"bye\n")
+        assert await shim.pump(lambda _: None, lambda _: None) == 7
+        await shim.aclose()
+
+        hyperd_factory.start()
+        async with rpc(hyperd_factory.socket) as c:
+            info = await c.call("container.inspect", {"pod": "p", "id": "c"})
+            assert info["state"] == "exited" and info["exit_status"] == 7, info
+            assert sorted(info["mounts"]) == sorted(mounted)
+            await c.call("container.stop", {"pod": "p", "id": "c"})
+            assert hyperd_factory.mounts_under_base() == []
+            await c.call("container.delete", {"pod": "p", "id": "c"})
+            await c.call("pod.stop", {"id": "p"})
+        assert helper_pids(hyperd_factory.base) == set()
+
+
 async def test_crash_after_removecontainer_completes_the_stop(
     hyperd_factory: Hyperd, busybox_rootfs: Path
 ) -> None:
