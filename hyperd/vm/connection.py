@@ -10,7 +10,8 @@ Cost model (the hot path): a command costs one payload encode (none for a data-l
 command: :class:`~hyperd.vm.session.VMSession` caches those), one future and one heap push
 (deadlines are served by one timer per connection, not a cancel scope per command); no task is
 created per command, and a success reply builds no event object (``ClientConnection.next_payload``).
-Frames are appended to an output buffer and flushed by a loop callback scheduled once per
+A command sent while no other reply is owed (one caller at a time) is written at once. Otherwise
+frames are appended to an output buffer and flushed by a loop callback scheduled once per
 event-loop iteration, so the frames of every caller that enqueued in the same iteration go out in
 one transport write, whole frames only (the reference proxy reads a header with a single
 ``read()``). When replies arrive, that callback is scheduled right after the woken callers, so
@@ -272,10 +273,16 @@ class VMConnection:
             future, label if label is not None else COMMAND_LABELS[command], start, start + timeout
         )
         self._slots.append(slot)
-        self._outbuf.append(frame)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        if len(self._slots) == 1 and not self._flush_scheduled and self._transport is not None:
+            # nothing else owed and no flush coming (callers woken by a read write together):
+            # written now rather than one loop iteration later (a one-at-a-time caller's case)
+            self._counters.sent += 1
+            self._transport.write(frame)
+        else:
+            self._outbuf.append(frame)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)
         self._arm(slot)
         return future
 

@@ -68,8 +68,14 @@ async def test_frames_queued_together_go_out_in_one_write(
         async with anyio.create_task_group() as tg:
             for i in range(50):
                 tg.start_soon(partial(conn.command, Command.HYPER, echo(i), timeout=5))
-        assert len(writes) == 1
+        # the first, on an idle connection, is written at once; the 49 queued behind it in the
+        # same loop iteration go out together
+        assert len(writes) == 2
         assert proxy.replies == 50
+        # alone on an idle connection: written before submit returns, no loop iteration later
+        future = conn.submit(Command.HYPER, echo("alone"), timeout=5)
+        assert len(writes) == 3
+        assert msgspec.json.decode(await future) == "alone"
 
 
 async def test_fifo_matching_under_200_concurrent_callers(
@@ -341,5 +347,7 @@ async def test_callers_woken_by_one_read_send_their_next_frames_in_one_write(
                 callers_tg.start_soon(caller)
         conn.close("test done")
         tg.cancel_scope.cancel()
-    assert len(writes) == 2  # the first ten commands, then the ten follow-ups
+    # the first command on the idle connection at once, the nine queued behind it together,
+    # then the ten follow-ups (their callers woken by one read) together
+    assert len(writes) == 3
     assert follow_up_chunks == [0]  # the peer read the follow-ups in one piece
