@@ -42,10 +42,10 @@ MS: Final = 1e3
 PHASES: Final = ("create", "start", "kill", "exit", "stop")
 RECORD_BYTES: Final = 1024  # about the size of a container's row
 SAVE_SAMPLES: Final = 200
-SAVES_PER_LIFECYCLE: Final = 5
-"""hyperd saves the container's row on container.create (1), container.start (1: running, after
-the answer), the exit (1) and container.stop (2: the intent, stopped, the latter after the
-answer); the seed-pattern driver keeps no state."""
+SAVES_PER_LIFECYCLE: Final = 3
+"""hyperd saves the container's row on container.create, on the exit and on container.stop
+(its intent, before REMOVECONTAINER); start and the end of stop save nothing (a restart learns
+those from the agent, the proxy and the mount table). The seed-pattern driver keeps no state."""
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,14 @@ async def _settle(d: Daemon, pod: PodRecord, c: ContainerRecord, link: AgentLink
             log.info("container start completed", extra={"pod": pod.id, "container": c.id})
             # its exit may have come right after the AttachVM, kept aside while it was created
             exits.apply_early_exit(d, pod, c)
+        elif c.token in d.rt(pod).exits.early:
+            # started, and ended while hyperd was down: the hyperhq agent frees a container
+            # whose init exits, but the proxy kept its exit, which came before the probe's
+            # answer on the same connection
+            c.mounts_made = await bridge.found_mounts(pod, c)
+            c.state = ContainerState.RUNNING
+            log.info("container started and exited", extra={"pod": pod.id, "container": c.id})
+            exits.apply_early_exit(d, pod, c)
         else:
             # what container.create mounted ahead (no record lists it), or a start's mounts
             await bridge.unmount_container(pod, c)

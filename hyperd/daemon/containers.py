@@ -293,9 +293,10 @@ async def container_start(d: Daemon, pod_id: object, cid: object) -> dict[str, A
             d.publish("container", pod, "running", container=c.id)
             exits.apply_early_exit(d, pod, c)  # an exit that came with newcontainer's reply
             exits.watch_shim(d, pod, c)  # when the proxy sends no exits
-            # saved once the answer is out: until then a restart finds it "created", asks the
-            # agent, which has it, and adopts it as running
-            d.save_soon(pod, c)
+            # not saved: the record says "created" until the next save of the container (its
+            # exit, its stop), and a restart asks the agent, which has it, and adopts it as
+            # running with its mounts (or, freed by the agent since, as exited with the status
+            # the proxy kept)
     return container_view(pod, c)
 
 
@@ -358,9 +359,11 @@ async def container_stop(d: Daemon, pod_id: object, cid: object) -> dict[str, An
             finally:
                 d.publish("container", pod, str(c.state), container=c.id)
             raise
-        # saved once the answer is out: until then the saved intent (stop) says the same
-        # (a restart finds the agent without the container, and unmounts)
-        d.save_soon(pod, c, *execs)
+        # the saved intent (stop) says the same to a restart (it finds the agent without the
+        # container, and unmounts what is left), so the container's row is not saved again
+        # (container.delete deletes it); its execs, which the intent does not settle, are
+        if execs:
+            d.save_soon(pod, *execs)
         d.publish("container", pod, str(c.state), container=c.id)
     return container_view(pod, c)
 

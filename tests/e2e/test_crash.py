@@ -135,11 +135,13 @@ async def test_crash_after_newcontainer_adopts_the_running_container(
         assert helper_pids(hyperd_factory.base) == set()
 
 
+@pytest.mark.parametrize("dialect", ["cc", "hyper"])
 async def test_crash_after_newcontainer_finds_the_mounts_and_the_exit(
-    hyperd_factory: Hyperd, busybox_rootfs: Path, tmp_path: Path
+    hyperd_factory: Hyperd, busybox_rootfs: Path, tmp_path: Path, dialect: str
 ) -> None:
     """container.start saves nothing before NEWCONTAINER: after a crash right after it, the
-    restart learns from the agent that the container was started, records the rootfs and the
+    restart learns that the container was started (the CC agent still has it; the hyperhq
+    agent freed it when it exited, but the proxy kept its exit), records the rootfs and the
     volume mounted ahead by container.create (found in the mount table), and applies the exit
     that happened while hyperd was down (kept by the proxy, sent after the AttachVM)."""
     volume = tmp_path / "vol"
@@ -147,7 +149,7 @@ async def test_crash_after_newcontainer_finds_the_mounts_and_the_exit(
     hyperd_factory.start(env={CRASH: "container.start:sent"}, stop_pods_on_exit=False)
     with anyio.fail_after(60):
         async with rpc(hyperd_factory.socket) as c:
-            await start_pod(c, "p")
+            await start_pod(c, "p", vm={"backend": "sim", "dialect": dialect})
             created = await c.call(
                 "container.create",
                 {
@@ -204,6 +206,31 @@ async def test_crash_after_removecontainer_completes_the_stop(
             assert info["state"] == "stopped" and info["mounts"] == []
             await c.call("container.delete", {"pod": "p", "id": "c"})
             await c.call("pod.stop", {"id": "p"})
+        assert helper_pids(hyperd_factory.base) == set()
+
+
+async def test_stopped_container_stays_stopped_across_a_restart(
+    hyperd_factory: Hyperd, busybox_rootfs: Path
+) -> None:
+    """container.stop saves its intent before REMOVECONTAINER and nothing after: the next
+    start settles that intent to the state the stop answered."""
+    hyperd_factory.start(stop_pods_on_exit=False)
+    with anyio.fail_after(60):
+        async with rpc(hyperd_factory.socket) as c:
+            await start_pod(c, "p")
+            ran = await create_and_start(c, "p", "c", busybox_rootfs, ["true"])
+            assert await ran.wait() == 0
+            stopped = await c.call("container.stop", {"pod": "p", "id": "c"})
+            assert stopped["state"] == "stopped" and stopped["mounts"] == []
+        assert hyperd_factory.stop() == 0
+
+        hyperd_factory.start()
+        async with rpc(hyperd_factory.socket) as c:
+            info = await c.call("container.inspect", {"pod": "p", "id": "c"})
+            assert (info["state"], info["exit_status"], info["mounts"]) == ("stopped", 0, [])
+            await c.call("container.delete", {"pod": "p", "id": "c"})
+            await c.call("pod.stop", {"id": "p"})
+        assert hyperd_factory.mounts_under_base() == []
         assert helper_pids(hyperd_factory.base) == set()
 
 
