@@ -295,11 +295,17 @@ class SharedDir:
 
     @contextlib.contextmanager
     def _open_dir(
-        self, parts: Sequence[str], create: bool, *, restrict_pod: bool = False
+        self,
+        parts: Sequence[str],
+        create: bool,
+        *,
+        restrict_pod: bool = False,
+        new_last: bool = False,
     ) -> Iterator[int]:
         """An ``O_PATH`` fd of ``<root>/<parts...>``, walking with ``O_NOFOLLOW`` from the root
         and creating missing directories (the root included) if asked. ``restrict_pod``: the
-        first part is a pod's directory, made mode 0700 on the way."""
+        first part is a pod's directory, made mode 0700 on the way; ``new_last``: the last part
+        is likely missing (a container's directory)."""
         try:
             fd = os.open(self.root, _O_PATH_DIR)
         except FileNotFoundError:
@@ -308,10 +314,11 @@ class SharedDir:
             self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
             fd = os.open(self.root, _O_PATH_DIR)
         try:
+            last = len(parts) - 1
             for index, part in enumerate(parts):
                 parent, fd = fd, -1
                 try:
-                    fd = _step(parent, part, create)
+                    fd = _step(parent, part, create, new_last and index == last)
                 finally:
                     os.close(parent)
                 if restrict_pod and index == 0:
@@ -331,10 +338,14 @@ class SharedDir:
         """
         is_dir = stat.S_ISDIR(os.fstat(source).st_mode)
         # one walk from the root: it creates what is missing and restricts the pod's directory
-        with self._open_dir(parts[:-1], create=True, restrict_pod=True) as parent:
-            leaf = _make_leaf(parent, parts[-1], is_dir)
+        with self._open_dir(
+            parts[:-1], create=True, restrict_pod=True, new_last=len(parts) > 2
+        ) as parent:
+            leaf, created = _make_leaf(parent, parts[-1], is_dir)
             try:
-                if exclusive and is_mount_root(leaf):
+                # (only hyperd mounts in the share, and one mount per container at a time: what
+                # this call created holds no mount yet)
+                if exclusive and not created and is_mount_root(leaf):
                     where = "/".join(parts)
                     raise AlreadyExists(f"{where} is mounted already")
                 bind_fd(source, leaf, readonly=readonly)
@@ -413,9 +424,13 @@ class SharedDir:
         return [m for m in found if any(_under(m.mount_point, top) for top in tops)]
 
 
-def _step(parent: int, name: str, create: bool) -> int:
-    """Open directory ``name`` under ``parent`` without following symlinks."""
+def _step(parent: int, name: str, create: bool, expect_new: bool = False) -> int:
+    """Open directory ``name`` under ``parent`` without following symlinks (created first if
+    asked and missing; ``expect_new``: it is likely missing, so it is made before the open)."""
     try:
+        if expect_new and create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, DIR_MODE, dir_fd=parent)
         try:
             return os.open(name, _O_PATH_DIR, dir_fd=parent)
         except FileNotFoundError:
@@ -432,11 +447,16 @@ def _step(parent: int, name: str, create: bool) -> int:
         raise
 
 
-def _make_leaf(parent: int, name: str, is_dir: bool) -> int:
-    """Create (if missing) and open the mount target ``name`` under ``parent``."""
+def _make_leaf(parent: int, name: str, is_dir: bool) -> tuple[int, bool]:
+    """Create (if missing) and open the mount target ``name`` under ``parent``; its fd, and
+    whether this call created it (a directory made just now cannot be a mount point)."""
+    created = False
     if is_dir:
-        with contextlib.suppress(FileExistsError):
+        try:
             os.mkdir(name, DIR_MODE, dir_fd=parent)
+            created = True
+        except FileExistsError:
+            pass
         flags = _O_PATH_DIR
     else:
         fd = os.open(
@@ -445,7 +465,7 @@ def _make_leaf(parent: int, name: str, is_dir: bool) -> int:
         os.close(fd)
         flags = _O_PATH_ANY
     try:
-        return os.open(name, flags, dir_fd=parent)
+        return os.open(name, flags, dir_fd=parent), created
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             raise InvalidParams(f"mount target {name!r} exists and is of the wrong type") from None
