@@ -186,7 +186,7 @@ async def _create(
         sources_resolved=sources_resolved,
     )
     # what the agent's dialect cannot carry is refused now, not at start
-    bridge.container_message(pod, c, [])
+    message = bridge.container_message(pod, c, [])
     link = d.link_of(pod)
     rt = d.rt(pod)
     if cid in rt.premounts:  # a create of the same id is under way (or being undone)
@@ -215,6 +215,7 @@ async def _create(
     asyncio.get_running_loop().call_soon(_premount, pod, c, pre, d.timings)
     if pin is not None:
         rt.exits.pins[cid] = pin
+    rt.messages[cid] = message  # (start sends it unless volumes add to it)
     d.publish("container", pod, str(c.state), container=cid)
     return {"id": cid, "token": token, "proxy_url": pod.proxy_url, "state": str(c.state)}
 
@@ -282,7 +283,9 @@ async def container_start(d: Daemon, pod_id: object, cid: object) -> dict[str, A
                     made, layout = await bridge.mount_container(pod, c)
                     c.mounts_made = made
                 crash_point("container.start:mounted")
-                message = bridge.container_message(pod, c, layout)
+                message = rt.messages.pop(c.id, None)
+                if message is None or any(m.purpose == "volume" for m in layout):
+                    message = bridge.container_message(pod, c, layout)
                 await bridge.call(pod, link, "newcontainer", message, tokens=[c.token])
                 crash_point("container.start:sent")
             except BaseException:
@@ -375,6 +378,7 @@ async def container_delete(d: Daemon, pod_id: object, cid: object) -> dict[str, 
     async with d.rt(pod).container_lock(c.id):
         check_container_transition(pod, c, "delete")
         await d.rt(pod).premount_of(c.id)
+        d.rt(pod).messages.pop(c.id, None)
         # found from mountinfo: also what a failed unmount, a crash or mounting ahead left
         await bridge.unmount_container(pod, c)
         c.mounts_made = []

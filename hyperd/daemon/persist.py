@@ -57,9 +57,10 @@ class PodPersistence:
         return self.store.encode(msgspec.structs.replace(pod, containers={}, execs={}))
 
     def save(self, pod: PodRecord, records: Sequence[Member] | None = None) -> None:
-        """Write ``pod``'s row and the rows of ``records`` (all of the pod's when ``None``) that
-        changed; the row of a record no longer in the pod is deleted. One transaction; raises
-        :class:`hyperd.store.StoreError` with every row as it was."""
+        """Write the rows that changed: with ``records``, theirs only (an operation on a
+        container or exec changes no field of the pod itself); without, ``pod``'s and every
+        container's and exec's of it. The row of a record no longer in the pod is deleted. One
+        transaction; raises :class:`hyperd.store.StoreError` with every row as it was."""
         written = self._written.get(pod.id, {})
         puts: list[tuple[str, str, bytes]] = []
         deletes: list[Row] = []
@@ -68,8 +69,8 @@ class PodPersistence:
             if written.get(row) != data:
                 puts.append((row[0], row[1], data))
 
-        put((POD_KIND, pod.id), self._pod_row(pod))
         if records is None:
+            put((POD_KIND, pod.id), self._pod_row(pod))
             present: set[Row] = {(POD_KIND, pod.id)}
             for member in _members(pod):
                 row = _row_of(pod, member)

@@ -68,6 +68,7 @@ from hyperd.rpc.access import SocketAccess, group_id
 from hyperd.spec import validate_id
 from hyperd.store import StateStore, StoreError
 from hyperd.timings import Timings
+from protocol.hyperstart import Container
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,9 @@ class PodRuntime:
     stopping: bool = False
     exits: exits.PodExits = field(default_factory=exits.PodExits)
     premounts: dict[str, PreMount] = field(default_factory=dict)
+    messages: dict[str, Container] = field(default_factory=dict)
+    """NEWCONTAINER messages built by ``container.create`` (its check of what the dialect can
+    carry), for the start to send when no volume changes them; taken by start or delete."""
 
     async def premount_of(self, cid: str) -> PreMount | None:
         """The container's mounting ahead, once it has ended (None: there was none); it is
@@ -174,9 +178,10 @@ class Daemon:
         self.save_now(pod, *records)
 
     def save_now(self, pod: PodRecord, *records: ContainerRecord | ExecRecord) -> None:
-        """Persist ``pod``'s own fields and ``records`` (every container and exec of the pod if
-        none is named) as they are now, in one transaction. Raises ``StateError`` (the stored
-        rows unchanged). A pod that was forgotten is not saved."""
+        """Persist ``records`` as they are now (a container or exec operation: the pod's own
+        fields did not change), or, if none is named, ``pod``'s own fields and every container
+        and exec of it; one transaction. Raises ``StateError`` (the stored rows unchanged). A
+        pod that was forgotten is not saved."""
         if self.pods.get(pod.id) is not pod:
             return
         start = perf_counter()
