@@ -15,9 +15,11 @@ rootfs, NEWCONTAINER running ``sleep``), kill (SIGKILL), the shim sees the exit 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Final
 
@@ -27,6 +29,7 @@ import msgspec
 from hyperd import agent
 from hyperd.bench import wire
 from hyperd.bench.daemon import SLEEP_ARGS, busybox_rootfs, start_daemon
+from hyperd.bench.procs import descendant_pids
 from hyperd.bench.stats import Section, percentile
 from hyperd.bench.topology import Workspace
 from hyperd.host.mountsys import MNT_DETACH, MS_BIND, umount
@@ -46,6 +49,57 @@ SAVES_PER_LIFECYCLE: Final = 3
 """hyperd saves the container's row on container.create, on the exit and on container.stop
 (its intent, before REMOVECONTAINER); start and the end of stop save nothing (a restart learns
 those from the agent, the proxy and the mount table). The seed-pattern driver keeps no state."""
+
+
+CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid`` and of the children it has reaped (``/proc/<pid>/stat``: utime,
+    stime, cutime, cstime), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / CLK_TCK
+
+
+def _helpers(parent: int) -> dict[str, int]:
+    """The direct children of ``parent`` that are our programs, by role: ``hyperd`` (the
+    daemon), ``sim`` and ``proxy``."""
+    out: dict[str, int] = {}
+    for pid in descendant_pids(parent):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        if ppid != parent or len(argv) < 3:
+            continue
+        role = {b"hyperd": "hyperd", b"hyperd.sim": "sim", b"hyperd.proxy": "proxy"}.get(argv[2])
+        if role is not None:
+            out[role] = pid
+    return out
+
+
+@dataclass
+class CpuUse:
+    """CPU seconds spent for one driver's lifecycles: by its helper processes (the daemon, the
+    proxy and the VM with the processes it reaped) and by the runner's own thread (the client
+    side: RPC calls, or the seed pattern's connections and mounts)."""
+
+    processes: dict[str, int]
+    runner: float = 0.0
+    lifecycles: int = 0
+    _start: dict[str, float] = field(default_factory=dict)
+    used: dict[str, float] = field(default_factory=dict)
+
+    def begin(self) -> None:
+        self._start = {role: cpu_seconds(pid) for role, pid in self.processes.items()}
+
+    def end(self) -> None:
+        for role, pid in self.processes.items():
+            self.used[role] = self.used.get(role, 0.0) + cpu_seconds(pid) - self._start[role]
 
 
 @dataclass(frozen=True)
@@ -224,6 +278,15 @@ INSIDE: Final = (
 """Steps timed inside the daemon (``hyperd.stats`` → ``timings``), shown with scenario 4."""
 
 
+def _cpu(sec: Section, key: str, label: str, cpu: CpuUse) -> None:
+    per = MS / max(cpu.lifecycles, 1)
+    for role, seconds in cpu.used.items():
+        sec.add(f"{key}_cpu_{role}", f"{label}: CPU per lifecycle, {role}", "ms", seconds * per)
+    sec.add(f"{key}_cpu_runner", f"{label}: CPU per lifecycle, client side", "ms", cpu.runner * per)
+    total = sum(cpu.used.values()) + cpu.runner
+    sec.add(f"{key}_cpu", f"{label}: CPU per lifecycle, all processes", "ms", total * per)
+
+
 def _inside(sec: Section, timings: dict[str, dict[str, float]]) -> None:
     for key, label in INSIDE:
         if key in timings:
@@ -241,22 +304,45 @@ async def lifecycle(ws: Workspace, s: LifecycleSettings) -> Section:
         await rpc.call("pod.create", {"id": POD})
         await rpc.call("pod.start", {"id": POD})
         await seed.start_pod(vm.ctl, vm.tty)
+        mine = _helpers(os.getpid())
+        ours = _helpers(daemon.proc.pid)
+        h_cpu = CpuUse({"daemon": daemon.proc.pid, "proxy": ours["proxy"], "VM": ours["sim"]})
+        s_cpu = CpuUse({"proxy": mine["proxy"], "VM": mine["sim"]})
         n = 0
+
+        async def timed(cpu: CpuUse, run: Callable[[], Awaitable[Phases]]) -> Phases:
+            start = time.thread_time()
+            try:
+                return await run()
+            finally:
+                cpu.runner += time.thread_time() - start
+                cpu.lifecycles += 1
 
         async def both(count: int, record: bool) -> None:
             nonlocal n
             h_runs, s_runs = [], []
+            for cpu in (h_cpu, s_cpu):
+                cpu.begin()
             for _ in range(count):
                 n += 1
+                cid = f"c{n}"
+                hyperd_run = functools.partial(hyperd_lifecycle, rpc, rootfs, cid)
+                seed_run = functools.partial(seed.lifecycle, cid)
                 if n % 2:  # who goes first alternates: neither always follows the other
-                    h_runs.append(await hyperd_lifecycle(rpc, rootfs, f"c{n}"))
-                    s_runs.append(await seed.lifecycle(f"c{n}"))
+                    h_runs.append(await timed(h_cpu, hyperd_run))
+                    s_runs.append(await timed(s_cpu, seed_run))
                 else:
-                    s_runs.append(await seed.lifecycle(f"c{n}"))
-                    h_runs.append(await hyperd_lifecycle(rpc, rootfs, f"c{n}"))
+                    s_runs.append(await timed(s_cpu, seed_run))
+                    h_runs.append(await timed(h_cpu, hyperd_run))
+            for cpu in (h_cpu, s_cpu):
+                cpu.end()
             if record:
                 _record(sec, "hyperd", "hyperd", h_runs)
                 _record(sec, "seed", "seed pattern", s_runs)
+            else:  # the warm-up's CPU is not counted
+                for cpu in (h_cpu, s_cpu):
+                    cpu.used.clear()
+                    cpu.runner, cpu.lifecycles = 0.0, 0
 
         await both(s.warmup, record=False)
         for _ in range(s.repetitions):
@@ -275,6 +361,8 @@ async def lifecycle(ws: Workspace, s: LifecycleSettings) -> Section:
                 "ms",
                 SAVES_PER_LIFECYCLE * percentile(saves, 50),
             )
+        _cpu(sec, "hyperd", "hyperd", h_cpu)
+        _cpu(sec, "seed", "seed pattern", s_cpu)
     finally:
         rpc.close()
     sec.ratio("containers/s hyperd / seed", "hyperd_rate", "seed_rate")
