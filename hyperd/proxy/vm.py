@@ -5,7 +5,10 @@
 - Either channel closing (or sending bytes that cannot be framed) means the VM is lost: every
   queued or in-flight command is answered with ``No multicast available for CTL channel``,
   every session is freed and its shim connection closed. (The reference only watches the tty
-  channel, and leaves in-flight commands unanswered.)
+  channel, and leaves in-flight commands unanswered.) A channel's end is acted on after the
+  event loop's current round of reads: what the agent wrote on the other channel before the VM
+  went (e.g. the ACK of DESTROYPOD, then power-off) is read and delivered first, whichever
+  socket the loop happened to read first.
 - tty output is routed by seq to the shim owning the session; the exit status comes from the
   1-byte frame after the EOF (CC) or from the ctl PROCESSASYNCEVENT (hyperhq). stdin frames
   toward hyperhq stay within 4096 bytes; a backed-up tty channel holds the shim back.
@@ -176,7 +179,7 @@ class AgentVM:
     ) -> _Channel:
         try:
             _, channel = await loop.create_unix_connection(
-                lambda: _Channel(on_data, self.lose), path
+                lambda: _Channel(on_data, self._channel_ended), path
             )
         except OSError as exc:
             reason = (exc.strerror or str(exc)) if exc.errno else str(exc)
@@ -432,6 +435,11 @@ class AgentVM:
         self.undelivered.append(notice)
 
     # -- loss ------------------------------------------------------------------------------------
+
+    def _channel_ended(self, reason: str) -> None:
+        # after this round of reads: the other channel may hold the agent's last answers
+        if not self.lost:
+            asyncio.get_running_loop().call_soon(self.lose, reason)
 
     def lose(self, reason: str) -> None:
         """The VM is gone: answer every command, free every session, close the channels."""
