@@ -287,3 +287,21 @@ async def test_block_rootfs_and_devices_reach_the_agent(hyperd: Hyperd) -> None:
             ]
             assert hyperd.mounts_under_base() == []
             await c.call("pod.stop", {"id": "blk"})
+
+
+@pytest.mark.parametrize(
+    ("level", "sim", "proxy"), [("error", "ERROR", "error"), ("warning", "WARNING", "warn")]
+)
+async def test_helpers_log_at_the_daemons_level(
+    hyperd_factory: Hyperd, level: str, sim: str, proxy: str
+) -> None:
+    """The sim and proxy hyperd starts get its log level, in their own names (a quiet daemon
+    has quiet helpers: hyperd-sim logs every container at INFO by default)."""
+    hyperd_factory.args = ["--log-level", level]  # (after the fixture's own: the last one wins)
+    hyperd_factory.start()
+    async with rpc(hyperd_factory.socket) as c:
+        pod = await start_pod(c, "p")
+        for pid, wanted in ((pod["vm_pid"], sim), (pod["proxy_pid"], proxy)):
+            argv = (await anyio.Path(f"/proc/{pid}/cmdline").read_bytes()).split(b"\0")
+            assert argv[argv.index(b"--log-level") + 1] == wanted.encode(), argv
+        await c.call("pod.stop", {"id": "p"})
