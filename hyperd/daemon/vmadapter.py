@@ -4,12 +4,15 @@ The session runs in a task group owned by the ``async with`` block of :func:`ope
 (which must stay in one task: the pod's link task). Leaving the block sends UnregisterVM when
 :class:`~hyperd.daemon.vmlink.LinkControl` asks for it, then closes the session.
 
-I/O tokens are allocated ahead: once a token has been asked for, the link keeps up to
-:data:`SPARE_TOKENS` more, refilled in the background (one AttachVM for all of them) when
-fewer than :data:`SPARE_LOW` are left, so ``container.create`` and ``exec.create`` need no
-round trip to the proxy. A spare token is just an allocated, unclaimed token: the proxy keeps
-it for the VM's life, and the ones still spare when the link closes (or hyperd stops) are never
-used (the proxy frees them with the VM). A reconnect to the proxy drops the spares.
+I/O tokens are allocated ahead: once a token has been asked for, the link keeps spare ones,
+refilled in the background (one AttachVM for all of them) when fewer than half of the target
+are left, so ``container.create`` and ``exec.create`` need no round trip to the proxy. The
+target follows the pod's use: twice the spares it has taken so far, between
+:data:`SPARE_MIN` and :data:`SPARE_MAX` (a pod of a few containers holds at most 4 spares; one
+that keeps creating holds up to 16, one AttachVM per 8 creates). A spare token is just an
+allocated, unclaimed token: the proxy keeps it for the VM's life, and the ones still spare when
+the link closes (or hyperd stops) are never used (the proxy frees them with the VM). A
+reconnect to the proxy drops the spares.
 """
 
 from __future__ import annotations
@@ -33,10 +36,16 @@ from protocol.hyperstart import CC, HYPER
 
 log = logging.getLogger(__name__)
 
-SPARE_TOKENS = 16
-"""I/O tokens kept allocated ahead per pod (see the module's docstring)."""
-SPARE_LOW = 8
-"""The spares are refilled (to :data:`SPARE_TOKENS`, one AttachVM) when fewer are left."""
+SPARE_MIN = 4
+"""Spare I/O tokens kept per pod at first (see the module's docstring)."""
+SPARE_MAX = 16
+"""Spare I/O tokens kept per pod at most, for a pod that keeps creating processes."""
+
+
+def spare_target(used: int) -> int:
+    """How many spare tokens to keep once ``used`` spares were taken: twice that, within
+    :data:`SPARE_MIN` .. :data:`SPARE_MAX`; they are refilled when fewer than half are left."""
+    return min(SPARE_MAX, max(SPARE_MIN, 2 * used))
 _AGENT_KEYS = {name: "agent." + name for name in {*CC.names, *HYPER.names}}
 """Timing keys of the agent commands (a fixed set: any other name counts as ``agent.other``)."""
 
@@ -51,14 +60,12 @@ class SessionLink:
         self,
         session: VMSession,
         spares: anyio.abc.TaskGroup | None = None,
-        spare_count: int = 0,
         timings: Timings | None = None,
     ) -> None:
         self.session = session
         self._timings = timings
         self._spares: list[str] = []
         self._spare_group = spares
-        self._spare_count = spare_count if spares is not None else 0
         self._refilling = False
         self._generation = 0  # bumped when the spares are dropped: a refill under way is stale
         self.spares_used = 0
@@ -93,8 +100,13 @@ class SessionLink:
         self._spares.clear()
         self._generation += 1
 
+    @property
+    def spare_target(self) -> int:
+        """The spare tokens the link keeps now (0: it keeps none)."""
+        return spare_target(self.spares_used) if self._spare_group is not None else 0
+
     def _refill(self) -> None:
-        if self._refilling or len(self._spares) >= min(SPARE_LOW, self._spare_count):
+        if self._refilling or 2 * len(self._spares) >= self.spare_target:
             return
         assert self._spare_group is not None
         self._refilling = True
@@ -102,7 +114,7 @@ class SessionLink:
 
     async def _fill(self, generation: int) -> None:
         try:
-            missing = self._spare_count - len(self._spares)
+            missing = self.spare_target - len(self._spares)
             if missing > 0:
                 tokens = await self.session.new_tokens(missing)
                 if generation == self._generation:
@@ -118,6 +130,7 @@ class SessionLink:
     def statistics(self) -> dict[str, Any]:
         stats: dict[str, Any] = msgspec.to_builtins(self.session.statistics())
         stats["spare_tokens"] = len(self._spares)
+        stats["spare_target"] = self.spare_target
         stats["spare_tokens_used"] = self.spares_used
         return stats
 
@@ -184,7 +197,7 @@ async def open_session(
     control = LinkControl()
     async with anyio.create_task_group() as tg:
         await tg.start(session.run)
-        link = SessionLink(session, tg, SPARE_TOKENS, timings)
+        link = SessionLink(session, tg, timings)
         try:
             yield link, control
         finally:

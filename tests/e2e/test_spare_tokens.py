@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from hyperd.cli.client import RPCClient, ShimClient
-from hyperd.daemon.vmadapter import SPARE_LOW, SPARE_TOKENS
+from hyperd.daemon.vmadapter import SPARE_MAX, SPARE_MIN, spare_target
 from tests.e2e.conftest import Hyperd, Started, rpc, start_pod
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.root]
@@ -30,7 +30,7 @@ async def _spares_refilled(c: RPCClient) -> dict[str, Any]:
     event for it: looked up until then, within the test's deadline)."""
     while True:
         stats = await _vm_stats(c)
-        if stats["spare_tokens"] == SPARE_TOKENS and stats["in_flight"] == 0:
+        if stats["spare_tokens"] == stats["spare_target"] and stats["in_flight"] == 0:
             return stats
         await anyio.sleep(POLL)
 
@@ -52,8 +52,9 @@ async def test_creates_take_spare_tokens_that_work(hyperd: Hyperd, busybox_rootf
                 {"pod": "p", "id": "c0", "rootfs": rootfs, "process": {"args": ["echo", "c0"]}},
             )
             before = await _spares_refilled(c)
-            # as many creates as leave SPARE_LOW spares: none of them sends a command
-            ids = [f"c{n}" for n in range(1, SPARE_TOKENS - SPARE_LOW + 1)]
+            assert before["spare_tokens"] == SPARE_MIN  # a pod's first spares
+            # as many creates as leave half of them: none of them sends a command
+            ids = [f"c{n}" for n in range(1, SPARE_MIN - SPARE_MIN // 2 + 1)]
             created = {}
             for cid in ids:
                 created[cid] = await c.call(
@@ -62,7 +63,7 @@ async def test_creates_take_spare_tokens_that_work(hyperd: Hyperd, busybox_rootf
                 )
             after = await _vm_stats(c)
             assert after["sent"] == before["sent"], (before, after)
-            assert after["spare_tokens"] == SPARE_LOW
+            assert after["spare_tokens"] == SPARE_MIN // 2
             assert after["spare_tokens_used"] - before["spare_tokens_used"] == len(ids)
             tokens = [first["token"], *(x["token"] for x in created.values())]
             assert len(set(tokens)) == len(tokens)
@@ -79,6 +80,8 @@ async def test_creates_take_spare_tokens_that_work(hyperd: Hyperd, busybox_rootf
             refilled = await _spares_refilled(c)
             assert refilled["spare_tokens_used"] == mid["spare_tokens_used"] + 1
             assert refilled["sent"] == mid["sent"] + 1  # one AttachVM for all of them
+            # the pod keeps using them: it is kept more (twice what it took, at most SPARE_MAX)
+            assert refilled["spare_tokens"] == spare_target(len(ids) + 1) > SPARE_MIN
             # where the time went, per step (hyperd.stats → timings)
             timings = (await c.call("hyperd.stats"))["timings"]
             for key, count in (
@@ -90,3 +93,9 @@ async def test_creates_take_spare_tokens_that_work(hyperd: Hyperd, busybox_rootf
                 assert timings[key]["count"] == count, (key, timings[key])
                 assert 0 < timings[key]["p50_us"] <= timings[key]["p99_us"], (key, timings[key])
             assert timings["state.save"]["count"] >= 2 * len(ids)
+
+
+def test_spare_target_follows_the_pods_use() -> None:
+    assert [spare_target(used) for used in (0, 1, 2, 3, 4, 7, 8, 100)] == [
+        SPARE_MIN, SPARE_MIN, SPARE_MIN, 6, 8, 14, SPARE_MAX, SPARE_MAX
+    ]  # fmt: skip
