@@ -9,14 +9,21 @@
 - :func:`listen_fds` takes the sockets systemd passed (``$LISTEN_FDS`` from fd 3, when
   ``$LISTEN_PID`` is ours) and unsets the variables so children do not inherit them. Call it
   before the event loop starts.
+- :class:`ReadyListener` is the manager's side, for starting a program the way systemd does
+  (tests, the benchmark, the containerd testbed): a socket to pass as ``$NOTIFY_SOCKET``, and
+  a wait for ``READY=1`` that also notices the program's death.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import secrets
+import select
 import socket
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import anyio
 
@@ -149,3 +156,55 @@ def listen_fds(*, unset_environment: bool = True) -> list[socket.socket]:
         os.set_inheritable(fd, False)
         sockets.append(socket.socket(fileno=fd))
     return sockets
+
+
+READY_POLL = 0.5
+"""Seconds between two looks at whether the program waited on is still alive."""
+
+
+class ReadyListener:
+    """A ``$NOTIFY_SOCKET`` for a program started here, as a service manager holds one.
+
+    ``with ReadyListener(directory) as ready:`` binds a datagram socket at a fresh path in
+    ``directory`` (:attr:`path`, for the program's environment); leaving the block closes and
+    removes it.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.path = str(Path(directory) / f"n-{secrets.token_hex(4)}")  # (sun_path is short)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            self._sock.bind(self.path)
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def __enter__(self) -> ReadyListener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def wait(self, timeout: float, alive: Callable[[], bool] = lambda: True) -> bool:
+        """Wait until a datagram has a ``READY=1`` line: True; False once ``alive()`` says the
+        program is gone or ``timeout`` seconds have passed without it (blocking: call it from a
+        thread or outside an event loop)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            readable, _, _ = select.select([self._sock], [], [], min(left, READY_POLL))
+            if readable:
+                message = self._sock.recv(4096).decode(errors="replace")
+                if "READY=1" in message.splitlines():
+                    return True
+            elif not alive():
+                return False

@@ -8,10 +8,7 @@ The daemon runs from a base directory inside the run's workspace, with ``--stop-
 from __future__ import annotations
 
 import os
-import select
-import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -20,8 +17,8 @@ from hyperd.bench import wire
 from hyperd.bench.procs import READY_TIMEOUT, HelperError, python_argv
 from hyperd.bench.topology import HELPER_LOG_LEVEL, Workspace
 from hyperd.cli.rootfs import build_busybox_rootfs
+from hyperd.notify import ReadyListener
 
-NOTIFY_READY: Final = "READY=1"
 KILL_SIGNAL_NAME: Final = "CONT"
 """The signal the latency scenarios send with ``container.kill``: harmless to a sleeping init."""
 SLEEP_ARGS: Final = ["sleep", "100000"]
@@ -55,10 +52,7 @@ def start_daemon(
     """
     base = base or ws.path(ws.unique(name))
     os.makedirs(base, exist_ok=True)
-    notify_path = ws.path(f"{name}.notify")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        sock.bind(notify_path)
+    with ReadyListener(ws.root) as ready:
         argv = [
             *python_argv("hyperd"),
             "serve",
@@ -69,21 +63,10 @@ def start_daemon(
         ]
         if stop_pods:
             argv.append("--stop-pods-on-exit")
-        proc = ws.procs.spawn(argv, what="hyperd", ready=False, env={"NOTIFY_SOCKET": notify_path})
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            left = deadline - time.monotonic()
-            readable, _, _ = select.select([sock], [], [], max(min(left, 0.5), 0))
-            if readable:
-                message = sock.recv(4096).decode(errors="replace")
-                if NOTIFY_READY in message.splitlines():
-                    break
-            elif proc.poll() is not None or left <= 0:
-                ws.procs.stop(proc)
-                raise HelperError(f"hyperd did not report READY=1 (exit status {proc.returncode})")
-    finally:
-        sock.close()
-        os.unlink(notify_path)
+        proc = ws.procs.spawn(argv, what="hyperd", ready=False, env={"NOTIFY_SOCKET": ready.path})
+        if not ready.wait(READY_TIMEOUT, alive=lambda: proc.poll() is None):
+            ws.procs.stop(proc)
+            raise HelperError(f"hyperd did not report READY=1 (exit status {proc.returncode})")
     return Daemon(proc, os.path.join(base, "hyperd.sock"), base)
 
 

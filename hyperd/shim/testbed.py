@@ -10,13 +10,13 @@ venv's bin directory is put first on containerd's PATH); its sockets go to ``<di
 from __future__ import annotations
 
 import os
-import secrets
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Final
+
+from hyperd.notify import ReadyListener
 
 READY_TIMEOUT: Final = 60.0  # seconds for containerd to report READY=1 on a loaded machine
 STOP_TIMEOUT: Final = 30.0  # seconds for containerd to exit after SIGTERM
@@ -74,31 +74,20 @@ class PrivateContainerd:
 
     def start(self) -> None:
         """Start containerd and wait for its ``READY=1``; raises :class:`ContainerdError`."""
-        notify_path = str(self.dir / f"n-{secrets.token_hex(4)}")
-        ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        ns.bind(notify_path)
-        ns.settimeout(READY_TIMEOUT)
-        try:
+        with ReadyListener(self.dir) as ready:
             with open(self.log, "ab") as log:
-                self.proc = subprocess.Popen(
+                self.proc = proc = subprocess.Popen(
                     ["containerd", "--config", str(self.dir / "config.toml")],
                     stdout=log,
                     stderr=log,
-                    env={**self.env(), "NOTIFY_SOCKET": notify_path},
+                    env={**self.env(), "NOTIFY_SOCKET": ready.path},
                     start_new_session=True,
                 )
-            while True:
-                try:
-                    msg = ns.recv(4096).decode()
-                except TimeoutError:
-                    raise ContainerdError(
-                        f"containerd did not report READY=1:\n{self.log.read_text()[-5000:]}"
-                    ) from None
-                if "READY=1" in msg.splitlines():
-                    return
-        finally:
-            ns.close()
-            os.unlink(notify_path)
+            if not ready.wait(READY_TIMEOUT, alive=lambda: proc.poll() is None):
+                raise ContainerdError(
+                    f"containerd did not report READY=1 (exit status {proc.poll()}):\n"
+                    f"{self.log.read_text()[-5000:]}"
+                )
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -12,7 +12,6 @@ import contextlib
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 
 from hyperd.cli.client import RPCClient, ShimClient
+from hyperd.notify import ReadyListener
 
 READY_TIMEOUT = 30.0  # seconds for hyperd to report READY=1
 STOP_TIMEOUT = 30.0  # seconds for hyperd to exit after SIGTERM
@@ -49,12 +49,9 @@ class Hyperd:
         return str(self.base / "hyperd.sock")
 
     def start(self, *, stop_pods_on_exit: bool = True, env: dict[str, str] | None = None) -> None:
-        notify_path = str(self.base.parent / f"n-{secrets.token_hex(4)}")
-        ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        ns.bind(notify_path)
-        ns.settimeout(READY_TIMEOUT)
+        ready = ReadyListener(self.base.parent)
         full_env = dict(
-            os.environ, NOTIFY_SOCKET=notify_path, HYPERD_TEST_SIM_RECORD_DIR=str(self.record_dir)
+            os.environ, NOTIFY_SOCKET=ready.path, HYPERD_TEST_SIM_RECORD_DIR=str(self.record_dir)
         )
         full_env.update(env or {})
         argv = [
@@ -71,21 +68,15 @@ class Hyperd:
         if stop_pods_on_exit:
             argv.append("--stop-pods-on-exit")
         self.log = self.base.parent / "hyperd.log"
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(argv, env=full_env, stdout=log, stderr=log)
-        try:
-            while True:
-                try:
-                    msg = ns.recv(4096).decode()
-                except TimeoutError:
-                    raise AssertionError(
-                        f"hyperd did not report READY=1:\n{self.log.read_text()}"
-                    ) from None
-                if "READY=1" in msg.splitlines():
-                    return
-        finally:
-            ns.close()
-            os.unlink(notify_path)
+        with ready:
+            with open(self.log, "ab") as log:
+                self.proc = subprocess.Popen(argv, env=full_env, stdout=log, stderr=log)
+            proc = self.proc
+            if not ready.wait(READY_TIMEOUT, alive=lambda: proc.poll() is None):
+                raise AssertionError(
+                    f"hyperd did not report READY=1 (exit status {proc.poll()}):\n"
+                    f"{self.log.read_text()}"
+                )
 
     def stop(self) -> int:
         """SIGTERM hyperd and wait; returns its exit status."""

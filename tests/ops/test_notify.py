@@ -171,3 +171,31 @@ def test_status_updates_without_manager(monkeypatch: pytest.MonkeyPatch) -> None
     updates = notify.StatusUpdates(lambda: pytest.fail("no line is built without a manager"))
     updates.changed()  # no loop needed either: it returns at once
     assert updates.sent == 0
+
+
+def _notifying(path: str, code: str) -> subprocess.Popen[bytes]:
+    """A child process that runs ``code`` with ``NOTIFY_SOCKET=path``."""
+    return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "NOTIFY_SOCKET": path})
+
+
+def test_ready_listener_sees_ready_and_the_programs_death(tmp_path: Path) -> None:
+    with notify.ReadyListener(tmp_path) as ready:
+        path = ready.path
+        # other lines first, then READY=1 in a datagram of several lines
+        proc = _notifying(
+            path,
+            "from hyperd import notify; notify.status('starting'); "
+            "notify.ready('serving'); import time; time.sleep(30)",
+        )
+        try:
+            assert ready.wait(30, alive=lambda: proc.poll() is None)
+        finally:
+            proc.kill()
+            proc.wait()
+        # a program that dies without READY=1: noticed without waiting for the timeout
+        dead = _notifying(path, "raise SystemExit(3)")
+        assert not ready.wait(600, alive=lambda: dead.poll() is None)
+        assert dead.returncode == 3
+        # nobody sends anything: the timeout
+        assert not ready.wait(0.05)
+    assert not os.path.exists(path)  # removed when the block ends
