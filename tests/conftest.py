@@ -10,6 +10,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -19,7 +20,7 @@ from hypothesis import HealthCheck, settings
 # stretches). In CI (CI set in the environment, or HYPOTHESIS_PROFILE=ci) the examples are
 # derandomized, so a failure there is the same failure on a developer's machine; elsewhere they are
 # random and a failure prints the seed that reproduces it (``--hypothesis-seed=N``).
-_TIMING_FREE = {
+_TIMING_FREE: dict[str, Any] = {
     "deadline": None,
     "suppress_health_check": [HealthCheck.too_slow],
     "print_blob": True,

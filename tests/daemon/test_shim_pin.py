@@ -12,7 +12,7 @@ from hyperd import procs
 from hyperd.daemon.exits import pin_shim, repin_shim
 from hyperd.daemon.model import ContainerRecord
 from hyperd.errors import InvalidParams
-from hyperd.spec import DirRootfs, ProcessSpec
+from hyperd.spec import ProcessSpec, RootfsSpec
 
 NOBODY = 65534
 DEADLINE = 30.0  # a sleep process ending after SIGTERM on a busy machine
@@ -69,7 +69,7 @@ def test_no_such_process(pid: int) -> None:
 def test_repin_refuses_a_recycled_pid(root_sleep: subprocess.Popen[bytes]) -> None:
     record = ContainerRecord(
         id="c",
-        rootfs=DirRootfs(path="/"),
+        rootfs=RootfsSpec(path="/"),
         process=ProcessSpec(args=["x"]),
         token="t",
         shim_pid=root_sleep.pid,

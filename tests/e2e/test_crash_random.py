@@ -26,6 +26,7 @@ import random
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -90,7 +91,7 @@ async def _lifecycle(
         return
     try:
 
-        async def step(op: str, method: str, params: dict[str, object]) -> object:
+        async def step(op: str, method: str, params: dict[str, Any]) -> object:
             entry.in_flight = op
             entry.killed = entry.killed or op == "kill"
             result = await client.call(method, params)

@@ -82,7 +82,7 @@ async def subscribed(path: str) -> AsyncIterator[Events]:
         yield Events(client, path)
 
 
-def exits_of(seen: list[dict[str, Any]], pod: str) -> list[tuple[str, str, Any]]:
+def exits_of(seen: list[dict[str, Any]], pod: str) -> list[tuple[Any, Any, Any]]:
     return [
         (e["kind"], e.get("exec_id") or e.get("container"), e.get("status"))
         for e in seen

@@ -35,7 +35,7 @@ CONNECT_FRAME = struct.pack(">IIBB", len(CONNECT_DATA), 1, 1, 0) + CONNECT_DATA
 
 
 def drain_server(conn: ServerConnection) -> list[object]:
-    events = []
+    events: list[object] = []
     while (event := conn.next_event()) is not NEED_DATA:
         events.append(event)
     return events

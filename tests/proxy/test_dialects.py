@@ -21,7 +21,7 @@ from tests.proxy.harness import Agent, Proxied, RawClient, agent_running, hyper,
 
 pytestmark = pytest.mark.anyio
 
-CONTAINER = {
+CONTAINER: dict[str, Any] = {
     "id": "c1",
     "rootfs": "rootfs",
     "image": "c1",

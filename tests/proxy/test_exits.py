@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from protocol.ccproxy import Command, Frame, FrameType, Notification
+from protocol.ccproxy import Command, Frame, FrameType, Notification, Stream
 from tests.proxy.harness import RawClient, hyper, proxied
 from tests.proxy.test_sim import POD, _container, collect, sim
 
@@ -129,7 +129,7 @@ async def test_exits_kept_while_nobody_listens_are_delivered_on_attach(
             await runtime.aclose()  # hyperd goes away; its processes keep running
             # one after the other: an exec dies with its container's init
             for shim, status in ((exec_shim, 12), (shims[0], 10), (shims[1], 11)):
-                await shim.stream_frame(0, b"go\n")
+                await shim.stream_frame(Stream.STDIN, b"go\n")
                 assert (await collect(shim))[2] == status
             # three exits, two kept (the oldest is dropped): they follow the AttachVM response
             again = await proxy.connect()

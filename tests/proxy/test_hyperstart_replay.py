@@ -247,7 +247,7 @@ async def test_exec_signal_winsize(anyio_backend: object, short_tmp: Path) -> No
     seen: list[Any] = []
     script = _script("exec_and_signals", seqs=EXEC_SEQS, until="EXECCMD ex4")
     segments = script[1]
-    data = [rec.get("payload_json") for rec, _ in segments]
+    data: list[Any] = [rec.get("payload_json") for rec, _ in segments]
     ctl_listener = await PipeListener.create(str(short_tmp / "vm.ctl"))
     tty_listener = await PipeListener.create(str(short_tmp / "vm.tty"))
     done = anyio.Event()  # the recording is cut after EXECCMD ex4: the VM stays until then

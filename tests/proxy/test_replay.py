@@ -4,6 +4,7 @@ replies go in, the same frames must come out (to the clients and to the agent)."
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.anyio
 WHOLE = ["register_attach_hyper", "attach_tokens", "newcontainer_with_shim", "stdin_and_signal"]
 
 
-async def _replay(short_tmp: Path, scenario: str, frames: list | None = None) -> Replayer:
+async def _replay(short_tmp: Path, scenario: str, frames: list[Any] | None = None) -> Replayer:
     transcript = load(scenario)
     with running_proxy(short_tmp / "proxy.sock", "--agent-dialect", "cc") as proxy:
         replayer = Replayer(transcript, proxy.socket, short_tmp)

@@ -148,7 +148,7 @@ def test_missing_qemu_and_packages_are_named(monkeypatch: pytest.MonkeyPatch,
     def which(name: str) -> str | None:
         return None if name == "qemu-system-x86_64" else real_which(name)
 
-    monkeypatch.setattr(build.shutil, "which", which)
+    monkeypatch.setattr(shutil, "which", which)  # (the module build.py uses)
     with pytest.raises(ImageError, match=r"qemu-system-x86_64 not found.*apt-get install"):
         build.build_image(tmp_path)
     with pytest.raises(ImageError, match="no-such-package-hyperd") as err:

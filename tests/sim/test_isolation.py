@@ -8,6 +8,7 @@ import socket
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -42,7 +43,7 @@ def rootfs(sim: Sim, add_rootfs: AddRootfs) -> Path:
     return root
 
 
-def run(client: HostClient, script: str, *, seq: int = 3, **kw: object) -> Output:
+def run(client: HostClient, script: str, *, seq: int = 3, **kw: Any) -> Output:
     """Start container c1 running ``sh -c script``; its output once it has exited."""
     start_pod(client)
     client.ok(Code.NEWCONTAINER, container("c1", process(["sh", "-c", script], seq, seq + 1, **kw)))
