@@ -13,11 +13,12 @@ import os
 import signal
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
-from hyperd.cli.client import ConnectionClosed, RPCError, ShimClient
+from hyperd.cli.client import ConnectionClosed, RPCClient, RPCError, ShimClient
 from hyperd.store import DB_NAME
 from tests.e2e.conftest import (
     Hyperd,
@@ -95,27 +96,32 @@ async def test_crash_during_container_start(hyperd_factory: Hyperd, busybox_root
         assert helper_pids(hyperd_factory.base) == set()
 
 
+async def _start_until_the_crash(c: RPCClient, **params: Any) -> ShimClient:
+    """container.create of "c" in pod "p" with ``params``, its shim claims the token, and
+    container.start, in which the daemon SIGKILLs itself (crash point container.start:sent,
+    right after NEWCONTAINER); the shim, still connected."""
+    created = await c.call("container.create", {"pod": "p", "id": "c", **params})
+    shim = await ShimClient.connect(created["proxy_url"], created["token"])
+    await shim.wait_connected()
+    with pytest.raises((ConnectionClosed, RPCError, anyio.BrokenResourceError)):
+        await c.call("container.start", {"pod": "p", "id": "c"})
+    return shim
+
+
 async def test_crash_after_newcontainer_adopts_the_running_container(
     hyperd_factory: Hyperd, busybox_rootfs: Path
 ) -> None:
-    """The agent started it, the record says "start" with its mounts: adopted as running."""
+    """The agent started it; the record still says "created" (a start saves nothing): the
+    restart asks the agent and adopts it as running, with the rootfs mounted ahead."""
     hyperd_factory.start(env={CRASH: "container.start:sent"}, stop_pods_on_exit=False)
     with anyio.fail_after(60):
         async with rpc(hyperd_factory.socket) as c:
             await start_pod(c, "p")
-            created = await c.call(
-                "container.create",
-                {
-                    "pod": "p",
-                    "id": "c",
-                    "rootfs": {"path": str(busybox_rootfs)},
-                    "process": {"args": ["sh", "-c", "read line; echo got $line"]},
-                },
+            shim = await _start_until_the_crash(
+                c,
+                rootfs={"path": str(busybox_rootfs)},
+                process={"args": ["sh", "-c", "read line; echo got $line"]},
             )
-            shim = await ShimClient.connect(created["proxy_url"], created["token"])
-            await shim.wait_connected()
-            with pytest.raises((ConnectionClosed, RPCError, anyio.BrokenResourceError)):
-                await c.call("container.start", {"pod": "p", "id": "c"})
         await anyio.to_thread.run_sync(_wait_killed, hyperd_factory)
 
         hyperd_factory.start()
@@ -150,20 +156,12 @@ async def test_crash_after_newcontainer_finds_the_mounts_and_the_exit(
     with anyio.fail_after(60):
         async with rpc(hyperd_factory.socket) as c:
             await start_pod(c, "p", vm={"backend": "sim", "dialect": dialect})
-            created = await c.call(
-                "container.create",
-                {
-                    "pod": "p",
-                    "id": "c",
-                    "rootfs": {"path": str(busybox_rootfs)},
-                    "process": {"args": ["sh", "-c", "read line; exit 7"]},
-                    "mounts": [{"source": str(volume), "destination": "/data", "type": "bind"}],
-                },
+            shim = await _start_until_the_crash(
+                c,
+                rootfs={"path": str(busybox_rootfs)},
+                process={"args": ["sh", "-c", "read line; exit 7"]},
+                mounts=[{"source": str(volume), "destination": "/data", "type": "bind"}],
             )
-            shim = await ShimClient.connect(created["proxy_url"], created["token"])
-            await shim.wait_connected()
-            with pytest.raises((ConnectionClosed, RPCError, anyio.BrokenResourceError)):
-                await c.call("container.start", {"pod": "p", "id": "c"})
         await anyio.to_thread.run_sync(_wait_killed, hyperd_factory)
         mounted = hyperd_factory.mounts_under_base()
         rootfs = str(hyperd_factory.base / "shared" / "p" / "c" / "rootfs")
