@@ -29,7 +29,7 @@ import msgspec
 from hyperd import agent
 from hyperd.bench import wire
 from hyperd.bench.daemon import SLEEP_ARGS, busybox_rootfs, start_daemon
-from hyperd.bench.procs import descendant_pids
+from hyperd.bench.procs import child_pids
 from hyperd.bench.stats import Section, percentile
 from hyperd.bench.topology import Workspace
 from hyperd.host.mountsys import MNT_DETACH, MS_BIND, umount
@@ -66,15 +66,13 @@ def _helpers(parent: int) -> dict[str, int]:
     """The direct children of ``parent`` that are our programs, by role: ``hyperd`` (the
     daemon), ``sim`` and ``proxy``."""
     out: dict[str, int] = {}
-    for pid in descendant_pids(parent):
+    for pid in child_pids(parent):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
         except OSError:
             continue
-        if ppid != parent or len(argv) < 3:
+        if len(argv) < 3:
             continue
         role = {b"hyperd": "hyperd", b"hyperd.sim": "sim", b"hyperd.proxy": "proxy"}.get(argv[2])
         if role is not None:

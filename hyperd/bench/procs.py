@@ -69,6 +69,11 @@ def _process_table() -> tuple[dict[int, list[int]], dict[int, str]]:
     return children, states
 
 
+def child_pids(parent: int) -> list[int]:
+    """The pids whose parent is ``parent`` (zombies included)."""
+    return _process_table()[0].get(parent, [])
+
+
 def descendant_pids(root: int, *, live: bool = False) -> list[int]:
     """Every pid below ``root`` (children first, then theirs); ``live``: zombies left out."""
     children, states = _process_table()

@@ -120,7 +120,10 @@ async def _settle(d: Daemon, pod: PodRecord, c: ContainerRecord, link: AgentLink
     if c.state == ContainerState.CREATED:
         # container.start saves nothing before NEWCONTAINER (records of earlier versions may
         # say intent "start"): the agent says whether it was sent
-        if await _agent_has(pod, c, link):
+        # started: the agent knows it, or (the hyperhq agent frees a container whose init
+        # exits) the proxy kept its exit, which came before the probe's answer on the same
+        # connection
+        if await _agent_has(pod, c, link) or c.token in d.rt(pod).exits.early:
             if not c.mounts_made:  # mounted ahead by container.create, never saved
                 c.mounts_made = await bridge.found_mounts(pod, c)
             # (an exit recorded before: a record of an earlier version)
@@ -128,14 +131,6 @@ async def _settle(d: Daemon, pod: PodRecord, c: ContainerRecord, link: AgentLink
             c.state = ContainerState.EXITED if exited else ContainerState.RUNNING
             log.info("container start completed", extra={"pod": pod.id, "container": c.id})
             # its exit may have come right after the AttachVM, kept aside while it was created
-            exits.apply_early_exit(d, pod, c)
-        elif c.token in d.rt(pod).exits.early:
-            # started, and ended while hyperd was down: the hyperhq agent frees a container
-            # whose init exits, but the proxy kept its exit, which came before the probe's
-            # answer on the same connection
-            c.mounts_made = await bridge.found_mounts(pod, c)
-            c.state = ContainerState.RUNNING
-            log.info("container started and exited", extra={"pod": pod.id, "container": c.id})
             exits.apply_early_exit(d, pod, c)
         else:
             # what container.create mounted ahead (no record lists it), or a start's mounts

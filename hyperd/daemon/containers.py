@@ -13,7 +13,7 @@ Work is moved off the calls a caller waits on where it can be:
   sets up its shim; ``start`` waits for that (and mounts itself if it failed: the error is
   ``start``'s, as before);
 - ``stop`` unmounts, and leaves the container's empty directory in the share to ``delete``;
-- the save after the agent acted is made once the answer is written (below).
+- neither ``start`` nor the end of ``stop`` saves anything (below).
 
 Every function takes the :class:`~hyperd.daemon.service.Daemon` and validated parameters, and
 raises :class:`hyperd.errors.HyperdError` subclasses whose message names the object.
@@ -21,12 +21,10 @@ raises :class:`hyperd.errors.HyperdError` subclasses whose message names the obj
 Persistence: ``create`` saves the container before it answers. ``start`` saves nothing before
 NEWCONTAINER: a restart asks the agent about every ``created`` container and adopts the ones it
 knows as running, with the mounts found in the mount table (:mod:`hyperd.daemon.adoption`).
-``stop`` records ``intent="stop"`` before REMOVECONTAINER. Each save writes the one container's
-row (and the pod's, if it changed). A save that fails before the agent acted undoes the call
-and fails it. The save after the agent acted (running, stopped) comes right after the answer
-(:meth:`~hyperd.daemon.service.Daemon.save_soon`): until it is made, what was saved before
-leads a restart to the state the call answered; if it fails, hyperd's memory keeps the truth
-and ``hyperd.health`` says so.
+``stop`` records ``intent="stop"`` before REMOVECONTAINER and nothing after: a restart settles
+that intent to ``stopped``. So the record says ``created`` until the container's next save
+(its exit, its stop's intent). Each save writes the container's row only. A save that fails
+before the agent acted undoes the call and fails it.
 """
 
 from __future__ import annotations
@@ -224,15 +222,15 @@ def _premount(pod: PodRecord, c: ContainerRecord, pre: PreMount, timings: Timing
     """Mount the container's rootfs and volumes ahead of its start (``container.create``).
 
     A callback on the event loop, run once the create's answer is written: a few ``mkdir``,
-    ``open`` and mount syscalls (60 µs on tmpfs, 110 µs on ext4 here), where a worker thread's
+    ``open`` and mount syscalls (60 µs on tmpfs, 85 µs on ext4 here), where a worker thread's
     hand-off and the fight for the GIL cost more than the work. Like ``create``'s check of the
     rootfs, it touches caller-given paths on the loop: a source on a hung network filesystem
     blocks the daemon (as the seed's inline mount blocked its caller).
 
-    Not saved (``container.start`` saves them with the running container): a crash before
-    that leaves mounts no record lists, under the container's own directory, which a restart
-    finds in the mount table (:mod:`hyperd.daemon.adoption`): it undoes them, or records them
-    if the agent has the container.
+    Not saved (the record lists them from the container's next save: its exit, its stop's
+    intent): a crash before that leaves mounts no record lists, under the container's own
+    directory, which a restart finds in the mount table (:mod:`hyperd.daemon.adoption`): it
+    undoes them, or records them if the container was started.
     """
     start = perf_counter()
     try:

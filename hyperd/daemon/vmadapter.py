@@ -46,6 +46,8 @@ def spare_target(used: int) -> int:
     """How many spare tokens to keep once ``used`` spares were taken: twice that, within
     :data:`SPARE_MIN` .. :data:`SPARE_MAX`; they are refilled when fewer than half are left."""
     return min(SPARE_MAX, max(SPARE_MIN, 2 * used))
+
+
 _AGENT_KEYS = {name: "agent." + name for name in {*CC.names, *HYPER.names}}
 """Timing keys of the agent commands (a fixed set: any other name counts as ``agent.other``)."""
 
