@@ -34,7 +34,7 @@ import signal
 import anyio
 
 from hyperd.daemon import bridge, exits, launcher
-from hyperd.daemon.model import ContainerRecord, ContainerState, PodRecord, PodState
+from hyperd.daemon.model import ContainerRecord, ContainerState, ExecState, PodRecord, PodState
 from hyperd.daemon.service import Daemon, PodRuntime
 from hyperd.daemon.vmlink import AgentLink
 from hyperd.errors import AgentError, HyperdError
@@ -149,6 +149,9 @@ async def _settle(d: Daemon, pod: PodRecord, c: ContainerRecord, link: AgentLink
                 c.intent = ""
                 return
         c.state = ContainerState.STOPPED
+        for e in pod.execs.values():  # as container.stop leaves them
+            if e.container == c.id:
+                e.state = ExecState.EXITED
         await bridge.unmount_container(pod, c)
         c.mounts_made = []
     c.intent = ""

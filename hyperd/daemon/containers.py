@@ -361,8 +361,8 @@ async def container_stop(d: Daemon, pod_id: object, cid: object) -> dict[str, An
                 d.publish("container", pod, str(c.state), container=c.id)
             raise
         # the saved intent (stop) says the same to a restart (it finds the agent without the
-        # container, and unmounts what is left), so the container's row is not saved again
-        # (container.delete deletes it); its execs, which the intent does not settle, are
+        # container, unmounts what is left and ends its execs), so the container's row is not
+        # saved again (container.delete deletes it); its execs are, once the answer is out
         if execs:
             d.save_soon(pod, *execs)
         d.publish("container", pod, str(c.state), container=c.id)

@@ -212,8 +212,8 @@ def record_exit(
     """Record that ``obj``'s process ended (``status`` None: unknown, ``reason`` says why).
 
     Returns False when nothing was new (its status was known already, or it was already
-    marked ended without one and no status came now). Publishes one event, then saves the pod
-    in the background and wakes the waiters once it is saved.
+    marked ended without one and no status came now). Publishes one event, saves the record (a
+    failure is logged) and wakes the waiters.
     """
     if obj.exit_status is not None:
         return False

@@ -83,8 +83,8 @@ MAX_HOSTNAME = 64  # hyperstart truncates longer hostnames; the seed cuts them f
 
 @dataclass
 class PreMount:
-    """A container's rootfs and volumes being mounted ahead of its start, in the background of
-    ``container.create`` (see :mod:`hyperd.daemon.containers`): ``records`` once made; still
+    """A container's rootfs and volumes being mounted ahead of its start, right after the answer
+    of ``container.create`` (see :mod:`hyperd.daemon.containers`): ``records`` once made; still
     ``None`` once ``done`` if it failed (``container.start`` then mounts itself and reports the
     error)."""
 
