@@ -72,7 +72,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
 import anyio
@@ -188,7 +188,7 @@ def _decode_list(cls: type[Any], items: list[JSONObject], field: str) -> list[An
     return out
 
 
-Handler = Callable[[Any, CallContext], Awaitable[Any]]
+Handler = Callable[[Any, CallContext], Any]  # async def, or a plain function (see hyperd.rpc)
 
 
 def build_methods(d: Daemon) -> MethodTable:
@@ -291,17 +291,18 @@ def build_methods(d: Daemon) -> MethodTable:
     async def container_delete(p: ContainerRef, ctx: CallContext) -> Any:
         return await ops.container_delete(d, p.pod, p.id)
 
+    # plain functions (no task per call): the agent's reply comes as a Pending
     @add("container.kill", ContainerKill)
-    async def container_kill(p: ContainerKill, ctx: CallContext) -> Any:
-        return await ops.container_kill(d, p.pod, p.id, p.signal, p.all)
+    def container_kill(p: ContainerKill, ctx: CallContext) -> Any:
+        return ops.container_kill(d, p.pod, p.id, p.signal, p.all)
 
     @add("container.wait", ContainerWait)
     async def container_wait(p: ContainerWait, ctx: CallContext) -> Any:
         return await _unless_gone(ctx, exits.wait(d, p.pod, "container", p.id, p.timeout))
 
     @add("container.ps", ContainerPs)
-    async def container_ps(p: ContainerPs, ctx: CallContext) -> Any:
-        return await ops.container_ps(d, p.pod, p.id, p.format, p.args)
+    def container_ps(p: ContainerPs, ctx: CallContext) -> Any:
+        return ops.container_ps(d, p.pod, p.id, p.format, p.args)
 
     @add("container.list", PodOnly)
     async def container_list(p: PodOnly, ctx: CallContext) -> Any:

@@ -9,10 +9,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import anyio
 import msgspec
@@ -24,6 +26,7 @@ from hyperd.daemon.vmlink import AgentLink
 from hyperd.errors import HyperdError, InvalidParams, InvalidState, ProxyError, VMUnavailable
 from hyperd.host.model import HostNetwork, SharedMount
 from hyperd.host.mounts import ROOTFS_DIR, SharedDir
+from hyperd.rpc.pending import Pending
 from protocol import LocalProtocolError, jsonerrors
 from protocol.hyperstart import (
     DIALECTS,
@@ -120,6 +123,28 @@ def decode_ps(reply: bytes) -> str:
     return reply.decode("utf-8", "replace")
 
 
+def _encode(pod: PodRecord, name: str, message: msgspec.Struct | None) -> bytes | None:
+    dialect = dialect_of(pod)
+    if name not in dialect.names:
+        raise InvalidState(f"pod {pod.id!r}: the {dialect.name} agent has no {name!r} command")
+    try:
+        return encode_message(message, dialect) if message is not None else None
+    except LocalProtocolError as exc:
+        raise InvalidParams(f"pod {pod.id!r}: cannot build {name}: {exc}") from None
+
+
+def _failed(pod: PodRecord, name: str, exc: HyperdError) -> HyperdError:
+    """The error to raise for ``exc`` from ``name``: its kind, with the pod and command named."""
+    if isinstance(exc, ProxyError):
+        if vm_lost(pod) or VM_LOST_TEXT in str(exc.data.get("proxy_message", "")):
+            # the proxy noticed the VM's death before we did: the same error as ours
+            return VMUnavailable(
+                f"pod {pod.id!r}: {name}: the VM is gone ({exc.message})", **exc.data
+            )
+        return ProxyError(f"pod {pod.id!r}: {name}: {exc.message}", **exc.data)
+    return type(exc)(f"pod {pod.id!r}: {name}: {exc.message}", **exc.data)
+
+
 async def call(
     pod: PodRecord,
     link: AgentLink,
@@ -132,24 +157,38 @@ async def call(
 
     Errors keep their kind and get the pod and command in their message.
     """
-    dialect = dialect_of(pod)
-    if name not in dialect.names:
-        raise InvalidState(f"pod {pod.id!r}: the {dialect.name} agent has no {name!r} command")
-    try:
-        data = encode_message(message, dialect) if message is not None else None
-    except LocalProtocolError as exc:
-        raise InvalidParams(f"pod {pod.id!r}: cannot build {name}: {exc}") from None
+    if not tokens:
+        return await send(pod, link, name, message)
+    data = _encode(pod, name, message)
     try:
         return await link.hyper(name, data, tokens=tokens)
-    except ProxyError as exc:
-        if vm_lost(pod) or VM_LOST_TEXT in str(exc.data.get("proxy_message", "")):
-            # the proxy noticed the VM's death before we did: the same error as ours
-            raise VMUnavailable(
-                f"pod {pod.id!r}: {name}: the VM is gone ({exc.message})", **exc.data
-            ) from None
-        raise ProxyError(f"pod {pod.id!r}: {name}: {exc.message}", **exc.data) from None
     except HyperdError as exc:
-        raise type(exc)(f"pod {pod.id!r}: {name}: {exc.message}", **exc.data) from None
+        raise _failed(pod, name, exc) from None
+
+
+def send(
+    pod: PodRecord, link: AgentLink, name: str, message: msgspec.Struct | None
+) -> Pending[bytes]:
+    """:func:`call` (without tokens) as a :class:`Pending`: the command is sent now, the reply
+    payload (or the error :func:`call` raises) comes with the Pending's future."""
+    data = _encode(pod, name, message)
+    try:
+        pending = link.send(name, data)
+    except HyperdError as exc:
+        raise _failed(pod, name, exc) from None
+    return Pending(pending.future, functools.partial(_reply, pod, name, pending.then))
+
+
+def _reply(
+    pod: PodRecord,
+    name: str,
+    then: Callable[[asyncio.Future[Any]], bytes],
+    future: asyncio.Future[Any],
+) -> bytes:
+    try:
+        return then(future)
+    except HyperdError as exc:
+        raise _failed(pod, name, exc) from None
 
 
 def vm_lost(pod: PodRecord) -> bool:

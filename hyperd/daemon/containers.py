@@ -62,6 +62,7 @@ from hyperd.errors import (
     NotFound,
     StateError,
 )
+from hyperd.rpc.pending import Pending
 from hyperd.spec import DeviceSpec, MountSpec, ProcessSpec, ResourcesSpec, RootfsSpec, validate_id
 from hyperd.timings import Timings
 
@@ -73,6 +74,10 @@ MAX_SIGNAL = 64  # signals 1..64 (SIGRTMAX) exist on Linux
 
 def get_container(pod: PodRecord, cid: object) -> ContainerRecord:
     """The container ``cid`` of ``pod``; ``InvalidParams`` for a bad id, ``NotFound`` if absent."""
+    if type(cid) is str:
+        c = pod.containers.get(cid)
+        if c is not None:  # a container's id was valid when it was created
+            return c
     cid = validate_id("container", cid)
     c = pod.containers.get(cid)
     if c is None:
@@ -423,11 +428,14 @@ async def _remove(d: Daemon, pod: PodRecord, c: ContainerRecord) -> None:
         log.info("container freed by the hyperhq agent", extra={"pod": pod.id, "container": c.id})
 
 
-async def container_kill(
+def container_kill(
     d: Daemon, pod_id: object, cid: object, signal: int | str, all_processes: bool
-) -> dict[str, Any]:
+) -> dict[str, Any] | Pending[dict[str, Any]]:
     """Signal the container: ``killcontainer`` once started, its shim before that (through the
-    pidfd pinned at ``container.create``, never ``kill()`` of a bare pid)."""
+    pidfd pinned at ``container.create``, never ``kill()`` of a bare pid).
+
+    A plain function (no task needed): the command is sent at once, the result comes with the
+    agent's reply (a :class:`Pending`)."""
     pod = d.get_pod(pod_id)
     c = get_container(pod, cid)
     signum = parse_signal(signal)
@@ -460,21 +468,22 @@ async def container_kill(
             ) from None
         return {"id": c.id, "signal": signum, "target": "shim"}
     link = d.link_of(pod)
-    await bridge.call(pod, link, "killcontainer", bridge.kill_message(c, signum, all_processes))
-    return {"id": c.id, "signal": signum, "target": "agent"}
+    result = {"id": c.id, "signal": signum, "target": "agent"}
+    sent = bridge.send(pod, link, "killcontainer", bridge.kill_message(c, signum, all_processes))
+    return sent.map(lambda _reply: result)
 
 
-async def container_ps(
+def container_ps(
     d: Daemon, pod_id: object, cid: object, fmt: str, args: list[str]
-) -> dict[str, Any]:
-    """``pscontainer``: the agent's process listing as text."""
+) -> Pending[dict[str, Any]]:
+    """``pscontainer``: the agent's process listing as text (sent at once, as kill)."""
     pod = d.get_pod(pod_id)
     c = get_container(pod, cid)
     check_pod_transition(pod, "use")
     check_container_transition(pod, c, "ps")
     link = d.link_of(pod)
-    reply = await bridge.call(pod, link, "pscontainer", bridge.ps_message(pod, c, fmt, args))
-    return {"output": bridge.decode_ps(reply)}
+    sent = bridge.send(pod, link, "pscontainer", bridge.ps_message(pod, c, fmt, args))
+    return sent.map(lambda reply: {"output": bridge.decode_ps(reply)})
 
 
 def container_list(d: Daemon, pod_id: object) -> dict[str, Any]:

@@ -159,6 +159,10 @@ class Daemon:
 
     def get_pod(self, pod_id: object) -> PodRecord:
         """The pod ``pod_id``; raises ``InvalidParams`` for a bad id, ``NotFound`` if unknown."""
+        if type(pod_id) is str:
+            pod = self.pods.get(pod_id)
+            if pod is not None:  # a pod's id was valid when it was created
+                return pod
         pid = validate_id("pod", pod_id)
         pod = self.pods.get(pid)
         if pod is None:

@@ -17,9 +17,11 @@ reconnect to the proxy drops the spares.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from time import perf_counter
 from typing import Any
 
@@ -30,6 +32,7 @@ from hyperd.config import Config
 from hyperd.daemon.model import PodRecord
 from hyperd.daemon.vmlink import LinkControl, LinkEvent
 from hyperd.errors import HyperdError
+from hyperd.rpc.pending import Pending
 from hyperd.timings import Timings
 from hyperd.vm import ProcessExit, VMConfig, VMEvent, VMSession
 from protocol.hyperstart import CC, HYPER
@@ -50,6 +53,17 @@ def spare_target(used: int) -> int:
 
 _AGENT_KEYS = {name: "agent." + name for name in {*CC.names, *HYPER.names}}
 """Timing keys of the agent commands (a fixed set: any other name counts as ``agent.other``)."""
+
+
+def _reply(future: asyncio.Future[bytes]) -> bytes:
+    return future.result()
+
+
+def _timed_reply(
+    timings: Timings, key: str | None, start: float, future: asyncio.Future[bytes]
+) -> bytes:
+    timings.since(key or "agent.other", start)
+    return future.result()
 
 
 class SessionLink:
@@ -85,6 +99,14 @@ class SessionLink:
         finally:
             if self._timings is not None:
                 self._timings.since(_AGENT_KEYS.get(name) or "agent.other", start)
+
+    def send(self, name: str, data: bytes | None = None) -> Pending[bytes]:
+        start = perf_counter()
+        future = self.session.send(name, data)
+        timings = self._timings
+        if timings is None:
+            return Pending(future, _reply)
+        return Pending(future, partial(_timed_reply, timings, _AGENT_KEYS.get(name), start))
 
     async def new_tokens(self, count: int) -> list[str]:
         spares = self._spares

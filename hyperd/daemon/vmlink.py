@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from hyperd.config import Config
 from hyperd.daemon.model import PodRecord
 from hyperd.errors import AgentError
+from hyperd.rpc.pending import Pending
 from hyperd.timings import Timings
 
 HYPER_API_VERSION_MIN = 4243  # hyperhq agents answer GETVERSION with >= this; cc-agent errors
@@ -39,6 +40,12 @@ class AgentLink(Protocol):
         Raises ``AgentError`` (agent said ERROR), ``ProxyError``, ``VMUnavailable`` (including
         ``ConnectionLost``) or ``Timeout``.
         """
+        ...
+
+    def send(self, name: str, data: bytes | None = None) -> Pending[bytes]:
+        """The synchronous half of :meth:`hyper` (no tokens): the command is queued now; the
+        :class:`Pending` gives the reply payload, or raises what :meth:`hyper` raises. Raises
+        ``VMUnavailable`` at once when the command cannot be sent."""
         ...
 
     async def new_tokens(self, count: int) -> list[str]:

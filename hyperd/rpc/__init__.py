@@ -38,8 +38,12 @@ transport): lines are framed with ``protocol.jsonrpc.LineFramer`` (``max_message
 1 MiB; an oversized line is answered with a ``-32600`` error, id null, and dropped without being
 buffered). A call whose handler never awaits (an ``async def`` without ``await``/``async
 for``/``async with``, see :func:`~hyperd.rpc.methods.never_suspends`) is answered inside the
-read callback, with no task of its own; every other request, notification or batch runs in a
-task of its own, so a slow call does not hold up the others. Calls start in the order they were
+read callback, with no task of its own. A handler may also be a plain function (``def``): it
+returns the result, or a :class:`Pending` one (a future and what turns it into the result, see
+:mod:`hyperd.rpc.pending`), which is answered from the future's done callback, again with no
+task (the daemon's one-round-trip agent commands, ``container.kill`` and ``container.ps``). Every
+other request, notification or batch runs in a task of its own, so a slow call does not hold
+up the others. Calls start in the order they were
 read and responses come out in completion order; a batch is answered as one array
 (notifications in it get no element; a batch of notifications gets nothing), and a batch of
 more than ``max_batch`` calls is refused whole; at most ``max_in_flight`` calls (each element of
@@ -101,6 +105,7 @@ from hyperd.rpc.connection import (
 )
 from hyperd.rpc.listeners import DEFAULT_SOCKET_MODE, create_unix_listener, listener_from_socket
 from hyperd.rpc.methods import CallContext, Channel, Method, MethodTable
+from hyperd.rpc.pending import Pending
 from hyperd.rpc.server import DEFAULT_SHUTDOWN_GRACE, RPCServer, ServerStatistics
 
 __all__ = [
@@ -116,6 +121,7 @@ __all__ = [
     "Method",
     "MethodTable",
     "PeerCredentials",
+    "Pending",
     "RPCClient",
     "RPCConnection",
     "RPCConnectionClosed",

@@ -45,6 +45,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final, cast
 
 import anyio
@@ -52,6 +53,7 @@ from msgspec import UNSET
 
 from hyperd.rpc.access import PeerCredentials
 from hyperd.rpc.methods import NEEDS_TASK, CallContext, MethodTable
+from hyperd.rpc.pending import Pending
 from protocol.jsonrpc import (
     INVALID_REQUEST,
     MAX_MESSAGE,
@@ -148,6 +150,7 @@ class RPCConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._in_flight = 0  # calls running or whose response is queued in _pending
         self._tasks: set[asyncio.Task[None]] = set()
+        self._waits: set[Pending[Response | None]] = set()  # calls waiting on a Pending, no task
         self._unstarted = 0  # tasks whose first step has not run yet
         self._pending: deque[tuple[bytes, int]] = deque()  # (data, kind) while writing is paused
         self._queued_notes = 0  # _NOTIFICATION items in _pending
@@ -190,6 +193,8 @@ class RPCConnection(asyncio.Protocol):
         self._queued_notes = self._queued_errors = 0
         for task in self._tasks:
             task.cancel()
+        for pending in self._waits:
+            pending.future.cancel()  # its done callback frees the call's slot
         if self._transport is not None and not self._lost:
             self._transport.abort()  # connection_lost follows in a later loop iteration
         self._maybe_closed()
@@ -201,6 +206,7 @@ class RPCConnection(asyncio.Protocol):
             and not self._closing
             and self._in_flight == 0
             and not self._tasks
+            and not self._waits
             and not self._queued_errors
             and self._transport is not None
         ):
@@ -212,7 +218,7 @@ class RPCConnection(asyncio.Protocol):
             self._maybe_closed()
 
     def _maybe_closed(self) -> None:
-        if self._closed or not self._lost or self._tasks:
+        if self._closed or not self._lost or self._tasks or self._waits:
             return
         self._closed = True
         self._closed_event.set()
@@ -416,6 +422,10 @@ class RPCConnection(asyncio.Protocol):
             ):
                 # (calls start in the order they were read: none may overtake a task's start)
                 response = self._dispatch_now(parsed, ctx)
+                if type(response) is Pending:
+                    self._waits.add(response)
+                    response.future.add_done_callback(partial(self._pending_done, response))
+                    return
                 if response is not NEEDS_TASK:
                     self._complete(encode_message(response) if response is not None else None)
                     return
@@ -458,6 +468,27 @@ class RPCConnection(asyncio.Protocol):
             return self._methods.dispatch_now(msg, ctx)
         finally:
             leave(loop, host)
+
+    def _pending_done(self, pending: Pending[Response | None], future: asyncio.Future[Any]) -> None:
+        """The future of a call answered by a :class:`Pending` is done: write its answer."""
+        self._waits.discard(pending)
+        if future.cancelled():  # the connection closed (or the call was cancelled otherwise)
+            self._in_flight -= 1
+            if self._closing:
+                self._maybe_closed()
+            else:
+                self._unblock()
+            return
+        try:
+            response = pending.then(future)  # (plain code: no task is current)
+            data = encode_message(response) if response is not None else None
+        except Exception:
+            # then() never raises by contract: a bug, which ends this connection only
+            log.exception("%r failed", self)
+            self._in_flight -= 1
+            self.close()
+            return
+        self._complete(data)
 
     # --- calls ---------------------------------------------------------------------------------
 
@@ -507,6 +538,7 @@ class RPCConnection(asyncio.Protocol):
         try:
             answers: list[Response | None] = [None] * len(items)
             deferred: list[tuple[int, Request | Notification, CallContext]] = []
+            waits: list[tuple[int, Pending[Response | None]]] = []
             for index, item in enumerate(items):
                 if isinstance(item, InvalidMessage):
                     answers[index] = item.response()
@@ -516,10 +548,14 @@ class RPCConnection(asyncio.Protocol):
                     answer = NEEDS_TASK if deferred else self._methods.dispatch_now(item, ctx)
                     if answer is None or isinstance(answer, Response):
                         answers[index] = answer
+                    elif isinstance(answer, Pending):
+                        waits.append((index, answer))
                     else:
                         deferred.append((index, item, ctx))
             if deferred:
                 await self._run_deferred(deferred, answers)
+            for index, pending in waits:
+                answers[index] = await pending
             responses = [r for r in answers if r is not None]
             # a batch of notifications only is not answered at all
             data = encode_message(responses) if responses else None

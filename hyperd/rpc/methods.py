@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import dis
 import inspect
 import logging
 import select
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from functools import partial
 from time import perf_counter
 from typing import Any, Final, Protocol, TypeVar, cast, overload
 
@@ -17,6 +19,7 @@ from msgspec import UNSET, UnsetType
 
 from hyperd.errors import HyperdError
 from hyperd.rpc.access import PeerCredentials
+from hyperd.rpc.pending import Pending
 from hyperd.timings import Timings
 from protocol.jsonrpc import (
     INTERNAL_ERROR,
@@ -138,13 +141,16 @@ class Method:
     """One registered method."""
 
     name: str
-    handler: Callable[[Any, CallContext], Awaitable[Any]]
+    handler: Callable[[Any, CallContext], Any]
+    """An ``async def``, or a plain function (see :attr:`plain`)."""
     params_type: type[msgspec.Struct] | None
     fields: frozenset[str]  # wire names of params_type's fields
     synchronous: bool = False
     """The handler is an ``async def`` whose body never awaits: a call completes in one step."""
     timing_key: str = ""
     """Where its durations are recorded: ``rpc.<name>``."""
+    plain: bool = False
+    """The handler is a plain function: it returns the result, or a :class:`Pending` one."""
 
 
 _SUSPENDING_OPS: Final = frozenset(
@@ -164,6 +170,11 @@ _SUSPENDING_OPS: Final = frozenset(
     if name in dis.opmap
 )
 """Opcodes through which a coroutine can suspend (await, async for/with); names per version."""
+
+
+_ASYNC_FLAGS: Final = (
+    inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.CO_ITERABLE_COROUTINE
+)
 
 
 def never_suspends(handler: Callable[..., Any]) -> bool:
@@ -224,30 +235,38 @@ class MethodTable:
     def register(
         self,
         name: str,
-        handler: Callable[[P, CallContext], Awaitable[Any]],
+        handler: Callable[[P, CallContext], Any],
         params_type: type[P],
     ) -> None: ...
     @overload
     def register(
         self,
         name: str,
-        handler: Callable[[None, CallContext], Awaitable[Any]],
+        handler: Callable[[None, CallContext], Any],
         params_type: None = None,
     ) -> None: ...
     def register(
         self,
         name: str,
-        handler: Callable[[Any, CallContext], Awaitable[Any]],
+        handler: Callable[[Any, CallContext], Any],
         params_type: type[msgspec.Struct] | None = None,
     ) -> None:
-        """Add a method. Raises ``ValueError`` if ``name`` is taken."""
+        """Add a method. Raises ``ValueError`` if ``name`` is taken.
+
+        ``handler`` is an ``async def`` (its calls run in a task, unless it never awaits), or a
+        plain function returning the result or a :class:`Pending` one (its calls need no task:
+        see :mod:`hyperd.rpc.pending`).
+        """
         if name in self._methods:
             raise ValueError(f"method {name!r} registered twice")
         fields: frozenset[str] = frozenset()
         if params_type is not None:
             fields = frozenset(f.encode_name for f in msgspec.structs.fields(params_type))
+        func = getattr(handler, "__func__", handler)
+        code = getattr(func, "__code__", None)
+        plain = code is not None and not code.co_flags & _ASYNC_FLAGS
         self._methods[name] = Method(
-            name, handler, params_type, fields, never_suspends(handler), "rpc." + name
+            name, handler, params_type, fields, never_suspends(handler), "rpc." + name, plain
         )
 
     def method(
@@ -272,7 +291,7 @@ class MethodTable:
         if type(self).dispatch is not MethodTable.dispatch:
             return True
         method = self._methods.get(name)
-        return method is not None and not method.synchronous
+        return method is not None and not (method.synchronous or method.plain)
 
     def names(self) -> list[str]:
         """Registered method names, sorted."""
@@ -288,8 +307,8 @@ class MethodTable:
             params = {}
         if not isinstance(params, dict):
             raise _BadParams("params must be an object (by-name)")
-        unknown = sorted(k for k in params if k not in method.fields)
-        if unknown:
+        if not params.keys() <= method.fields:
+            unknown = sorted(k for k in params if k not in method.fields)
             raise _BadParams(f"unknown field `{unknown[0]}`")
         try:
             return msgspec.convert(params, method.params_type)
@@ -312,7 +331,13 @@ class MethodTable:
         method, params = prepared
         start = perf_counter()
         try:
-            response = Response(id=id, result=_encodable(await method.handler(params, ctx)))
+            if method.plain:
+                value = method.handler(params, ctx)
+                if isinstance(value, Pending):
+                    value = await value
+            else:
+                value = await method.handler(params, ctx)
+            response = Response(id=id, result=_encodable(value))
         except Exception as raised:
             response = self._failure(raised, method, ctx, id)
         if self.timings is not None:
@@ -321,14 +346,17 @@ class MethodTable:
 
     def dispatch_now(
         self, msg: Request | Notification, ctx: CallContext
-    ) -> Response | _NeedsTask | None:
+    ) -> Response | Pending[Response | None] | _NeedsTask | None:
         """:meth:`dispatch` without a task switch if the call cannot suspend, else ``NEEDS_TASK``.
 
         Answered at once: unknown methods, bad params, and methods whose handler never suspends
         (:attr:`Method.synchronous`), whose coroutine is run to completion here with
-        ``send(None)``. The caller must be on the event loop's thread, inside a task as far as
-        ``asyncio.current_task()`` is concerned (anyio looks the task up even in code that does
-        not await). A subclass that overrides :meth:`dispatch` always gets ``NEEDS_TASK``.
+        ``send(None)``. A plain handler runs here too; if it returns a :class:`Pending`, so
+        does this: the response (or ``None`` for a notification) once its future is done,
+        which its ``then`` builds without raising. The caller must be on the event loop's
+        thread, inside a task as far as ``asyncio.current_task()`` is concerned (anyio looks the
+        task up even in code that does not await). A subclass that overrides :meth:`dispatch`
+        always gets ``NEEDS_TASK``.
         """
         if self.runs_in_task(msg.method):
             return NEEDS_TASK
@@ -338,6 +366,18 @@ class MethodTable:
             return self._answer(msg, prepared)
         method, params = prepared
         start = perf_counter()
+        if method.plain:
+            try:
+                value = method.handler(params, ctx)
+                if isinstance(value, Pending):
+                    finish = partial(self._finish, msg, method, ctx, id, start, value.then)
+                    return Pending(value.future, finish)
+                response = Response(id=id, result=_encodable(value))
+            except Exception as raised:
+                response = self._failure(raised, method, ctx, id)
+            if self.timings is not None:
+                self.timings.since(method.timing_key, start)
+            return self._answer(msg, response)
         coro = cast(Coroutine[Any, Any, Any], method.handler(params, ctx))
         try:
             coro.send(None)
@@ -352,6 +392,26 @@ class MethodTable:
             coro.close()
             failure = RuntimeError(f"handler of {method.name} suspended; it was never expected to")
             response = self._failure(failure, method, ctx, id)
+        if self.timings is not None:
+            self.timings.since(method.timing_key, start)
+        return self._answer(msg, response)
+
+    def _finish(
+        self,
+        msg: Request | Notification,
+        method: Method,
+        ctx: CallContext,
+        id: Id,
+        start: float,
+        then: Callable[[asyncio.Future[Any]], Any],
+        future: asyncio.Future[Any],
+    ) -> Response | None:
+        """The response of a call whose plain handler returned a :class:`Pending`, once its
+        future is done (not cancelled); never raises."""
+        try:
+            response = Response(id=id, result=_encodable(then(future)))
+        except Exception as raised:
+            response = self._failure(raised, method, ctx, id)
         if self.timings is not None:
             self.timings.since(method.timing_key, start)
         return self._answer(msg, response)

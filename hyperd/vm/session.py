@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from time import monotonic
@@ -83,6 +84,21 @@ def _plain_payload(name: str) -> bytes | Hyper:
     if len(_PLAIN_PAYLOADS) < PLAIN_CACHE_SIZE:
         _PLAIN_PAYLOADS[name] = payload
     return payload
+
+
+def hyper_payload(name: str, data: bytes | None) -> bytes | Hyper:
+    """The payload of ``Hyper(hyperName=name, data=Raw(data))`` (no tokens), as
+    :func:`~protocol.ccproxy.encode_payload` writes it, without encoding it again per call: its
+    head is encoded once per name, and the data, the last key, is forwarded verbatim.
+    ``data`` is JSON already; ``None`` or ``b""`` is no data."""
+    plain: bytes | Hyper | None = _PLAIN_PAYLOADS.get(name)
+    if plain is None:
+        plain = _plain_payload(name)
+    if not data:
+        return plain
+    if type(plain) is bytes:
+        return plain[:-1] + b',"data":' + data + b"}"
+    return Hyper(hyperName=name, data=msgspec.Raw(data))
 
 
 def socket_path(url: str) -> str:
@@ -196,6 +212,29 @@ class VMSession:
             raise VMUnavailable(f"VM {self.vm_id}: unreachable ({self._reason}); {what} not sent")
         return conn
 
+    def send(
+        self,
+        name: str,
+        data: bytes | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> asyncio.Future[bytes]:
+        """The synchronous half of :meth:`hyper`, for the common commands: no tokens, and no
+        data or data already encoded (non-empty JSON ``bytes``, sent verbatim).
+
+        The command is queued (written at once on an idle connection); the future gets the
+        reply payload or the exception :meth:`hyper` would raise. Raises what :meth:`hyper`
+        raises before anything is sent. Cancel the future to stop waiting: its reply is then
+        discarded.
+        """
+        conn = self._conn
+        if conn is None or not self._reachable or conn.closed:
+            conn = self._usable(name)  # raises
+        payload = hyper_payload(name, data)
+        if timeout is None:
+            timeout = self._config.command_timeout
+        return conn.submit(_HYPER, payload, timeout=timeout, label=name)
+
     async def hyper(
         self,
         name: str,
@@ -217,12 +256,8 @@ class VMSession:
             conn = self._usable(name)  # raises
         if timeout is None:
             timeout = self._config.command_timeout
-        if data is None and tokens is None:
-            # the common command without data (ping and the like): its payload is encoded once
-            plain: bytes | Hyper | None = _PLAIN_PAYLOADS.get(name)
-            if plain is None:
-                plain = _plain_payload(name)
-            future = conn.submit(_HYPER, plain, timeout=timeout, label=name)
+        if tokens is None and (data is None or (type(data) is bytes and data)):
+            future = self.send(name, data, timeout=timeout)
             try:
                 return await future
             except BaseException:

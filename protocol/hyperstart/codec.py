@@ -95,7 +95,13 @@ def _go_short_escape(match: re.Match[bytes]) -> bytes:
     return _GO_SHORT_ESCAPES.get(match.group(1), match.group(0))
 
 
+_GO_ESCAPE_BYTES: Final = b"<>&\xe2\\"
+"""Bytes that start something :func:`_go_escape` rewrites (0xE2 starts U+2028 and U+2029)."""
+
+
 def _go_escape(data: bytes) -> bytes:
+    if len(data.translate(None, _GO_ESCAPE_BYTES)) == len(data):
+        return data  # the common case: nothing to rewrite (checked in one pass)
     for raw, escaped in _GO_ESCAPES:
         if raw in data:
             data = data.replace(raw, escaped)

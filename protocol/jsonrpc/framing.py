@@ -73,6 +73,19 @@ class LineFramer:
 
     def feed(self, data: bytes | bytearray) -> None:
         """Add bytes received from the peer."""
+        end = len(data) - 1
+        if (
+            end >= 0
+            and not self._partial
+            and not self._discarding
+            and data.find(_NEWLINE) == end
+            and end <= self.max_message
+        ):
+            # the common read: exactly one whole message
+            line = bytes(data[:end])
+            if line.strip():
+                self._ready.append(line)
+            return
         view = memoryview(data)
         pos, end = 0, len(view)
         while pos < end:

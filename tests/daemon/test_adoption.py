@@ -3,6 +3,7 @@ nothing after): the daemon's own settle step against an agent that no longer has
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from hyperd.daemon.model import (
 )
 from hyperd.daemon.service import Daemon, PodRuntime
 from hyperd.errors import AgentError
+from hyperd.rpc.pending import Pending
 from hyperd.spec import ProcessSpec, RootfsSpec
 from hyperd.store import StateStore
 
@@ -43,6 +45,12 @@ class _AgentWithoutContainers:
     ) -> bytes:
         self.sent.append(name)
         raise AgentError("ERROR received from VM agent")
+
+    def send(self, name: str, data: bytes | None = None) -> Pending[bytes]:
+        self.sent.append(name)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        future.set_exception(AgentError("ERROR received from VM agent"))
+        return Pending(future, lambda done: done.result())
 
     async def new_tokens(self, count: int) -> list[str]:
         raise AssertionError("no token is needed to settle a container")

@@ -436,3 +436,35 @@ async def test_data_less_commands_payloads_and_timeouts(
         stats = s.statistics()
         assert (stats.timed_out, stats.in_flight) == (1, 0)
         await s.close()
+
+
+async def test_encoded_data_payloads_are_the_encoding_of_hyper(
+    anyio_backend: Any, short_tmp: Path
+) -> None:
+    """A command with data already encoded (the daemon's) is sent as ``encode_payload`` writes
+    ``Hyper(name, data=Raw(data))`` (the head from the per-name cache, the data verbatim,
+    escaped names too), through ``hyper`` and its synchronous half ``send`` alike; an empty
+    ``data`` is no data."""
+    async with serving(short_tmp) as proxy, anyio.create_task_group() as tg:
+        s = session(proxy, config=QUIET)
+        await tg.start(s.run)
+        cases = [
+            ("echo", b'{"container":"c1","signal":18}'),
+            ("echo", b'[1, "<&>"]'),
+            ("e<c>h&o", b'"x"'),
+        ]
+        for name, data in cases:
+            expected = encode_payload(Hyper(name, data=msgspec.Raw(data)))
+            for call in (s.hyper, s.send):
+                try:
+                    assert await call(name, data) == data  # echo
+                except ProxyError:
+                    assert name != "echo"  # an unknown command, refused after it was read
+                assert proxy.received[-1].payload == expected
+        assert await s.send("echo", b"") == b""
+        assert proxy.received[-1].payload == encode_payload(Hyper("echo"))
+        with pytest.raises(InvalidParams, match="cannot encode Hyper"):
+            s.send("bad\ud800name", b"{}")
+        await s.close()
+        with pytest.raises(VMUnavailable, match="session closed"):
+            s.send("echo", b"{}")
