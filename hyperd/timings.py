@@ -43,7 +43,13 @@ class Timings:
 
     def since(self, key: str, start: float) -> None:
         """Record the time from ``start`` (a ``perf_counter()``) to now under ``key``."""
-        self.record(key, perf_counter() - start)
+        seconds = perf_counter() - start
+        samples = self._samples.get(key)
+        if samples is None:  # (a new key: record() makes its ring)
+            self.record(key, seconds)
+            return
+        samples.append(seconds)
+        self._counts[key] += 1
 
     def summary(self) -> dict[str, dict[str, float | int]]:
         """``{key: {count, p50_us, p99_us, mean_us}}`` over the last durations of each key."""

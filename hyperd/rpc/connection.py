@@ -66,7 +66,7 @@ from protocol.jsonrpc import (
     Request,
     Response,
     encode_message,
-    parse_message,
+    parse_incoming,
 )
 
 log = logging.getLogger(__name__)
@@ -410,7 +410,7 @@ class RPCConnection(asyncio.Protocol):
         self._maybe_finish()
 
     def _handle_line(self, line: bytes) -> None:
-        parsed = parse_message(line)
+        parsed = parse_incoming(line)
         if isinstance(parsed, (Request, Notification)):
             self._in_flight += 1
             self._calls_started += 1

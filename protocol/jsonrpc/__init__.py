@@ -48,6 +48,7 @@ from protocol.jsonrpc.messages import (
     encode_message,
     is_application_code,
     make_error,
+    parse_incoming,
     parse_message,
 )
 
@@ -76,5 +77,6 @@ __all__ = [
     "encode_message",
     "is_application_code",
     "make_error",
+    "parse_incoming",
     "parse_message",
 ]

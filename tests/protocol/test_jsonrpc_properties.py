@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from msgspec import UNSET
@@ -17,6 +18,7 @@ from protocol.jsonrpc import (
     Request,
     Response,
     encode_message,
+    parse_incoming,
     parse_message,
 )
 
@@ -128,3 +130,18 @@ def test_json_shaped_garbage_never_raises(tokens: list[bytes]) -> None:
             if isinstance(p, InvalidMessage):
                 # the error must itself be sendable
                 assert parse_message(encode_message(p.response())) == p.response()
+
+
+members = st.dictionaries(
+    st.sampled_from(["jsonrpc", "method", "params", "id", "result", "error", "x"]),
+    json_values | st.just("2.0"),
+    max_size=6,
+)
+
+
+@settings(deadline=None)
+@given(st.one_of(messages.map(encode_message), members.map(msgspec.json.encode)))
+def test_parse_incoming_is_parse_message(line: bytes) -> None:
+    """The server's fast path for request lines gives what the general parser gives, for
+    messages of every kind and for objects with any mix of members and values."""
+    assert parse_incoming(line) == parse_message(line)
