@@ -357,6 +357,7 @@ class VMConnection:
         next_payload = protocol.next_payload
         slots = self._slots
         answered: _Slot | None = None
+        woken = 0  # callers answered by this read
         discarded = 0
         try:
             while True:
@@ -377,6 +378,7 @@ class VMConnection:
                             discarded += 1
                         else:
                             answered = slot
+                            woken += 1
                             self._fail(slot, event.message)
                         continue
                     if not isinstance(event, Response):
@@ -389,6 +391,7 @@ class VMConnection:
                     discarded += 1  # its caller gave up: drop the late reply
                 else:
                     answered = slot
+                    woken += 1
                     future.set_result(payload)
         except RemoteProtocolError as exc:
             self.close(f"connection to proxy lost (protocol error: {exc})")
@@ -400,8 +403,8 @@ class VMConnection:
                 counters.answered_start = answered.start
                 counters.answered_at = now
                 # queued behind the callers just woken: what they send next goes out in this
-                # loop iteration, in one write
-                if not self._flush_scheduled:
+                # loop iteration, in one write (one caller's next command is written at once)
+                if woken > 1 and not self._flush_scheduled:
                     self._flush_scheduled = True
                     self._loop.call_soon(self._flush)
 
