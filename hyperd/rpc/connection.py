@@ -3,10 +3,13 @@
 Cost model (the hot path): the transport calls :meth:`RPCConnection.data_received` with the
 bytes of one read; the lines are framed, parsed and dispatched right there. A call whose handler
 never suspends (:attr:`hyperd.rpc.Method.synchronous`, e.g. ``async def version(...): return
-...``) is answered inside that callback: no task, no lock, one ``transport.write``. Other calls
-(and batches) run in one plain asyncio task each, created with ``loop.create_task`` (no task
-group); their response is written by the task itself when it completes, so responses go out in
-completion order. The transport buffers writes and serializes them (no write lock).
+...``) is answered inside that callback: no task, no lock, one ``transport.write``. A plain
+handler that returns a :class:`~hyperd.rpc.pending.Pending` is started there too and answered
+from its future's done callback (counted in flight until then; its future is cancelled if the
+connection closes). Other calls (and batches) run in one plain asyncio task each, created with
+``loop.create_task`` (no task group); their response is written by the task itself when it
+completes, so responses go out in completion order. The transport buffers writes and
+serializes them (no write lock).
 
 Flow control (what bounds the memory one connection can make hyperd hold):
 
