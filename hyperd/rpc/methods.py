@@ -218,12 +218,14 @@ def _unwrap(exc: Exception) -> Exception:
 
 
 class MethodTable:
-    """Method name -> async handler with a typed params Struct.
+    """Method name -> handler with a typed params Struct.
 
     A handler is ``async def handler(params: ParamsStruct, ctx: CallContext) -> result`` where
-    the result is JSON-able or a msgspec Struct. Params are by-name (a JSON object, or absent
-    meaning ``{}``) decoded with ``msgspec.convert`` into ``params_type``; a method registered
-    without ``params_type`` gets ``None`` and accepts only absent or empty params.
+    the result is JSON-able or a msgspec Struct, or a plain ``def`` with the same signature that
+    returns the result or a :class:`Pending` one (see :mod:`hyperd.rpc.pending`). Params are
+    by-name (a JSON object, or absent meaning ``{}``) decoded with ``msgspec.convert`` into
+    ``params_type``; a method registered without ``params_type`` gets ``None`` and accepts only
+    absent or empty params.
     """
 
     def __init__(self) -> None:
