@@ -57,15 +57,29 @@ async def _boot_to_ready(ws: Workspace, binary: str, kernel: str, initrd: str, a
     run = ws.path(ws.unique("qemu-boot"))
     share = os.path.join(run, "share")
     os.makedirs(share)
-    launch = QemuLaunch(binary=binary, kernel=kernel, initrd=initrd, memory_mib=512, cpus=1,
-                        accel=accel, kernel_args="", machine="q35", share_dir=share,
-                        share_tag="hyperShared", run_dir=run)
+    launch = QemuLaunch(
+        binary=binary,
+        kernel=kernel,
+        initrd=initrd,
+        memory_mib=512,
+        cpus=1,
+        accel=accel,
+        kernel_args="",
+        machine="q35",
+        share_dir=share,
+        share_tag="hyperShared",
+        run_dir=run,
+    )
     listeners = {name: listen(os.path.join(run, f"{name}.sock")) for name in ("ctl", "tty", "qmp")}
     fds = {name: s.fileno() for name, s in listeners.items()}
     started = perf_counter()
-    proc = subprocess.Popen(qemu_argv(launch, fds), pass_fds=tuple(fds.values()),  # noqa: ASYNC220
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(  # noqa: ASYNC220
+        qemu_argv(launch, fds),
+        pass_fds=tuple(fds.values()),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for s in listeners.values():
         s.close()
     try:
@@ -92,11 +106,17 @@ async def qemu_boot(ws: Workspace, s: QemuSettings) -> Section:
     image = await anyio.to_thread.run_sync(lambda: build_image(cache))
     binary = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
     accel, why = await choose_accel(binary, str(image.kernel), "auto")
-    section.notes.append(f"accelerator: {accel} ({why}); {os.cpu_count()} host cores; "
-                         f"initrd {image.initrd_bytes / KIB / KIB:.1f} MiB")
+    section.notes.append(
+        f"accelerator: {accel} ({why}); {os.cpu_count()} host cores; "
+        f"initrd {image.initrd_bytes / KIB / KIB:.1f} MiB"
+    )
     for _ in range(s.repetitions):
-        section.add("boot", f"boot to READY ({accel})", "s",
-                    await _boot_to_ready(ws, binary, str(image.kernel), str(image.initrd), accel))
+        section.add(
+            "boot",
+            f"boot to READY ({accel})",
+            "s",
+            await _boot_to_ready(ws, binary, str(image.kernel), str(image.initrd), accel),
+        )
     daemon = start_daemon(ws, "hyperd-qemu")
     try:
         rpc = await wire.RpcWire.open(daemon.socket)
@@ -108,15 +128,17 @@ async def qemu_boot(ws: Workspace, s: QemuSettings) -> Section:
                 for pod in pods:
                     begin = perf_counter()
                     with anyio.fail_after(BOOT_DEADLINE):
-                        await rpc.call("pod.create", {"id": pod, "vm": {"backend": "qemu",
-                                                                        "accel": accel}})
+                        await rpc.call(
+                            "pod.create", {"id": pod, "vm": {"backend": "qemu", "accel": accel}}
+                        )
                         started = await rpc.call("pod.start", {"id": pod})
                     section.add("start", f"pod start ({accel})", "s", perf_counter() - begin)
                     qemu_rss.append(_rss_kib(started["vm_pid"]))
                 grown = daemon.rss_kib() - before
                 section.add("rss", "hyperd RSS per running VM", "KiB", grown / len(pods))
-                section.add("qemu", "QEMU RSS per VM (apart)", "MiB",
-                            sum(qemu_rss) / len(qemu_rss) / KIB)
+                section.add(
+                    "qemu", "QEMU RSS per VM (apart)", "MiB", sum(qemu_rss) / len(qemu_rss) / KIB
+                )
                 for pod in pods:
                     await rpc.call("pod.stop", {"id": pod})
                     await rpc.call("pod.delete", {"id": pod})

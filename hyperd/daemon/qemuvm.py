@@ -48,8 +48,11 @@ log = logging.getLogger(__name__)
 def _image_file(configured: str, default: str, what: str) -> str:
     path = configured or default
     if not os.path.isfile(path):
-        how = ("build the image with: hyperd image build" if not configured
-               else f"fix [vm.qemu] {what} or the pod's vm.{what}")
+        how = (
+            "build the image with: hyperd image build"
+            if not configured
+            else f"fix [vm.qemu] {what} or the pod's vm.{what}"
+        )
         raise VMUnavailable(f"guest {what} {path} not found: {how}")
     return path
 
@@ -65,8 +68,9 @@ async def start_vm(
     q, v = config.vm.qemu, pod.vm
     binary = shutil.which(q.binary)
     if binary is None:
-        raise VMUnavailable(f"QEMU binary {q.binary!r} not found: install qemu-system-x86 "
-                            "or set [vm.qemu] binary")
+        raise VMUnavailable(
+            f"QEMU binary {q.binary!r} not found: install qemu-system-x86 or set [vm.qemu] binary"
+        )
     default_kernel, default_initrd = image_paths(default_cache_dir())
     kernel = _image_file(v.kernel or q.kernel, str(default_kernel), "kernel")
     initrd = _image_file(v.initrd or q.initrd, str(default_initrd), "initrd")
@@ -77,8 +81,7 @@ async def start_vm(
     if pod.netns:
         tap, mac = await qemunet.setup(pod.netns)
     try:
-        return await _launch(pod, config, binary, kernel, initrd, accel, tap, mac, deadline,
-                             marker)
+        return await _launch(pod, config, binary, kernel, initrd, accel, tap, mac, deadline, marker)
     except BaseException:
         if pod.netns:  # the tap and redirects of a VM that did not start
             with anyio.CancelScope(shield=True):
@@ -87,17 +90,35 @@ async def start_vm(
 
 
 async def _launch(
-    pod: PodRecord, config: Config, binary: str, kernel: str, initrd: str, accel: str,
-    tap: str | None, mac: str | None, deadline: float, marker: str | None,
+    pod: PodRecord,
+    config: Config,
+    binary: str,
+    kernel: str,
+    initrd: str,
+    accel: str,
+    tap: str | None,
+    mac: str | None,
+    deadline: float,
+    marker: str | None,
 ) -> ProcessRef:
     q, v = config.vm.qemu, pod.vm
     p = paths(pod.run_dir)
     launch = QemuLaunch(
-        binary=binary, kernel=kernel, initrd=initrd,
-        memory_mib=v.memory_mib or q.memory_mib, cpus=v.cpus or q.cpus, accel=accel,
+        binary=binary,
+        kernel=kernel,
+        initrd=initrd,
+        memory_mib=v.memory_mib or q.memory_mib,
+        cpus=v.cpus or q.cpus,
+        accel=accel,
         kernel_args=v.kernel_args if v.kernel_args is not None else q.kernel_args,
-        machine=q.machine, share_dir=pod.share_dir, share_tag=pod.share_tag,
-        run_dir=pod.run_dir, dialect=v.dialect, netns=pod.netns, tap=tap, mac=mac,
+        machine=q.machine,
+        share_dir=pod.share_dir,
+        share_tag=pod.share_tag,
+        run_dir=pod.run_dir,
+        dialect=v.dialect,
+        netns=pod.netns,
+        tap=tap,
+        mac=mac,
     )
     listeners: dict[str, socket.socket] = {}
     try:
@@ -134,8 +155,9 @@ def explain_failure(pod: PodRecord, exc: HyperdError) -> HyperdError:
     except OSError:
         console = ""
     detail = log_tail(pod.run_dir) or "no message"
-    return VMUnavailable(f"{exc}; QEMU exited ({detail}); guest console: {console or 'empty'}",
-                         pod=pod.id)
+    return VMUnavailable(
+        f"{exc}; QEMU exited ({detail}); guest console: {console or 'empty'}", pod=pod.id
+    )
 
 
 async def stop_vm(pod: PodRecord, ref: ProcessRef) -> None:
@@ -157,14 +179,16 @@ MAX_CPUS = 255
 def check_qemu_spec(pod_id: str, vm: VMSpec) -> None:
     """Refuse a ``pod.create`` qemu spec with out-of-range or relative values."""
     if vm.memory_mib is not None and not 64 <= vm.memory_mib <= MAX_MEMORY_MIB:
-        raise InvalidParams(f"pod {pod_id!r}: vm.memory_mib must be 64..{MAX_MEMORY_MIB}",
-                            field="vm.memory_mib")
+        raise InvalidParams(
+            f"pod {pod_id!r}: vm.memory_mib must be 64..{MAX_MEMORY_MIB}", field="vm.memory_mib"
+        )
     if vm.cpus is not None and not 1 <= vm.cpus <= MAX_CPUS:
         raise InvalidParams(f"pod {pod_id!r}: vm.cpus must be 1..{MAX_CPUS}", field="vm.cpus")
     for name in ("kernel", "initrd"):
         path = getattr(vm, name)
         if path is not None and (not path.startswith("/") or "\x00" in path):
-            raise InvalidParams(f"pod {pod_id!r}: vm.{name} must be an absolute path",
-                                field=f"vm.{name}")
+            raise InvalidParams(
+                f"pod {pod_id!r}: vm.{name} must be an absolute path", field=f"vm.{name}"
+            )
     if vm.kernel_args is not None and ("\x00" in vm.kernel_args or "\n" in vm.kernel_args):
         raise InvalidParams(f"pod {pod_id!r}: invalid vm.kernel_args", field="vm.kernel_args")

@@ -346,8 +346,9 @@ class Daemon:
             )
         qemu_only = ("kernel", "initrd", "memory_mib", "cpus", "accel", "kernel_args")
         if vm.backend != "qemu" and any(getattr(vm, k) is not None for k in qemu_only):
-            raise InvalidParams(f"pod {pid!r}: vm.{'/'.join(qemu_only)} are for the qemu "
-                                "backend only", field="vm")
+            raise InvalidParams(
+                f"pod {pid!r}: vm.{'/'.join(qemu_only)} are for the qemu backend only", field="vm"
+            )
         check_qemu_spec(pid, vm)
         for name in ("ctl", "tty", "console"):
             path = getattr(vm, name)

@@ -31,7 +31,6 @@ __all__ = ["GuestAgent", "GuestSimulator"]
 log = logging.getLogger(__name__)
 
 
-
 class GuestAgent(Agent):
     """The agent with STARTPOD's network applied and DESTROYPOD ending the guest."""
 

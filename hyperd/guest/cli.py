@@ -34,16 +34,23 @@ log = logging.getLogger("hyperd.guest")
 
 
 def _guest_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hyperd-agent guest",
-                                description="hyperd's agent inside a VM, on virtio-serial ports")
-    p.add_argument("--share", type=Path, default=Path(SHARE_MOUNT),
-                   help=f"where the pod's 9p share is mounted (default {SHARE_MOUNT})")
+    p = argparse.ArgumentParser(
+        prog="hyperd-agent guest", description="hyperd's agent inside a VM, on virtio-serial ports"
+    )
+    p.add_argument(
+        "--share",
+        type=Path,
+        default=Path(SHARE_MOUNT),
+        help=f"where the pod's 9p share is mounted (default {SHARE_MOUNT})",
+    )
     p.add_argument("--ctl", type=Path, default=Path(CTL_PORT), help="ctl port device")
     p.add_argument("--tty", type=Path, default=Path(TTY_PORT), help="tty port device")
-    p.add_argument("--dialect", choices=sorted(DIALECTS), default="cc",
-                   help="agent dialect (default cc)")
-    p.add_argument("--log-level", type=str.upper, default="INFO",
-                   choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.add_argument(
+        "--dialect", choices=sorted(DIALECTS), default="cc", help="agent dialect (default cc)"
+    )
+    p.add_argument(
+        "--log-level", type=str.upper, default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
     return p
 
 
@@ -54,8 +61,7 @@ def run_guest(argv: Sequence[str]) -> int:
     if not args.share.is_dir():
         log.error("share %s is not a directory (was the 9p share mounted?)", args.share)
         return USAGE_ERROR
-    config = SimConfig(ctl=args.ctl, tty=args.tty, share=args.share,
-                       dialect=DIALECTS[args.dialect])
+    config = SimConfig(ctl=args.ctl, tty=args.tty, share=args.share, dialect=DIALECTS[args.dialect])
 
     async def run() -> int:
         agent = GuestSimulator(config)

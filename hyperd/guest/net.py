@@ -42,9 +42,7 @@ def _find_link(ipr: object, iface: NetworkIface) -> int:
     for link in links:
         if iface.device and link.get_attr("IFLA_IFNAME") == iface.device:
             return int(link["index"])
-    raise NetworkError(
-        f"no guest interface with MAC {iface.mac_addr!r} or name {iface.device!r}"
-    )
+    raise NetworkError(f"no guest interface with MAC {iface.mac_addr!r} or name {iface.device!r}")
 
 
 def apply_network(interfaces: list[NetworkIface], routes: list[Route]) -> None:
@@ -68,8 +66,12 @@ def apply_network(interfaces: list[NetworkIface], routes: list[Route]) -> None:
                     ipr.link("set", index=index, mtu=iface.mtu)
                 for addr in iface.ip_addresses or ():
                     try:
-                        ipr.addr("add", index=index, address=addr.ip_address,
-                                 prefixlen=_prefix(addr.net_mask))
+                        ipr.addr(
+                            "add",
+                            index=index,
+                            address=addr.ip_address,
+                            prefixlen=_prefix(addr.net_mask),
+                        )
                     except NetlinkError as exc:
                         if exc.code != errno.EEXIST:
                             raise

@@ -56,11 +56,27 @@ PACKAGES = (
 LIB_DIR = "lib/x86_64-linux-gnu"
 LOADER = "lib64/ld-linux-x86-64.so.2"
 # stdlib parts an agent never imports: tests, GUI, build and packaging tools, databases
-STDLIB_SKIP = frozenset({
-    "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
-    "distutils", "venv", "dbm", "curses", "site-packages", "dist-packages",
-    "__phello__", "config-3.11-x86_64-linux-gnu", "turtle.py", "pydoc.py",
-})
+STDLIB_SKIP = frozenset(
+    {
+        "test",
+        "idlelib",
+        "tkinter",
+        "turtledemo",
+        "ensurepip",
+        "lib2to3",
+        "pydoc_data",
+        "distutils",
+        "venv",
+        "dbm",
+        "curses",
+        "site-packages",
+        "dist-packages",
+        "__phello__",
+        "config-3.11-x86_64-linux-gnu",
+        "turtle.py",
+        "pydoc.py",
+    }
+)
 DYNLOAD_SKIP = re.compile(r"^(_test|_xx|xxlimited|_ctypes_test)")
 PY_SUFFIXES = (".py", ".so")
 GZIP_LEVEL = 6  # decompression is quick at any level; 6 is zlib's own default trade-off
@@ -116,8 +132,9 @@ def _agent_distributions() -> list[importlib.metadata.Distribution]:
         try:
             dist = importlib.metadata.distribution(name)
         except importlib.metadata.PackageNotFoundError:
-            raise ImageError(f"Python package {name!r} (needed by the agent) is not installed "
-                             "in this Python") from None
+            raise ImageError(
+                f"Python package {name!r} (needed by the agent) is not installed in this Python"
+            ) from None
         seen[key] = dist
         for req in dist.requires or ():
             if "extra ==" in req:
@@ -157,8 +174,9 @@ def _marker_true(marker: str) -> bool:
         if m.group(1) == "python_version":
             h = tuple(int(x) for x in have.split("."))
             w = tuple(int(x) for x in want.split("."))
-            return {"<": h < w, "<=": h <= w, ">": h > w, ">=": h >= w,
-                    "==": h == w, "!=": h != w}[op]
+            return {"<": h < w, "<=": h <= w, ">": h > w, ">=": h >= w, "==": h == w, "!=": h != w}[
+                op
+            ]
         return {"==": have == want, "!=": have != want}.get(op, True)
 
     return any(all(clause(c) for c in alt.split(" and ")) for alt in marker.split(" or "))
@@ -181,8 +199,12 @@ def _dist_files(dist: importlib.metadata.Distribution) -> list[tuple[str, Path]]
     files = []
     for f in dist.files or ():
         name = f.as_posix()
-        if (name.startswith("..") or ".dist-info/" in name or "__pycache__" in name
-                or not name.endswith(PY_SUFFIXES)):
+        if (
+            name.startswith("..")
+            or ".dist-info/" in name
+            or "__pycache__" in name
+            or not name.endswith(PY_SUFFIXES)
+        ):
             continue
         files.append((name, Path(str(dist.locate_file(f)))))
     return files
@@ -213,8 +235,12 @@ def _copy(src: Path, dst: Path) -> None:
 def _needed_libs(sysroot: Path, elf: Path) -> list[Path] | None:
     """The sysroot libraries ``elf`` loads, or None when one of them is not in the sysroot."""
     libdirs = f"{sysroot / LIB_DIR}:{sysroot / 'usr' / LIB_DIR}"
-    done = subprocess.run([str(sysroot / LOADER), "--library-path", libdirs, "--list", str(elf)],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [str(sysroot / LOADER), "--library-path", libdirs, "--list", str(elf)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     libs = []
     for line in done.stdout.splitlines():
         if "=>" not in line:
@@ -238,8 +264,13 @@ def _stage_python(sysroot: Path, stage: Path, progress: Progress) -> None:
     dst_lib = stage / "usr/lib" / PYTHON
     for dirpath, dirnames, filenames in os.walk(src_lib):
         rel = Path(dirpath).relative_to(src_lib)
-        dirnames[:] = sorted(d for d in dirnames if not (rel == Path(".") and d in STDLIB_SKIP)
-                             and d != "__pycache__" and not (d == "tests" or d == "idle_test"))
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if not (rel == Path(".") and d in STDLIB_SKIP)
+            and d != "__pycache__"
+            and not (d == "tests" or d == "idle_test")
+        )
         for name in sorted(filenames):
             if rel == Path(".") and name in STDLIB_SKIP:
                 continue
@@ -261,8 +292,10 @@ def _stage_python(sysroot: Path, stage: Path, progress: Progress) -> None:
             if path.suffix == ".so":
                 so_libs = _needed_libs(sysroot, path)
                 if so_libs is None:
-                    raise ImageError(f"{name} (from {dist.metadata['Name']}) needs a library "
-                                     "that the guest does not have")
+                    raise ImageError(
+                        f"{name} (from {dist.metadata['Name']}) needs a library "
+                        "that the guest does not have"
+                    )
                 needed.update(so_libs)
             _copy(path, dst_lib / name)
     for lib in sorted(needed):
@@ -295,8 +328,12 @@ def _compile(root: Path, guest_root: str) -> None:
 
     Tracebacks name the file as the guest sees it (``guest_root``), not the build's scratch dir.
     """
-    done = subprocess.run([sys.executable, "-I", "-S", "-c", _COMPILE_SCRIPT, str(root),
-                           guest_root], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", _COMPILE_SCRIPT, str(root), guest_root],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         raise ImageError(f"compiling the guest's Python modules failed: {done.stderr.strip()}")
 
@@ -304,8 +341,9 @@ def _compile(root: Path, guest_root: str) -> None:
 def _stage_busybox(sysroot: Path, stage: Path) -> None:
     busybox = sysroot / "bin/busybox"
     _copy(busybox, stage / "bin/busybox")
-    listing = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True,
-                             check=False)
+    listing = subprocess.run(
+        [str(busybox), "--list-full"], capture_output=True, text=True, check=False
+    )
     if listing.returncode != 0:
         raise ImageError(f"cannot list busybox applets: {listing.stderr.strip()}")
     for applet in sorted(listing.stdout.split()):
@@ -334,8 +372,9 @@ def _stage_rest(stage: Path) -> None:
     init = stage / "init"
     init.write_text(INIT_SCRIPT)
     init.chmod(0o755)
-    (stage / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n"
-                                      "nobody:x:65534:65534:nobody:/:/bin/false\n")
+    (stage / "etc/passwd").write_text(
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"
+    )
     (stage / "etc/group").write_text("root:x:0:\nnogroup:x:65534:\n")
     (stage / "etc/hosts").write_text("127.0.0.1 localhost\n")
 
@@ -346,8 +385,13 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def build_image(cache: Path | None = None, *, force: bool = False,
-                progress: Progress = lambda line: None, check_qemu: bool = True) -> ImageResult:
+def build_image(
+    cache: Path | None = None,
+    *,
+    force: bool = False,
+    progress: Progress = lambda line: None,
+    check_qemu: bool = True,
+) -> ImageResult:
     """Build the guest image into ``cache`` (default :func:`default_cache_dir`).
 
     Raises ``ImageError`` naming what is missing (apt/dpkg, a package, QEMU) or wrong.
@@ -356,8 +400,10 @@ def build_image(cache: Path | None = None, *, force: bool = False,
     cache = cache or default_cache_dir()
     debs.need_tools("apt-get", "apt-cache", "dpkg-deb")
     if check_qemu and shutil.which("qemu-system-x86_64") is None:
-        raise ImageError("qemu-system-x86_64 not found: the image is for the qemu backend; "
-                         "install it with: apt-get install qemu-system-x86")
+        raise ImageError(
+            "qemu-system-x86_64 not found: the image is for the qemu backend; "
+            "install it with: apt-get install qemu-system-x86"
+        )
     progress("[1/6] resolving packages")
     names = [debs.kernel_package(), *PACKAGES]
     packages = debs.resolve(names)
@@ -371,9 +417,16 @@ def build_image(cache: Path | None = None, *, force: bool = False,
             old = {}
         if old.get("key") == key:
             progress("image is up to date")
-            return ImageResult(vmlinux, initrd, manifest_path, key, False,
-                               time.monotonic() - started, vmlinux.stat().st_size,
-                               initrd.stat().st_size)
+            return ImageResult(
+                vmlinux,
+                initrd,
+                manifest_path,
+                key,
+                False,
+                time.monotonic() - started,
+                vmlinux.stat().st_size,
+                initrd.stat().st_size,
+            )
     cache.mkdir(parents=True, exist_ok=True)
     progress(f"[2/6] downloading {len(packages)} packages with apt")
     files = debs.download(packages, cache / "debs")
@@ -395,9 +448,9 @@ def build_image(cache: Path | None = None, *, force: bool = False,
         _stage_rest(stage)
         progress("[6/6] writing the archive")
         raw = io.BytesIO()
-        entries = cpio.write_archive(stage, raw, devices=(
-            cpio.Device("dev/console", stat.S_IFCHR | 0o600, 5, 1),
-        ))
+        entries = cpio.write_archive(
+            stage, raw, devices=(cpio.Device("dev/console", stat.S_IFCHR | 0o600, 5, 1),)
+        )
         packed = gzip.compress(raw.getvalue(), compresslevel=GZIP_LEVEL, mtime=0)
     _write_atomic(vmlinux, elf)
     _write_atomic(initrd, packed)
@@ -411,5 +464,6 @@ def build_image(cache: Path | None = None, *, force: bool = False,
         "initrd_uncompressed_bytes": len(raw.getvalue()),
     }
     _write_atomic(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
-    return ImageResult(vmlinux, initrd, manifest_path, key, True, time.monotonic() - started,
-                       len(elf), len(packed))
+    return ImageResult(
+        vmlinux, initrd, manifest_path, key, True, time.monotonic() - started, len(elf), len(packed)
+    )

@@ -31,8 +31,9 @@ class Device:
     minor: int
 
 
-def _header(ino: int, mode: int, nlink: int, mtime: int, size: int, rmaj: int, rmin: int,
-            namesize: int) -> bytes:
+def _header(
+    ino: int, mode: int, nlink: int, mtime: int, size: int, rmaj: int, rmin: int, namesize: int
+) -> bytes:
     fields = (ino, mode, 0, 0, nlink, mtime, size, 0, 0, rmaj, rmin, namesize, 0)
     return MAGIC + b"".join(b"%08X" % f for f in fields)
 
@@ -41,8 +42,15 @@ def _pad(n: int) -> bytes:
     return b"\0" * (-n % ALIGN)
 
 
-def _entry(out: BinaryIO, ino: int, name: str, mode: int, data: bytes, mtime: int,
-           rdev: tuple[int, int] = (0, 0)) -> None:
+def _entry(
+    out: BinaryIO,
+    ino: int,
+    name: str,
+    mode: int,
+    data: bytes,
+    mtime: int,
+    rdev: tuple[int, int] = (0, 0),
+) -> None:
     raw = name.encode() + b"\0"
     nlink = 2 if stat.S_ISDIR(mode) else 1
     head = _header(ino, mode, nlink, mtime, len(data), rdev[0], rdev[1], len(raw))
@@ -59,8 +67,9 @@ def _walk(root: Path) -> Iterator[Path]:
             yield base / name
 
 
-def write_archive(root: Path, out: BinaryIO, *, mtime: int = 0,
-                  devices: tuple[Device, ...] = ()) -> int:
+def write_archive(
+    root: Path, out: BinaryIO, *, mtime: int = 0, devices: tuple[Device, ...] = ()
+) -> int:
     """Write the tree at ``root`` (plus ``devices``) as a newc archive; returns the entry count.
 
     Regular files keep their permission bits; owners become root; symlinks are stored as links.

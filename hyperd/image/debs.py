@@ -35,8 +35,10 @@ def need_tools(*names: str) -> None:
     """Raise ``ImageError`` naming every missing program (and the package that has it)."""
     missing = [n for n in names if shutil.which(n) is None]
     if missing:
-        raise ImageError(f"missing program(s) {', '.join(missing)}: the image build needs "
-                         "Debian's apt and dpkg (a Debian or Ubuntu host)")
+        raise ImageError(
+            f"missing program(s) {', '.join(missing)}: the image build needs "
+            "Debian's apt and dpkg (a Debian or Ubuntu host)"
+        )
 
 
 def _run(argv: list[str], *, cwd: Path | None = None) -> str:
@@ -69,8 +71,10 @@ def show(names: list[str]) -> dict[str, dict[str, str]]:
     except ImageError:
         # apt-cache fails as a whole when one name is unknown: find out which
         missing = names if len(names) == 1 else [n for n in names if not _known(n)]
-        raise ImageError(f"package(s) {', '.join(missing or names)} not available from apt "
-                         "(is the package list current? run: apt-get update)") from None
+        raise ImageError(
+            f"package(s) {', '.join(missing or names)} not available from apt "
+            "(is the package list current? run: apt-get update)"
+        ) from None
     found: dict[str, dict[str, str]] = {}
     for record in text.split("\n\n"):
         fields = _fields(record)
@@ -78,8 +82,10 @@ def show(names: list[str]) -> dict[str, dict[str, str]]:
             found.setdefault(fields["Package"], fields)
     missing = [n for n in names if n not in found]
     if missing:
-        raise ImageError(f"package(s) {', '.join(missing)} not available from apt "
-                         "(is the package list current? run: apt-get update)")
+        raise ImageError(
+            f"package(s) {', '.join(missing)} not available from apt "
+            "(is the package list current? run: apt-get update)"
+        )
     return found
 
 
@@ -105,8 +111,12 @@ def resolve(names: list[str]) -> list[Package]:
     """Pin every package of ``names`` to its candidate version (sorted by name)."""
     records = show(sorted(set(names)))
     return [
-        Package(name=name, version=f["Version"], sha256=f.get("SHA256", ""),
-                filename=f"{name}_{f['Version'].replace(':', '%3a')}_{f['Architecture']}.deb")
+        Package(
+            name=name,
+            version=f["Version"],
+            sha256=f.get("SHA256", ""),
+            filename=f"{name}_{f['Version'].replace(':', '%3a')}_{f['Architecture']}.deb",
+        )
         for name, f in sorted(records.items())
     ]
 

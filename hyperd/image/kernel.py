@@ -76,8 +76,10 @@ def module_order(wanted: tuple[str, ...], available: dict[str, Path]) -> list[Pa
             raise ImageError(f"module dependency cycle: {' -> '.join((*chain, name))}")
         ko = available.get(name)
         if ko is None:
-            raise ImageError(f"kernel module {name!r} is not in the kernel package "
-                             "(built in, or a different kernel configuration?)")
+            raise ImageError(
+                f"kernel module {name!r} is not in the kernel package "
+                "(built in, or a different kernel configuration?)"
+            )
         for dep in _depends(ko):
             visit(dep, (*chain, name))
         done.add(name)

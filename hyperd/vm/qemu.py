@@ -110,33 +110,55 @@ def qemu_argv(v: QemuLaunch, fds: dict[str, int]) -> list[str]:
         append += " " + v.kernel_args
     argv = [
         v.binary,
-        "-accel", v.accel,
-        "-M", v.machine,
-        "-cpu", "host" if v.accel == "kvm" else "max",  # max: RDRAND, so Python starts at once
-        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-m", str(v.memory_mib),
-        "-smp", str(v.cpus),
-        "-kernel", v.kernel,
-        "-initrd", v.initrd,
-        "-append", append,
-        "-serial", f"file:{p['console']}",
-        "-chardev", f"socket,id=qmp,fd={fds['qmp']},server=on,wait=off",
-        "-mon", "chardev=qmp,mode=control",
-        "-device", "virtio-serial-pci",
+        "-accel",
+        v.accel,
+        "-M",
+        v.machine,
+        "-cpu",
+        "host" if v.accel == "kvm" else "max",  # max: RDRAND, so Python starts at once
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-m",
+        str(v.memory_mib),
+        "-smp",
+        str(v.cpus),
+        "-kernel",
+        v.kernel,
+        "-initrd",
+        v.initrd,
+        "-append",
+        append,
+        "-serial",
+        f"file:{p['console']}",
+        "-chardev",
+        f"socket,id=qmp,fd={fds['qmp']},server=on,wait=off",
+        "-mon",
+        "chardev=qmp,mode=control",
+        "-device",
+        "virtio-serial-pci",
     ]
     for i, (name, port) in enumerate(zip(("ctl", "tty"), PORT_NAMES, strict=True)):
         argv += [
-            "-chardev", f"socket,id={name},fd={fds[name]},server=on,wait=off",
-            "-device", f"virtserialport,chardev={name},name={port},id=port{i}",
+            "-chardev",
+            f"socket,id={name},fd={fds[name]},server=on,wait=off",
+            "-device",
+            f"virtserialport,chardev={name},name={port},id=port{i}",
         ]
     argv += [
-        "-fsdev", f"local,id=share,path={v.share_dir},security_model=none",
-        "-device", f"virtio-9p-pci,fsdev=share,mount_tag={v.share_tag}",
+        "-fsdev",
+        f"local,id=share,path={v.share_dir},security_model=none",
+        "-device",
+        f"virtio-9p-pci,fsdev=share,mount_tag={v.share_tag}",
     ]
     if v.tap:
         argv += [
-            "-netdev", f"tap,id=net0,ifname={v.tap},script=no,downscript=no",
-            "-device", f"virtio-net-pci,netdev=net0,mac={v.mac}",
+            "-netdev",
+            f"tap,id=net0,ifname={v.tap},script=no,downscript=no",
+            "-device",
+            f"virtio-net-pci,netdev=net0,mac={v.mac}",
         ]
     argv += v.extra
     if v.netns:
@@ -196,9 +218,26 @@ async def choose_accel(binary: str, kernel: str, wanted: str) -> tuple[str, str]
 
 
 async def _boot_probe(binary: str, kernel: str) -> tuple[bool, str]:
-    argv = [binary, "-accel", "kvm", "-M", "q35", "-cpu", "host", "-m", "128", "-nodefaults",
-            "-no-user-config", "-display", "none", "-no-reboot", "-kernel", kernel,
-            "-append", "panic=-1 quiet root=/dev/nonexistent"]
+    argv = [
+        binary,
+        "-accel",
+        "kvm",
+        "-M",
+        "q35",
+        "-cpu",
+        "host",
+        "-m",
+        "128",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-kernel",
+        kernel,
+        "-append",
+        "panic=-1 quiet root=/dev/nonexistent",
+    ]
     try:
         with anyio.fail_after(KVM_PROBE_TIMEOUT):
             done = await anyio.run_process(argv, check=False)

@@ -23,8 +23,9 @@ TAP_NAME = "hyperd-tap0"  # one VM per netns: a fixed name inside it
 async def _run(netns: str, *argv: str, check: bool = True) -> str:
     done = await anyio.run_process(["nsenter", f"--net={netns}", "--", *argv], check=False)
     if check and done.returncode != 0:
-        raise VMUnavailable(f"netns {netns}: {' '.join(argv)}: "
-                            f"{done.stderr.decode(errors='replace').strip()}")
+        raise VMUnavailable(
+            f"netns {netns}: {' '.join(argv)}: {done.stderr.decode(errors='replace').strip()}"
+        )
     return done.stdout.decode()
 
 
@@ -47,9 +48,29 @@ async def setup(netns: str) -> tuple[str, str]:
     await _run(netns, "ip", "link", "set", TAP_NAME, "up")
     for here, there in ((veth, TAP_NAME), (TAP_NAME, veth)):
         await _run(netns, "tc", "qdisc", "add", "dev", here, "ingress")
-        await _run(netns, "tc", "filter", "add", "dev", here, "parent", "ffff:", "protocol",
-                   "all", "u32", "match", "u8", "0", "0", "action", "mirred", "egress",
-                   "redirect", "dev", there)
+        await _run(
+            netns,
+            "tc",
+            "filter",
+            "add",
+            "dev",
+            here,
+            "parent",
+            "ffff:",
+            "protocol",
+            "all",
+            "u32",
+            "match",
+            "u8",
+            "0",
+            "0",
+            "action",
+            "mirred",
+            "egress",
+            "redirect",
+            "dev",
+            there,
+        )
     return TAP_NAME, mac
 
 

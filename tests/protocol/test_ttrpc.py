@@ -28,9 +28,7 @@ from protocol.ttrpc import (
 
 # A request as containerd 1.6 sends it: stream 1, type 1, flags 0, then a ttrpc.Request whose
 # service is "containerd.task.v2.Task" and method "Connect", payload 0a 02 "t1".
-CONNECT_DATA = (
-    b"\x0a\x17containerd.task.v2.Task" + b"\x12\x07Connect" + b"\x1a\x04\x0a\x02t1"
-)
+CONNECT_DATA = b"\x0a\x17containerd.task.v2.Task" + b"\x12\x07Connect" + b"\x1a\x04\x0a\x02t1"
 CONNECT_FRAME = struct.pack(">IIBB", len(CONNECT_DATA), 1, 1, 0) + CONNECT_DATA
 
 
@@ -178,9 +176,7 @@ def test_any_bytes_parse_or_raise_client(data: bytes, step: int) -> None:
 
 
 @given(
-    st.lists(
-        st.tuples(st.integers(0, 2**32 - 1), st.binary(max_size=50)), min_size=1, max_size=8
-    ),
+    st.lists(st.tuples(st.integers(0, 2**32 - 1), st.binary(max_size=50)), min_size=1, max_size=8),
     st.integers(min_value=1, max_value=17),
 )
 def test_round_trip_any_split(frames: list[tuple[int, bytes]], step: int) -> None:

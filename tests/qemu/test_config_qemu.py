@@ -14,7 +14,12 @@ from hyperd.config import ConfigError, default_config, parse_config, render_toml
 def test_qemu_table_defaults_and_overrides() -> None:
     q = default_config("/tmp/hyperd-cfg").vm.qemu
     assert (q.binary, q.kernel, q.initrd, q.accel, q.memory_mib, q.cpus) == (
-        "qemu-system-x86_64", "", "", "auto", 512, 1
+        "qemu-system-x86_64",
+        "",
+        "",
+        "auto",
+        512,
+        1,
     )
     c = parse_config('[vm]\nbackend = "qemu"\n[vm.qemu]\nmemory_mib = 256\naccel = "tcg"\n')
     assert c.vm.backend == "qemu"
@@ -33,7 +38,7 @@ def test_rendered_config_with_the_qemu_table_loads_back() -> None:
     [
         ("[vm.qemu]\ncpus = 0\n", "vm.qemu.cpus: must be 1..255"),
         ("[vm.qemu]\nmemory_mib = 8\n", "vm.qemu.memory_mib: must be 64"),
-        ("[vm.qemu]\naccel = \"hvf\"\n", "vm.qemu.accel"),
+        ('[vm.qemu]\naccel = "hvf"\n', "vm.qemu.accel"),
         ("[vm.qemu]\nfoo = 1\n", "unknown key in [vm.qemu]: foo"),
     ],
 )

@@ -70,8 +70,12 @@ def test_modules_come_after_their_dependencies(tmp_path: Path) -> None:
         path.write_bytes(b"\x7fELF\0license=GPL\0depends=" + depends.encode() + b"\0name=x\0")
         return path
 
-    available = {"9p": ko("9p", "9pnet,netfs"), "9pnet": ko("9pnet", ""),
-                 "netfs": ko("netfs", "fscache"), "fscache": ko("fscache", "")}
+    available = {
+        "9p": ko("9p", "9pnet,netfs"),
+        "9pnet": ko("9pnet", ""),
+        "netfs": ko("netfs", "fscache"),
+        "fscache": ko("fscache", ""),
+    }
     order = [p.stem for p in kernel.module_order(("9p",), available)]
     assert order == ["9pnet", "fscache", "netfs", "9p"]
     with pytest.raises(ImageError, match="'virtio_console' is not in the kernel package"):
@@ -99,9 +103,20 @@ def test_environment_markers(marker: str, expected: bool) -> None:
 
 def test_qemu_command_line() -> None:
     launch = QemuLaunch(
-        binary="/usr/bin/qemu-system-x86_64", kernel="/k", initrd="/i", memory_mib=256, cpus=2,
-        accel="tcg", kernel_args="foo=1", machine="q35", share_dir="/s/p", share_tag="tag",
-        run_dir="/r/p", dialect="hyper", netns="/var/run/netns/n", tap="hyperd-tap0",
+        binary="/usr/bin/qemu-system-x86_64",
+        kernel="/k",
+        initrd="/i",
+        memory_mib=256,
+        cpus=2,
+        accel="tcg",
+        kernel_args="foo=1",
+        machine="q35",
+        share_dir="/s/p",
+        share_tag="tag",
+        run_dir="/r/p",
+        dialect="hyper",
+        netns="/var/run/netns/n",
+        tap="hyperd-tap0",
         mac="02:00:00:00:00:01",
     )
     argv = qemu_argv(launch, {"ctl": 5, "tty": 6, "qmp": 7})
@@ -137,8 +152,9 @@ def test_compiled_modules_are_sourceless_and_identical(tmp_path: Path) -> None:
     assert code.co_filename == "/usr/lib/python3.11/pkg/mod.py"
 
 
-def test_missing_qemu_and_packages_are_named(monkeypatch: pytest.MonkeyPatch,
-                                             tmp_path: Path) -> None:
+def test_missing_qemu_and_packages_are_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     import shutil
 
     from hyperd.image import build, debs

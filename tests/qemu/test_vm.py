@@ -51,13 +51,17 @@ def _host_kernel() -> bytes:
 
 def _peer_of(netns: str) -> str:
     """The host side of the netns's veth (the fixture names it vh<hex>)."""
-    out = subprocess.run(["ip", "-o", "link", "show", "type", "veth"], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["ip", "-o", "link", "show", "type", "veth"], check=True, capture_output=True, text=True
+    ).stdout
     for line in out.splitlines():
         name = line.split(":")[1].strip().split("@")[0]
         if name.startswith("vh"):
-            idx = subprocess.run(["ip", "-n", _netns_name(netns), "-o", "link", "show", "eth0"],
-                                 capture_output=True, text=True).stdout
+            idx = subprocess.run(
+                ["ip", "-n", _netns_name(netns), "-o", "link", "show", "eth0"],
+                capture_output=True,
+                text=True,
+            ).stdout
             peer_index = line.split(":")[0]
             if f"@if{peer_index}:" in idx:
                 return name
@@ -80,7 +84,10 @@ async def test_qemu_pod_runs_containers_and_powers_off(
         with anyio.fail_after(STEP_DEADLINE):
             # output and exit status reach the shim; the container sees its rootfs on the share
             first = await create_and_start(
-                c, "vm1", "c1", busybox_rootfs,
+                c,
+                "vm1",
+                "c1",
+                busybox_rootfs,
                 ["sh", "-c", "cat /marker; echo err >&2; echo from the guest > /written; exit 3"],
             )
             assert await first.wait() == 3
