@@ -236,3 +236,25 @@ async def test_a_connection_closed_by_shutdown_cancels_its_pending_calls(short_t
         await wait_for(lambda: server.statistics().connections == 0)
         assert trigger.futures[0].cancelled()
         assert server.statistics().in_flight == 0
+
+
+async def test_without_asyncio_enter_task_a_pending_call_runs_in_a_task(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback where asyncio's ``_enter_task`` is missing: a plain handler then runs in a
+    task of its own (one per call), which awaits its Pending; the answers are the same."""
+    from hyperd.rpc import connection
+
+    monkeypatch.setattr(connection, "_enter_task", None)
+    monkeypatch.setattr(connection, "_leave_task", None)
+    trigger = Trigger()
+    path = short_tmp / "rpc.sock"
+    async with pending_server(path, trigger), RawClient.connect(path) as client:
+        await client.send(request("later", 1, {"tag": "a"}) + request("later", 2, {"tag": "b"}))
+        await wait_for(lambda: len(trigger.futures) == 2)
+        assert len({id(task) for task in trigger.tasks}) == 2 and None not in trigger.tasks
+        trigger.futures[0].set_result("one")
+        trigger.futures[1].set_exception(LookupError("c2"))
+        answers = sorted([await client.recv(), await client.recv()], key=lambda a: a["id"])
+        assert answers[0] == {"jsonrpc": "2.0", "result": {"tag": "a", "reply": "one"}, "id": 1}
+        assert answers[1]["error"]["message"] == "mapped: c2"
