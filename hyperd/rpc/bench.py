@@ -11,7 +11,10 @@ client in this process, so that the figures are the server's cost plus a minimal
   call, close), one after the other; per-cycle p50/p99.
 
 Methods: ``bench.version`` returns a small dict without awaiting (as ``hyperd.version``);
-``bench.yield`` awaits once (``asyncio.sleep(0)``), so it cannot complete synchronously.
+``bench.yield`` awaits once (``asyncio.sleep(0)``), so it cannot complete synchronously;
+``bench.future`` awaits a future resolved on the next loop round (as an agent's reply), in a
+task, and ``bench.pending`` returns the same future as a :class:`~hyperd.rpc.pending.Pending`
+from a plain function, answered without a task (as ``container.kill``).
 ``--method`` picks one. ``--cpus 0`` pins the client and the server to one CPU: the figures
 are then the CPU cost of a round trip; unpinned, an idle machine adds the latency of waking the
 other CPU (tens of microseconds in a VM) to every call. To profile the server, attach
@@ -45,7 +48,7 @@ DEFAULT_SECONDS: Final = 3.0  # duration of the concurrent run
 CONNECT_FRACTION: Final = 10  # the connect run does calls / CONNECT_FRACTION cycles
 WARMUP_SECONDS: Final = 0.3  # concurrent calls before measuring
 RECEIVE_SIZE: Final = 65536
-METHODS: Final = ("bench.version", "bench.yield")
+METHODS: Final = ("bench.version", "bench.yield", "bench.future", "bench.pending")
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
@@ -54,10 +57,14 @@ _decoder = msgspec.json.Decoder()
 # -- server process ---------------------------------------------------------------------------
 
 
+def _result(future: asyncio.Future[Any]) -> Any:
+    return future.result()
+
+
 def _serve(path: str, loop_name: str, ready_fd: int) -> None:
     import anyio
 
-    from hyperd.rpc import CallContext, MethodTable, RPCServer, create_unix_listener
+    from hyperd.rpc import CallContext, MethodTable, Pending, RPCServer, create_unix_listener
 
     methods = MethodTable()
     version = {"version": "0.0-bench", "api": 1, "dialects": ["cc", "hyper"]}
@@ -69,8 +76,22 @@ def _serve(path: str, loop_name: str, ready_fd: int) -> None:
         await asyncio.sleep(0)
         return version
 
+    def resolved_soon() -> asyncio.Future[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        loop.call_soon(future.set_result, version)
+        return future
+
+    async def bench_future(params: None, ctx: CallContext) -> dict[str, Any]:
+        return await resolved_soon()
+
+    def bench_pending(params: None, ctx: CallContext) -> Pending[dict[str, Any]]:
+        return Pending(resolved_soon(), _result)
+
     methods.register("bench.version", bench_version)
     methods.register("bench.yield", bench_yield)
+    methods.register("bench.future", bench_future)
+    methods.register("bench.pending", bench_pending)
 
     async def main() -> None:
         server = RPCServer(methods)
