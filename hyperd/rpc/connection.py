@@ -486,12 +486,16 @@ class RPCConnection(asyncio.Protocol):
             response = pending.then(future)  # (plain code: no task is current)
             data = encode_message(response) if response is not None else None
         except Exception:
-            # then() never raises by contract: a bug, which ends this connection only
-            log.exception("%r failed", self)
-            self._in_flight -= 1
-            self.close()
+            self._broken()  # then() never raises by contract
             return
         self._complete(data)
+
+    def _broken(self, calls: int = _RESPONSE) -> None:
+        """``calls`` calls ended in an exception where the method table promises none: a bug,
+        which ends this connection only."""
+        log.exception("%r failed", self)
+        self._in_flight -= calls
+        self.close()
 
     # --- calls ---------------------------------------------------------------------------------
 
@@ -522,10 +526,7 @@ class RPCConnection(asyncio.Protocol):
             response = await self._methods.dispatch(msg, ctx)
             data = encode_message(response) if response is not None else None
         except Exception:
-            # dispatch never raises by contract: a bug, which ends this connection only
-            log.exception("%r failed", self)
-            self._in_flight -= 1
-            self.close()
+            self._broken()  # dispatch never raises by contract
             return
         except BaseException:
             self._in_flight -= 1
@@ -563,9 +564,7 @@ class RPCConnection(asyncio.Protocol):
             # a batch of notifications only is not answered at all
             data = encode_message(responses) if responses else None
         except Exception:
-            log.exception("%r failed", self)
-            self._in_flight -= calls
-            self.close()
+            self._broken(calls)
             return
         except BaseException:
             self._in_flight -= calls

@@ -342,9 +342,7 @@ class MethodTable:
             response = Response(id=id, result=_encodable(value))
         except Exception as raised:
             response = self._failure(raised, method, ctx, id)
-        if self.timings is not None:
-            self.timings.since(method.timing_key, start)
-        return self._answer(msg, response)
+        return self._done(msg, method, start, response)
 
     def dispatch_now(
         self, msg: Request | Notification, ctx: CallContext
@@ -377,9 +375,7 @@ class MethodTable:
                 response = Response(id=id, result=_encodable(value))
             except Exception as raised:
                 response = self._failure(raised, method, ctx, id)
-            if self.timings is not None:
-                self.timings.since(method.timing_key, start)
-            return self._answer(msg, response)
+            return self._done(msg, method, start, response)
         coro = cast(Coroutine[Any, Any, Any], method.handler(params, ctx))
         try:
             coro.send(None)
@@ -394,9 +390,7 @@ class MethodTable:
             coro.close()
             failure = RuntimeError(f"handler of {method.name} suspended; it was never expected to")
             response = self._failure(failure, method, ctx, id)
-        if self.timings is not None:
-            self.timings.since(method.timing_key, start)
-        return self._answer(msg, response)
+        return self._done(msg, method, start, response)
 
     def _finish(
         self,
@@ -414,6 +408,12 @@ class MethodTable:
             response = Response(id=id, result=_encodable(then(future)))
         except Exception as raised:
             response = self._failure(raised, method, ctx, id)
+        return self._done(msg, method, start, response)
+
+    def _done(
+        self, msg: Request | Notification, method: Method, start: float, response: Response
+    ) -> Response | None:
+        """A call of ``method`` begun at ``start`` ended with ``response``: time it, answer."""
         if self.timings is not None:
             self.timings.since(method.timing_key, start)
         return self._answer(msg, response)

@@ -251,19 +251,19 @@ class VMSession:
         :class:`ConnectionLost`, :class:`Timeout`, :class:`AgentError`, :class:`ProxyError`,
         :class:`InvalidParams` (``data`` cannot be encoded).
         """
-        conn = self._conn
-        if conn is None or not self._reachable or conn.closed:
-            conn = self._usable(name)  # raises
-        if timeout is None:
-            timeout = self._config.command_timeout
         if tokens is None and (data is None or (type(data) is bytes and data)):
-            future = self.send(name, data, timeout=timeout)
+            future = self.send(name, data, timeout=timeout)  # (the common commands)
             try:
                 return await future
             except BaseException:
                 if not future.done():
                     future.cancel()  # as VMConnection.command: the slot stays, its reply is dropped
                 raise
+        conn = self._conn
+        if conn is None or not self._reachable or conn.closed:
+            conn = self._usable(name)  # raises
+        if timeout is None:
+            timeout = self._config.command_timeout
         raw: msgspec.Raw | msgspec.UnsetType
         if data is None:
             raw = msgspec.UNSET
