@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +17,7 @@ from hyperd.rpc import CallContext, MethodTable, RPCServer, create_unix_listener
 from protocol.jsonrpc import LineFramer, MessageTooLarge
 
 DEADLINE = 10.0  # seconds any single wait in these tests may take
+POLL = 0.01  # seconds between looks at a server's statistics
 
 
 class AddParams(msgspec.Struct, forbid_unknown_fields=True):
@@ -158,10 +159,11 @@ def make_methods(state: State) -> MethodTable:
 
 @asynccontextmanager
 async def running_server(
-    path: Path, state: State | None = None, **options: Any
+    path: Path, state: State | None = None, *, methods: MethodTable | None = None, **options: Any
 ) -> AsyncIterator[RPCServer]:
-    """Serve the test methods on ``path`` for the duration of the block, then shut down."""
-    server = RPCServer(make_methods(state or State()), **options)
+    """Serve the test methods (or ``methods``) on ``path`` for the duration of the block, then
+    shut down."""
+    server = RPCServer(methods or make_methods(state or State()), **options)
     listener = await create_unix_listener(path)
     async with anyio.create_task_group() as tg:
         await tg.start(server.serve, listener)
@@ -170,6 +172,23 @@ async def running_server(
         finally:
             with anyio.fail_after(DEADLINE):
                 await server.shutdown()
+
+
+def request(method: str, id: int | None, params: Any = None) -> bytes:
+    """One request line (a notification when ``id`` is ``None``)."""
+    msg: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+    if id is not None:
+        msg["id"] = id
+    if params is not None:
+        msg["params"] = params
+    return msgspec.json.encode(msg) + b"\n"
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    """Wait (polling: the server's statistics have no event) until ``condition()`` holds."""
+    with anyio.fail_after(DEADLINE):
+        while not condition():  # noqa: ASYNC110
+            await anyio.sleep(POLL)
 
 
 class RawClient:

@@ -8,8 +8,8 @@ import logging
 import os
 import resource
 import socket
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +18,15 @@ import anyio.lowlevel
 import msgspec
 import pytest
 
-from hyperd.rpc import CallContext, MethodTable, RPCServer, create_unix_listener
+from hyperd.rpc import CallContext, MethodTable, RPCServer
 from hyperd.rpc.methods import NEEDS_TASK, never_suspends
 from protocol.jsonrpc import METHOD_NOT_FOUND, ErrorObject, Request, Response
-from tests.rpc.support import DEADLINE, RawClient
+from tests.rpc.support import DEADLINE, RawClient, eventually, request, running_server
 
 pytestmark = pytest.mark.anyio
 
 BIG = 400_000  # bytes of one big result: more than a unix socket's buffers hold
 BURST = 20  # notifications pushed by one call
-POLL = 0.01  # seconds between looks at the server's statistics
 
 
 class SizeParams(msgspec.Struct):
@@ -186,30 +185,8 @@ def fast_methods(seen: Seen) -> MethodTable:
     return methods
 
 
-@asynccontextmanager
-async def fast_server(path: Path, seen: Seen, **options: Any) -> AsyncIterator[RPCServer]:
-    server = RPCServer(fast_methods(seen), **options)
-    async with anyio.create_task_group() as tg:
-        await tg.start(server.serve, await create_unix_listener(path))
-        try:
-            yield server
-        finally:
-            with anyio.fail_after(DEADLINE):
-                await server.shutdown()
-
-
-async def eventually(condition: Callable[[], bool]) -> None:
-    """Wait (polling: the server's statistics have no event) until ``condition()`` holds."""
-    with anyio.fail_after(DEADLINE):
-        while not condition():  # noqa: ASYNC110
-            await anyio.sleep(POLL)
-
-
-def request(method: str, id: int, params: Any = None) -> bytes:
-    msg: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": id}
-    if params is not None:
-        msg["params"] = params
-    return msgspec.json.encode(msg) + b"\n"
+def fast_server(path: Path, seen: Seen, **options: Any) -> AbstractAsyncContextManager[RPCServer]:
+    return running_server(path, methods=fast_methods(seen), **options)
 
 
 async def test_handler_that_never_awaits_runs_inside_a_task_as_anyio_sees_it(

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +12,10 @@ import msgspec
 import pytest
 
 from hyperd.errors import InvalidState, NotFound
-from hyperd.rpc import CallContext, MethodTable, RPCServer, create_unix_listener
+from hyperd.rpc import CallContext, MethodTable, RPCServer
 from hyperd.rpc.pending import Pending
 from protocol.jsonrpc import INTERNAL_ERROR, Notification, Request, Response
-from tests.rpc.support import DEADLINE, RawClient
+from tests.rpc.support import RawClient, eventually, request, running_server
 
 pytestmark = pytest.mark.anyio
 
@@ -136,33 +135,8 @@ async def test_dispatch_now_runs_a_plain_handler_and_hands_back_its_pending() ->
 # --- through a server --------------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def pending_server(path: Path, trigger: Trigger) -> AsyncIterator[RPCServer]:
-    server = RPCServer(pending_methods(trigger))
-    async with anyio.create_task_group() as tg:
-        await tg.start(server.serve, await create_unix_listener(path))
-        try:
-            yield server
-        finally:
-            with anyio.move_on_after(DEADLINE) as waited:
-                await server.shutdown()
-            tg.cancel_scope.cancel()  # (a test that failed may have left a call hanging)
-        assert not waited.cancelled_caught, "the server did not shut down"
-
-
-def request(method: str, id: int | None, params: Any = None) -> bytes:
-    msg: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
-    if id is not None:
-        msg["id"] = id
-    if params is not None:
-        msg["params"] = params
-    return msgspec.json.encode(msg) + b"\n"
-
-
-async def wait_for(condition: Any) -> None:
-    with anyio.fail_after(DEADLINE):
-        while not condition():  # noqa: ASYNC110 - nothing to wait on but the state
-            await anyio.sleep(0.005)
+def pending_server(path: Path, trigger: Trigger) -> AbstractAsyncContextManager[RPCServer]:
+    return running_server(path, methods=pending_methods(trigger))
 
 
 async def test_calls_answered_from_their_futures_in_completion_order(short_tmp: Path) -> None:
@@ -174,7 +148,7 @@ async def test_calls_answered_from_their_futures_in_completion_order(short_tmp: 
             + request("later", 2, {"tag": "b"})
             + request("later", None, {"tag": "note"})
         )
-        await wait_for(lambda: len(trigger.futures) == 3)
+        await eventually(lambda: len(trigger.futures) == 3)
         assert server.statistics().in_flight == 3
         # no task per call: the handlers ran with the server's one host task current
         assert trigger.tasks[0] is not None and trigger.tasks.count(trigger.tasks[0]) == 3
@@ -188,13 +162,13 @@ async def test_calls_answered_from_their_futures_in_completion_order(short_tmp: 
         answer = await client.recv()
         assert answer["id"] == 1 and answer["error"]["message"] == "mapped: c1"
         trigger.futures[2].set_result("dropped")  # a notification: no answer
-        await wait_for(lambda: server.statistics().in_flight == 0)
+        await eventually(lambda: server.statistics().in_flight == 0)
         # an error before anything was sent, and a then() that fails: answered, the
         # connection goes on
         refused = await client.call("later", {"tag": "refused"}, id=4)
         assert refused["error"]["data"]["kind"] == "invalid_state"
         await client.send(request("broken", 5))
-        await wait_for(lambda: len(trigger.futures) == 4)
+        await eventually(lambda: len(trigger.futures) == 4)
         trigger.futures[3].set_result(None)
         broken = await client.recv()
         assert broken["id"] == 5 and broken["error"]["code"] == INTERNAL_ERROR
@@ -216,7 +190,7 @@ async def test_a_batch_waits_for_its_pending_calls(short_tmp: Path) -> None:
             + request("now", 2, {"tag": "b"}).strip()
             + b"]\n"
         )
-        await wait_for(lambda: len(trigger.futures) == 1)
+        await eventually(lambda: len(trigger.futures) == 1)
         trigger.futures[0].set_result("done")
         answers = await client.recv()
         assert sorted(answers, key=lambda a: a["id"]) == [
@@ -230,10 +204,10 @@ async def test_a_connection_closed_by_shutdown_cancels_its_pending_calls(short_t
     path = short_tmp / "rpc.sock"
     async with pending_server(path, trigger) as server, RawClient.connect(path) as client:
         await client.send(request("later", 1, {"tag": "a"}))
-        await wait_for(lambda: len(trigger.futures) == 1)
+        await eventually(lambda: len(trigger.futures) == 1)
         for connection in list(server._connections):  # as shutdown's grace period ending
             connection.close()
-        await wait_for(lambda: server.statistics().connections == 0)
+        await eventually(lambda: server.statistics().connections == 0)
         assert trigger.futures[0].cancelled()
         assert server.statistics().in_flight == 0
 
@@ -251,7 +225,7 @@ async def test_without_asyncio_enter_task_a_pending_call_runs_in_a_task(
     path = short_tmp / "rpc.sock"
     async with pending_server(path, trigger), RawClient.connect(path) as client:
         await client.send(request("later", 1, {"tag": "a"}) + request("later", 2, {"tag": "b"}))
-        await wait_for(lambda: len(trigger.futures) == 2)
+        await eventually(lambda: len(trigger.futures) == 2)
         assert len({id(task) for task in trigger.tasks}) == 2 and None not in trigger.tasks
         trigger.futures[0].set_result("one")
         trigger.futures[1].set_exception(LookupError("c2"))
