@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
 from time import perf_counter
+from types import CodeType
 from typing import Any, Final, Protocol, TypeVar, cast, overload
 
 import anyio
@@ -177,6 +178,18 @@ _ASYNC_FLAGS: Final = (
 )
 
 
+def _code_of(handler: Callable[..., Any]) -> CodeType | None:
+    """The code object of a function or bound method (``None`` for other callables)."""
+    return getattr(getattr(handler, "__func__", handler), "__code__", None)
+
+
+def is_plain(handler: Callable[..., Any]) -> bool:
+    """Whether ``handler`` is a plain function or bound method (not ``async def``, not a
+    generator): its call runs it and returns its result (see :mod:`hyperd.rpc.pending`)."""
+    code = _code_of(handler)
+    return code is not None and not code.co_flags & _ASYNC_FLAGS
+
+
 def never_suspends(handler: Callable[..., Any]) -> bool:
     """Whether calling ``handler`` gives a coroutine that cannot suspend.
 
@@ -184,8 +197,7 @@ def never_suspends(handler: Callable[..., Any]) -> bool:
     for`` or ``async with``: run with ``send(None)`` it returns (``StopIteration``) or raises in
     that first step. Anything else (other callables, partials) is assumed to suspend.
     """
-    func = getattr(handler, "__func__", handler)
-    code = getattr(func, "__code__", None)
+    code = _code_of(handler)
     if code is None or not code.co_flags & inspect.CO_COROUTINE:
         return False
     return not any(op.opcode in _SUSPENDING_OPS for op in dis.get_instructions(code))
@@ -264,11 +276,14 @@ class MethodTable:
         fields: frozenset[str] = frozenset()
         if params_type is not None:
             fields = frozenset(f.encode_name for f in msgspec.structs.fields(params_type))
-        func = getattr(handler, "__func__", handler)
-        code = getattr(func, "__code__", None)
-        plain = code is not None and not code.co_flags & _ASYNC_FLAGS
         self._methods[name] = Method(
-            name, handler, params_type, fields, never_suspends(handler), "rpc." + name, plain
+            name,
+            handler,
+            params_type,
+            fields,
+            never_suspends(handler),
+            "rpc." + name,
+            is_plain(handler),
         )
 
     def method(
